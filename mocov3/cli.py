@@ -1,0 +1,145 @@
+"""The ``mocov3`` command: a thin layer over the library.
+
+Every user error (bad config, missing data, unusable checkpoint) ends with one ``error:`` line on
+stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("mocov3")
+
+
+def _setup_logging(output_dir: Path | None = None, quiet: bool = False) -> None:
+    from . import distributed as du
+
+    level = logging.INFO if du.rank() == 0 and not quiet else logging.WARNING
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if output_dir is not None and du.rank() == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def _pretrain_parser(sub) -> None:
+    from .config import describe_keys
+
+    p = sub.add_parser(
+        "pretrain", help="self-supervised pretraining",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain a backbone with MoCo v3. Re-running the command on an existing output "
+                    "folder resumes it.",
+        epilog=describe_keys())
+    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("--data", required=True,
+                   help="image folder (one subfolder per class) or cifar10 / cifar100 (downloaded once)")
+    p.add_argument("--eval-data", help="labelled test set for the kNN monitor (bank: --data), e.g. cifar10:test")
+    p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints")
+    p.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pt if present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=10 base_lr=1e-4")
+
+
+def _knn_parser(sub) -> None:
+    p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's backbone")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--train-data", required=True, help="labelled bank (image folder or cifar10 ...)")
+    p.add_argument("--test-data", required=True, help="labelled test set (image folder or cifar10:test ...)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="e.g. eval.knn_k=200 eval.knn_temperature=0.1 train.precision=fp32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mocov3", description="MoCo v3 self-supervised pretraining of ViTs")
+    parser.add_argument("--version", action="version", version=f"mocov3 {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _pretrain_parser(sub)
+    _knn_parser(sub)
+    return parser
+
+
+def cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .train.checkpoint import load_checkpoint
+    from .train.loop import CHECKPOINT_NAME, pretrain
+
+    out = Path(args.output_dir)
+    base = None
+    ckpt = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
+    if not args.config:
+        if not ckpt.is_file():
+            from .config import ConfigError
+
+            raise ConfigError("--config is required unless the run folder (or --resume) has a checkpoint")
+        base = load_checkpoint(ckpt)["config"]
+    cfg = load_config(args.config, args.overrides, base=base)
+    _setup_logging(out)
+    res = pretrain(cfg, args.data, out, eval_spec=args.eval_data, resume=args.resume,
+                   progress=not args.no_progress)
+    if res.interrupted_by:
+        log.warning("stopped at step %d; run the same command again to resume", res.step)
+        return 128 + res.interrupted_by
+    msg = {"step": res.step, "finished": res.finished, "output_dir": str(out)}
+    if res.last_knn:
+        msg.update({"knn_top1": res.last_knn["top1"], "knn_top5": res.last_knn["top5"]})
+    print(json.dumps(msg))
+    return 0
+
+
+def cmd_knn(args) -> int:
+    from .config import load_config
+    from .data.datasets import load_dataset
+    from .eval.knn import knn_evaluate
+    from .methods import build_method
+    from .train.checkpoint import load_checkpoint, load_state_strict
+    from .train.loop import resolve_device, resolve_precision
+
+    _setup_logging()
+    ckpt = load_checkpoint(Path(args.checkpoint))
+    cfg = load_config(None, args.overrides, base=ckpt["config"])
+    device = resolve_device(args.device)
+    method = build_method(cfg)
+    load_state_strict(method, ckpt["model"], Path(args.checkpoint))
+    backbone = method.backbone.to(device)
+    bank = load_dataset(args.train_data, cfg.data, split="train").to(device)
+    test = load_dataset(args.test_data, cfg.data, split="test").to(device)
+    res = knn_evaluate(backbone, bank, test, cfg.data, cfg.eval, device, resolve_precision(cfg.train.precision, device))
+    print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) of {args.checkpoint} "
+          f"at step {ckpt.get('step')}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}")
+    print(json.dumps({"top1": res["top1"], "top5": res["top5"], "k": cfg.eval.knn_k,
+                      "temperature": cfg.eval.knn_temperature, "step": ckpt.get("step")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.cifar import DataError
+    from .train.checkpoint import CheckpointError
+    from .train.loop import TrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "pretrain":
+            return cmd_pretrain(args)
+        if args.command == "knn":
+            return cmd_knn(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mocov3 {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

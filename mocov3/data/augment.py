@@ -1,0 +1,246 @@
+"""The two asymmetric views of PAPER.md §3, applied to whole batches on the training device.
+
+Images arrive as uint8 [B, 3, H, W] (on the GPU when there is one) and leave as normalized float
+views [B, 3, S, S]. Every random draw comes from an explicit ``torch.Generator`` so a step's views
+are a pure function of (seed, step, rank): resuming reproduces them exactly.
+
+Per view (§3): RandomResizedCrop -> ColorJitter (p 0.8, ops in random order per image) ->
+Grayscale (p 0.2) -> Gaussian blur (p 1.0 / 0.1) -> Solarize (p 0 / 0.2) -> horizontal flip (p 0.5,
+folded into the crop's affine map, which commutes with the photometric ops) -> Normalize.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_GRAY = (0.299, 0.587, 0.114)
+
+
+def _rand(n: int, g: torch.Generator, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+
+def sample_crop_boxes(n: int, height: torch.Tensor | int, width: torch.Tensor | int, scale, ratio,
+                      g: torch.Generator, device="cpu", tries: int = 10) -> torch.Tensor:
+    """RandomResizedCrop boxes as torchvision samples them, vectorized over n images.
+
+    Returns [n, 4] float (top, left, h, w) in pixels. For each image, up to ``tries`` candidates
+    (area ~ U(scale) * H * W, log aspect ratio ~ U(log ratio)); the first that fits is taken, else the
+    central crop with the aspect ratio clamped to ``ratio``.
+    """
+    H = torch.as_tensor(height, dtype=torch.float32, device=device).expand(n)
+    W = torch.as_tensor(width, dtype=torch.float32, device=device).expand(n)
+    area = (H * W)[:, None]
+    target = area * (torch.rand(n, tries, generator=g, device=device) * (scale[1] - scale[0]) + scale[0])
+    log_r = torch.rand(n, tries, generator=g, device=device) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
+    ar = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * ar))
+    h = torch.round(torch.sqrt(target / ar))
+    ok = (w > 0) & (h > 0) & (w <= W[:, None]) & (h <= H[:, None])
+    u_i = torch.rand(n, tries, generator=g, device=device)
+    u_j = torch.rand(n, tries, generator=g, device=device)
+    top = torch.floor(u_i * (H[:, None] - h + 1))
+    left = torch.floor(u_j * (W[:, None] - w + 1))
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1, device=device))
+    idx = first.clamp_min(0)[:, None]
+    box = torch.stack([top.gather(1, idx)[:, 0], left.gather(1, idx)[:, 0],
+                       h.gather(1, idx)[:, 0], w.gather(1, idx)[:, 0]], dim=1)
+    # fallback: central crop
+    in_ratio = W / H
+    fw = torch.where(in_ratio < ratio[0], W, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
+    fh = torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H)
+    fb = torch.stack([torch.floor((H - fh) / 2), torch.floor((W - fw) / 2), fh, fw], dim=1)
+    return torch.where((first < 0)[:, None], fb, box)
+
+
+def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each image to its box, resize to ``size`` (bilinear) and flip where ``flip``.
+
+    x: float [B, C, H, W]; boxes: [B, 4] (top, left, h, w); flip: bool [B] -> [B, C, size, size].
+    One ``grid_sample`` with a per-image affine map (align_corners=False pixel geometry).
+    """
+    B, _, H, W = x.shape
+    top, left, h, w = boxes.unbind(1)
+    sx = w / W
+    sy = h / H
+    cx = (2 * left + w) / W - 1
+    cy = (2 * top + h) / H - 1
+    sx = torch.where(flip, -sx, sx)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = sy
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W] luma (ITU-R 601-2, as torchvision / PIL)."""
+    return _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]
+
+
+def _rgb_to_hsv(x: torch.Tensor):
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.where(delta > 0, (h / 6.0) % 1.0, torch.zeros_like(h))
+    return h, s, maxc
+
+
+def _hsv_to_rgb(h, s, v) -> torch.Tensor:
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.long() % 6
+    p = v * (1 - s)
+    q = v * (1 - s * f)
+    t = v * (1 - s * (1 - f))
+    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None])[:, 0]
+    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None])[:, 0]
+    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None])[:, 0]
+    return torch.stack([r, g, b], 1)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by ``shift`` [B] (fraction of a turn) in HSV space."""
+    h, s, v = _rgb_to_hsv(x)
+    h = (h + shift[:, None, None]) % 1.0
+    return _hsv_to_rgb(h, s, v)
+
+
+def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
+    """torchvision-style ColorJitter on the images where ``apply`` [B] is true.
+
+    Factors: brightness, contrast, saturation ~ U[1 - s, 1 + s], hue ~ U[-s, s]; the four ops run in
+    an independent random order per image (as ``ColorJitter`` draws a permutation per call).
+    """
+    B, dev = x.shape[0], x.device
+    b, c, s, hue = strength
+    fb = _rand(B, g, dev, max(0.0, 1 - b), 1 + b)[:, None, None, None]
+    fc = _rand(B, g, dev, max(0.0, 1 - c), 1 + c)[:, None, None, None]
+    fs = _rand(B, g, dev, max(0.0, 1 - s), 1 + s)[:, None, None, None]
+    fh = _rand(B, g, dev, -hue, hue)
+    order = torch.argsort(torch.rand(B, 4, generator=g, device=dev), dim=1)  # [B, 4] random permutations
+    out = x
+    for slot in range(4):
+        op = order[:, slot]
+        y = out
+        m = (op == 0) & apply
+        if m.any():
+            y = torch.where(m[:, None, None, None], (out * fb).clamp(0, 1), y)
+        m = (op == 1) & apply
+        if m.any():
+            mean = grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
+            y = torch.where(m[:, None, None, None], (fc * out + (1 - fc) * mean).clamp(0, 1), y)
+        m = (op == 2) & apply
+        if m.any():
+            gray = grayscale(out)
+            y = torch.where(m[:, None, None, None], (fs * out + (1 - fs) * gray).clamp(0, 1), y)
+        m = (op == 3) & apply
+        if m.any() and hue > 0:
+            y = torch.where(m[:, None, None, None], adjust_hue(out, fh), y)
+        out = y
+    return out
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image sigma [B]; reflect padding. x: [B, C, H, W]."""
+    B, C, H, W = x.shape
+    r = kernel_size // 2
+    t = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    k = k / k.sum(1, keepdim=True)  # [B, K]
+    k = k.repeat_interleave(C, 0)  # [B*C, K]
+    y = x.reshape(1, B * C, H, W)
+    pad_h, pad_w = min(r, H - 1), min(r, W - 1)
+    y = F.pad(y, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    kh, kw = k[:, r - pad_h: r + pad_h + 1], k[:, r - pad_w: r + pad_w + 1]
+    kh = kh / kh.sum(1, keepdim=True)
+    kw = kw / kw.sum(1, keepdim=True)
+    y = F.conv2d(y, kh[:, None, :, None], groups=B * C)
+    y = F.conv2d(y, kw[:, None, None, :], groups=B * C)
+    return y.reshape(B, C, H, W)
+
+
+@dataclass
+class ViewRecord:
+    """Which random ops were applied to each image of a view (for tests and debugging)."""
+
+    jitter: torch.Tensor
+    gray: torch.Tensor
+    blur: torch.Tensor
+    solarize: torch.Tensor
+    flip: torch.Tensor
+    boxes: torch.Tensor
+
+
+class TwoViewAugment:
+    """Batched MoCo v3 / BYOL augmentation producing the two asymmetric views (PAPER.md §3)."""
+
+    def __init__(self, data_cfg):
+        self.cfg = data_cfg
+        self.size = data_cfg.image_size
+        # Blur sigma is given in pixels of a 224-pixel image (§3) and scaled to this image size.
+        self.sigma_range = [s * self.size / 224.0 for s in data_cfg.blur_sigma]
+        self.kernel_size = max(3, 2 * math.ceil(3 * self.sigma_range[1]) + 1)
+        self.mean = torch.tensor(data_cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
+
+    def view(self, images: torch.Tensor, index: int, g: torch.Generator, crop: bool = True,
+             record: bool = False):
+        """One view of a uint8 batch [B, 3, H, W] -> float normalized [B, 3, S, S] (and a record)."""
+        cfg, dev = self.cfg, images.device
+        B, _, H, W = images.shape
+        x = images.float() / 255.0
+        flip = torch.rand(B, generator=g, device=dev) < cfg.flip_prob
+        if crop:
+            boxes = sample_crop_boxes(B, H, W, cfg.crop_scale, cfg.crop_ratio, g, dev)
+        else:
+            boxes = torch.tensor([0.0, 0.0, H, W], device=dev).expand(B, 4)
+        if crop or flip.any() or H != self.size or W != self.size:
+            x = crop_resize_flip(x, boxes, flip, self.size)
+        jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
+        x = color_jitter(x, jitter, cfg.jitter_strength, g)
+        gray = torch.rand(B, generator=g, device=dev) < cfg.grayscale_prob[index]
+        x = torch.where(gray[:, None, None, None], grayscale(x).expand_as(x), x)
+        blur = torch.rand(B, generator=g, device=dev) < cfg.blur_prob[index]
+        sigma = _rand(B, g, dev, *self.sigma_range)
+        if blur.any():
+            x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
+        sol = torch.rand(B, generator=g, device=dev) < cfg.solarize_prob[index]
+        x = torch.where(sol[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
+        x = (x - self.mean.to(dev)) / self.std.to(dev)
+        if record:
+            return x, ViewRecord(jitter, gray, blur, sol, flip, boxes)
+        return x
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator, crop: bool = True):
+        """uint8 [B, 3, H, W] -> (view1, view2), each float [B, 3, S, S]."""
+        return self.view(images, 0, g, crop), self.view(images, 1, g, crop)
+
+
+def eval_transform(images: torch.Tensor, size: int, crop_ratio: float, mean, std) -> torch.Tensor:
+    """Evaluation preprocessing of a uint8 batch: resize the short side to size / crop_ratio
+    (antialiased bilinear), center-crop ``size``, normalize. [B, 3, H, W] -> [B, 3, size, size]."""
+    x = images.float() / 255.0
+    H, W = x.shape[-2:]
+    short = int(round(size / crop_ratio))
+    if (H, W) != (size, size):
+        if min(H, W) != short:
+            scale = short / min(H, W)
+            x = F.interpolate(x, size=(max(short, round(H * scale)), max(short, round(W * scale))),
+                              mode="bilinear", antialias=True, align_corners=False)
+        H, W = x.shape[-2:]
+        top, left = (H - size) // 2, (W - size) // 2
+        x = x[..., top:top + size, left:left + size]
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s

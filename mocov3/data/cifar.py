@@ -1,0 +1,135 @@
+"""CIFAR-10 / CIFAR-100 in their canonical python format: download, checksum, cache, load.
+
+The archives hold pickled dicts of numpy arrays. They are read with a restricted unpickler that
+only admits the few numpy constructors such a file needs, never arbitrary code.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CIFAR = {
+    "cifar10": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": ("batches.meta", b"label_names"),
+        "label_key": b"labels",
+    },
+    "cifar100": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": ("meta", b"fine_label_names"),
+        "label_key": b"fine_labels",
+    },
+}
+
+
+class DataError(RuntimeError):
+    """A data problem the user can fix; the message is one line."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MOCOV3_CACHE", Path.home() / ".cache" / "mocov3")).expanduser()
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
+
+
+def _load_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _SafeUnpickler(io.BufferedReader(f), encoding="bytes").load()
+
+
+def md5sum(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _url_and_md5(name: str) -> tuple[str, str]:
+    info = CIFAR[name]
+    env = name.upper()
+    return os.environ.get(f"MOCOV3_{env}_URL", info["url"]), os.environ.get(f"MOCOV3_{env}_MD5", info["md5"])
+
+
+def download_cifar(name: str, cache_dir: Path) -> Path:
+    """Fetch (once) and extract the archive into ``cache_dir``; return the extracted folder.
+
+    The URL and checksum can be overridden with ``MOCOV3_CIFAR10_URL`` / ``MOCOV3_CIFAR10_MD5``
+    (``CIFAR100`` likewise), e.g. to use a mirror or a local file (``file:///path/...tar.gz``).
+    An archive already in the cache (``cache_dir/<archive name>``) is used without downloading.
+    """
+    info = CIFAR[name]
+    folder = cache_dir / info["folder"]
+    if all((folder / b).is_file() for b in info["train"] + info["test"]):
+        return folder
+    url, md5 = _url_and_md5(name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    archive = cache_dir / Path(info["url"]).name
+    if not archive.is_file() or md5sum(archive) != md5:
+        log.info("downloading %s from %s", name, url)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
+                shutil.copyfileobj(resp, out)
+        except OSError as e:
+            os.unlink(tmp)
+            raise DataError(f"could not download {name} from {url} ({e}); put the archive at {archive} "
+                            f"or give an image folder instead") from None
+        got = md5sum(Path(tmp))
+        if got != md5:
+            os.unlink(tmp)
+            raise DataError(f"checksum mismatch for {name} from {url}: md5 {got}, expected {md5}")
+        os.replace(tmp, archive)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(cache_dir, filter="data")
+    if not all((folder / b).is_file() for b in info["train"] + info["test"]):
+        raise DataError(f"{archive} does not contain the expected {info['folder']}/ batch files")
+    return folder
+
+
+def load_cifar(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Return (images uint8 [N, 3, 32, 32], labels int64 [N], class names)."""
+    if split not in ("train", "test"):
+        raise DataError(f"{name}: unknown split {split!r} (use train or test)")
+    info = CIFAR[name]
+    folder = download_cifar(name, cache_dir)
+    xs, ys = [], []
+    for b in info[split]:
+        d = _load_batch(folder / b)
+        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        ys.append(np.asarray(d[info["label_key"]], dtype=np.int64))
+    meta = _load_batch(folder / info["meta"][0])
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[info["meta"][1]]]
+    return np.concatenate(xs), np.concatenate(ys), classes

@@ -1,0 +1,269 @@
+"""Datasets: image folders and CIFAR, held in memory as uint8 tensors or streamed from disk.
+
+A data *spec* is either a folder path (one subfolder per class; images directly inside the folder
+form a single class) or a CIFAR name: ``cifar10``, ``cifar10:test``, ``cifar100``, ``cifar100:test``.
+Labels are only used for evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .cifar import CIFAR, DataError, default_cache_dir, load_cifar
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class ImageData:
+    """A labelled image set. ``images`` is uint8 [N, 3, H, W] when held in memory, else None and
+    ``paths`` lists the files (streamed through DataLoader workers)."""
+
+    name: str
+    labels: torch.Tensor
+    classes: list[str]
+    images: Optional[torch.Tensor] = None
+    paths: Optional[list[str]] = None
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    def to(self, device) -> "ImageData":
+        if self.images is not None:
+            self.images = self.images.to(device)
+        return self
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
+    """List image files: class subfolders (sorted) or images directly in ``root`` (one class)."""
+    if not root.exists():
+        raise DataError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"data path is not a folder: {root}")
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    paths, labels, classes = [], [], []
+    if subdirs:
+        for c, d in enumerate(subdirs):
+            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+            classes.append(d.name)
+            paths += [str(p) for p in files]
+            labels += [c] * len(files)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if files:
+        if subdirs:
+            log.warning("%s: %d images directly in the folder are ignored (class subfolders present)", root, len(files))
+        else:
+            classes = [root.name]
+            paths, labels = [str(p) for p in files], [0] * len(files)
+    if not paths:
+        raise DataError(f"no images found under {root} (expected <class>/<image> files with extensions "
+                        f"{', '.join(sorted(IMG_EXTENSIONS))})")
+    return paths, labels, classes
+
+
+def load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def _decode_all(paths: list[str]) -> tuple[Optional[np.ndarray], list[int], list[str]]:
+    """Decode every image; returns (uint8 [N, H, W, 3] or None if sizes differ, kept idx, bad)."""
+    arrays, keep, bad, size = [], [], [], None
+    for i, p in enumerate(paths):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                a = np.asarray(load_rgb(p))
+        except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
+            log.warning("skipping unreadable image %s (%s)", p, type(e).__name__)
+            bad.append(p)
+            continue
+        if size is None:
+            size = a.shape
+        elif a.shape != size:
+            return None, [], bad
+        arrays.append(a)
+        keep.append(i)
+    if not arrays:
+        return np.zeros((0, 1, 1, 3), np.uint8), keep, bad
+    return np.stack(arrays), keep, bad
+
+
+def _folder_key(root: Path, paths: list[str]) -> str:
+    h = hashlib.sha1(str(root.resolve()).encode())
+    for p in paths:
+        st = Path(p).stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
+    """Resolve a data spec into an :class:`ImageData` (see module docstring)."""
+    cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
+    name, _, sp = spec.partition(":")
+    if name.lower() in CIFAR and not Path(spec).exists():
+        x, y, classes = load_cifar(name.lower(), sp or split, cache_dir)
+        return ImageData(spec, torch.from_numpy(y), classes, images=torch.from_numpy(x))
+    root = Path(spec).expanduser()
+    paths, labels, classes = scan_folder(root)
+    mode = data_cfg.in_memory
+    if mode == "auto":
+        with Image.open(paths[0]) as im:
+            w, h = im.size
+        est = len(paths) * 3 * w * h / 1e9
+        mode = "yes" if est <= data_cfg.memory_limit_gb else "no"
+    if mode == "yes":
+        key = _folder_key(root, paths)
+        cache_file = cache_dir / "decoded" / f"{key}.pt"
+        if cache_file.is_file():
+            blob = torch.load(cache_file, weights_only=True)
+            log.info("loaded %d decoded images of %s from cache %s", len(blob["labels"]), root, cache_file)
+            return ImageData(str(root), blob["labels"], classes, images=blob["images"],
+                             skipped=[paths[i] for i in blob["bad"].tolist()])
+        log.info("decoding %d images of %s into memory", len(paths), root)
+        arr, keep, bad = _decode_all(paths)
+        if arr is not None:
+            if not keep:
+                raise DataError(f"no readable images under {root} ({len(bad)} unreadable)")
+            images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+            lab = torch.tensor([labels[i] for i in keep], dtype=torch.long)
+            bad_idx = torch.tensor([paths.index(b) for b in bad], dtype=torch.long)
+            try:
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_suffix(".tmp")
+                torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
+                tmp.replace(cache_file)
+            except OSError as e:
+                log.warning("could not write decode cache %s (%s)", cache_file, e)
+            return ImageData(str(root), lab, classes, images=images, skipped=bad)
+        if data_cfg.in_memory == "yes":
+            raise DataError(f"{root}: images differ in size, cannot hold them in memory (use data.in_memory=auto)")
+        log.info("%s: images differ in size; streaming them from disk", root)
+    return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths)
+
+
+def _seed_for(*parts: int) -> int:
+    h = hashlib.blake2b(np.asarray(parts, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class StreamingTrainSet(torch.utils.data.Dataset):
+    """Files decoded by workers; each item is two random crops (uint8 [3, S, S] each), the geometric
+    part of the augmentation. The photometric part then runs batched on the device."""
+
+    def __init__(self, data: ImageData, data_cfg, seed: int):
+        self.data, self.cfg, self.seed, self.epoch = data, data_cfg, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _crop(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
+        from .augment import sample_crop_boxes
+
+        W, H = im.size
+        top, left, h, w = sample_crop_boxes(1, H, W, self.cfg.crop_scale, self.cfg.crop_ratio, g)[0].tolist()
+        s = self.cfg.image_size
+        out = im.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
+        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
+
+    def __getitem__(self, idx: int):
+        n = len(self.data)
+        for attempt in range(n):
+            j = (idx + attempt) % n
+            try:
+                im = load_rgb(self.data.paths[j])
+                break
+            except Exception as e:  # noqa: BLE001
+                log.warning("skipping unreadable image %s (%s)", self.data.paths[j], type(e).__name__)
+        else:  # pragma: no cover
+            raise DataError("no readable image left in the dataset")
+        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, idx))
+        return self._crop(im, g), self._crop(im, g)
+
+
+class StreamingEvalSet(torch.utils.data.Dataset):
+    """Files decoded by workers; resize short side to size / crop_ratio, center crop; uint8 [3, S, S]."""
+
+    def __init__(self, data: ImageData, size: int, crop_ratio: float):
+        self.data, self.size, self.crop_ratio = data, size, crop_ratio
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, idx: int):
+        try:
+            im = load_rgb(self.data.paths[idx])
+        except Exception as e:  # noqa: BLE001
+            log.warning("unreadable image %s (%s); using a blank image", self.data.paths[idx], type(e).__name__)
+            im = Image.new("RGB", (self.size, self.size))
+        short = int(round(self.size / self.crop_ratio))
+        W, H = im.size
+        scale = short / min(W, H)
+        im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
+        W, H = im.size
+        left, top = (W - self.size) // 2, (H - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), int(self.data.labels[idx])
+
+
+class TrainBatches:
+    """The epoch's global batches, this process's slice of each.
+
+    Order: a permutation drawn from (seed, epoch), identical on every process; global batch b holds
+    ``perm[b*B : (b+1)*B]`` and rank r takes rows ``[r*B_local, (r+1)*B_local)`` -- so a run on W
+    processes sees exactly the batches of a 1-process run (the distributed sampler). Incomplete last
+    batches are dropped.
+
+    Yields ``(a, b, crop)``: uint8 images on the device. In memory ``a is b`` (both views are cut
+    from the same images on the device, ``crop=True``); streaming, ``a`` and ``b`` are the two crops
+    made by workers (``crop=False``).
+    """
+
+    def __init__(self, data: ImageData, data_cfg, batch_size_total: int, rank: int, world: int, seed: int,
+                 device, num_workers: int = 4):
+        if len(data) < batch_size_total:
+            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
+        self.data, self.B, self.rank, self.world, self.seed = data, batch_size_total, rank, world, seed
+        self.local = batch_size_total // world
+        self.device = device
+        self.steps_per_epoch = len(data) // batch_size_total
+        self.num_workers = num_workers
+        self.stream = None if data.in_memory else StreamingTrainSet(data, data_cfg, seed)
+
+    def _indices(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(_seed_for(self.seed, epoch, 7))
+        perm = torch.randperm(len(self.data), generator=g)[: self.steps_per_epoch * self.B]
+        perm = perm.view(self.steps_per_epoch, self.B)
+        return perm[:, self.rank * self.local:(self.rank + 1) * self.local]
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        idx = self._indices(epoch)[start_step:]
+        if self.stream is None:
+            for rows in idx:
+                x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
+                yield x, x, True
+            return
+        self.stream.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            self.stream, batch_sampler=[r.tolist() for r in idx], num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        for a, b in loader:
+            yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True), False

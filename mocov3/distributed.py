@@ -1,0 +1,126 @@
+"""Distributed helpers that degrade to one process.
+
+Everything here works without an initialized process group (world size 1), so the training code
+never branches on whether it runs under ``torchrun``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device_type: str) -> bool:
+    """Initialize the default process group from torchrun's environment, if present.
+
+    Uses NCCL on CUDA and gloo on CPU. Returns True when a process group was created.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_dist():
+        return False
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` ([N_local, ...]) from all processes along dim 0 -> [N_global, ...].
+
+    No gradient flows through the result (MoCo keys, PAPER.md §1). Rank r's rows come at
+    ``r * N_local``.
+    """
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over processes; the backward pass sums the gradients too."""
+    if world_size() == 1:
+        return x
+    import torch.distributed.nn.functional as dnnf
+
+    return dnnf.all_reduce(x)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of a (detached) tensor over processes, for logging."""
+    if world_size() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world_size()
+
+
+class GlobalBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the global batch (SyncBatchNorm that also works on CPU / gloo).
+
+    Input [N, C] or [N, L, C] (statistics over all leading dims, the channel last). In one process
+    it is an ordinary BatchNorm1d; under a process group it all-reduces per-channel sums and sums of
+    squares (with gradient), so a 2-process run equals a 1-process run on the concatenated batch.
+    PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, hence this class (PAPER.md §1: the heads'
+    BN is synchronized).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not self.training or world_size() == 1:
+            y = super().forward(x2)
+            return y.reshape(shape)
+        xf = x2.float()
+        n_local = torch.tensor([float(xf.shape[0])], device=xf.device)
+        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n_local])
+        stats = all_reduce_with_grad(stats)
+        c = shape[-1]
+        count = stats[2 * c]
+        mean = stats[:c] / count
+        var = stats[c:2 * c] / count - mean * mean
+        var = var.clamp_min(0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                mom = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_mean.mul_(1 - mom).add_(mom * mean.to(self.running_mean.dtype))
+                self.running_var.mul_(1 - mom).add_(mom * unbiased.to(self.running_var.dtype))
+                self.num_batches_tracked.add_(1)
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype).reshape(shape)
+
+
+def batch_norm_1d(num_features: int, affine: bool = True) -> nn.Module:
+    """The BatchNorm used in heads and ViT-BN blocks: global (synchronized) statistics."""
+    return GlobalBatchNorm(num_features, affine=affine)
+

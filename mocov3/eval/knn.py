@@ -1,0 +1,100 @@
+"""Weighted kNN on L2-normalized backbone features (PAPER.md §8; k = 20, T = 0.07 as in DINO)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.augment import eval_transform
+from ..data.datasets import ImageData, StreamingEvalSet
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device,
+                     batch_size: int = 512, precision: str = "bf16", limit: int = 0,
+                     num_workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of a dataset: ([N, D] float32 L2-normalized, labels [N]).
+
+    The backbone runs in eval mode (restored afterwards); ``limit`` keeps the first ``limit`` images of
+    a fixed random subset (0 = all).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    n = len(data)
+    order = torch.arange(n)
+    if limit and limit < n:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    feats, labels = [], data.labels[order]
+    size = data_cfg.image_size
+    try:
+        if data.in_memory:
+            for i in range(0, len(order), batch_size):
+                rows = order[i:i + batch_size]
+                x = data.images[rows.to(data.images.device)].to(device)
+                x = eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std)
+                with autocast_ctx(device, precision):
+                    feats.append(backbone(x).float())
+        else:
+            ds = torch.utils.data.Subset(StreamingEvalSet(data, size, data_cfg.eval_crop_ratio), order.tolist())
+            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+            m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
+            s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
+            for x, _ in loader:
+                x = (x.to(device).float() / 255.0 - m) / s
+                with autocast_ctx(device, precision):
+                    feats.append(backbone(x).float())
+    finally:
+        backbone.train(was_training)
+    return F.normalize(torch.cat(feats), dim=1), labels.to(device)
+
+
+@torch.no_grad()
+def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Weighted kNN class scores [N_test, num_classes].
+
+    Features must be L2-normalized. Each of the k most similar bank entries votes for its label
+    with weight ``exp(similarity / temperature)``.
+    """
+    k = min(k, train_feats.shape[0])
+    out = []
+    for i in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[i:i + chunk] @ train_feats.t()  # [n, N_bank]
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        out.append(votes)
+    return torch.cat(out)
+
+
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    res = {}
+    for k in ks:
+        k_ = min(k, scores.shape[1])
+        pred = scores.topk(k_, dim=1).indices
+        res[f"top{k}"] = 100.0 * (pred == labels[:, None]).any(1).float().mean().item()
+    return res
+
+
+def knn_evaluate(backbone: nn.Module, bank: ImageData, test: ImageData, data_cfg, eval_cfg,
+                 device: torch.device, precision: str = "bf16") -> dict:
+    """Extract bank and test features and return ``{"top1": %, "top5": %}``."""
+    if bank.classes != test.classes:
+        from ..data.cifar import DataError
+
+        raise DataError(f"class folders differ between the kNN bank ({len(bank.classes)} classes) and the "
+                        f"test data ({len(test.classes)} classes)")
+    fb, lb = extract_features(backbone, bank, data_cfg, device, eval_cfg.batch_size, precision, eval_cfg.knn_bank_size)
+    ft, lt = extract_features(backbone, test, data_cfg, device, eval_cfg.batch_size, precision)
+    scores = knn_classify(fb, lb, ft, len(bank.classes), eval_cfg.knn_k, eval_cfg.knn_temperature)
+    return topk_accuracy(scores, lt)

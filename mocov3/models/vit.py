@@ -1,0 +1,242 @@
+"""Vision Transformer as MoCo v3 uses it (PAPER.md §2).
+
+Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
+``pos_embed``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``,
+``blocks.N.mlp.fc1``, ``blocks.N.mlp.fc2``, ``norm``) so that exported weights load into timm.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..distributed import batch_norm_1d
+
+#: name -> (embed_dim, depth, num_heads, default patch size). ViT-S uses 12 heads, not DeiT's 6 (§2).
+VIT_PRESETS = {
+    "vit_tiny": (192, 12, 3, 16),
+    "vit_small": (384, 12, 12, 16),
+    "vit_base": (768, 12, 12, 16),
+    "vit_large": (1024, 24, 16, 16),
+    "vit_huge": (1280, 32, 16, 14),
+}
+
+
+def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (PAPER.md §2), [grid_h * grid_w, dim].
+
+    With d = dim / 4 frequencies omega_i = 1 / temperature^(i / d), the token in row h and column w
+    (row-major, the order of the flattened patch grid) gets
+    ``[sin(w * omega), cos(w * omega), sin(h * omega), cos(h * omega)]``. (The reference code's
+    ``meshgrid`` order puts the row index in the first half; on a square grid the two differ only by
+    a transpose of the grid, which a model with a fixed embedding cannot tell apart.)
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    d = dim // 4
+    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)
+    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    out_w = ww.reshape(-1, 1) * omega[None]
+    out_h = hh.reshape(-1, 1) * omega[None]
+    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return emb.float()
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> D, as one strided conv. [B, 3, H, W] -> [B, L, D]."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, L, D] -> [B, L, D]."""
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block. ``mlp_norm='bn'`` puts BatchNorm before the MLP (ViT-BN, §7)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm: str = "ln"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6) if mlp_norm == "ln" else batch_norm_1d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+@dataclass
+class ViTSpec:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    pos_embed: str = "sincos"
+    pooling: str = "cls"
+    final_norm: bool = True
+    freeze_patch_embed: bool = True
+    mlp_norm: str = "ln"
+
+
+class VisionTransformer(nn.Module):
+    """ViT backbone. ``forward(x: [B, 3, H, W]) -> [B, D]`` (class token or pooled tokens).
+
+    Initialization of the reference code (§2): qkv uniform with bound sqrt(6 / (D + D)) (q, k, v as
+    separate D x D matrices), other Linear layers xavier-uniform, biases 0, class token N(0, 1e-6),
+    patch projection xavier-uniform with fan-in 3 p^2.
+    """
+
+    def __init__(self, spec: ViTSpec):
+        super().__init__()
+        self.spec = spec
+        D = spec.embed_dim
+        self.embed_dim = self.num_features = D
+        self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, 3, D)
+        self.num_prefix_tokens = 1 if spec.pooling == "cls" else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if spec.pooling == "cls" else None
+        n_pos = self.patch_embed.num_patches + self.num_prefix_tokens
+        if spec.pos_embed == "none":
+            self.pos_embed = None
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D), requires_grad=spec.pos_embed == "learned")
+        self.blocks = nn.ModuleList(
+            [Block(D, spec.num_heads, spec.mlp_ratio, spec.mlp_norm) for _ in range(spec.depth)])
+        keep_norm = spec.final_norm
+        self.norm = nn.LayerNorm(D, eps=1e-6) if keep_norm else nn.Identity()
+        self.init_weights()
+        if spec.freeze_patch_embed:
+            # Random patch projection (§2): frozen at its random init (stop-gradient).
+            for p in self.patch_embed.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if name.endswith("attn.qkv"):
+                    bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                    nn.init.uniform_(m.weight, -bound, bound)
+                else:
+                    nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        p = self.spec.patch_size
+        bound = math.sqrt(6.0 / float(3 * p * p + self.embed_dim))
+        nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        if self.pos_embed is not None:
+            if self.spec.pos_embed == "sincos":
+                gh, gw = self.patch_embed.grid_size
+                pe = sincos_pos_embed_2d(gh, gw, self.embed_dim)
+                self.pos_embed.copy_(torch.cat([torch.zeros(self.num_prefix_tokens, self.embed_dim), pe])[None])
+            else:
+                nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> tokens [B, num_prefix + L, D] after the final norm."""
+        if x.shape[-1] != self.spec.img_size or x.shape[-2] != self.spec.img_size:
+            raise ValueError(f"expected {self.spec.img_size}x{self.spec.img_size} input, got {tuple(x.shape[-2:])}")
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens [B, T, D] -> representation [B, D]: class token, or mean of the patch tokens."""
+        if self.spec.pooling == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.num_prefix_tokens:].mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def layer_groups(self) -> dict[str, list[str]]:
+        """Parameter-name prefixes grouped as patch projection / blocks / final norm (for monitors)."""
+        return {"patch_embed": ["patch_embed."], **{f"block{i}": [f"blocks.{i}."] for i in range(len(self.blocks))},
+                "norm": ["norm."]}
+
+
+def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
+    """Resolve a preset name plus overrides into a ViTSpec."""
+    if model_cfg.name not in VIT_PRESETS:
+        from ..config import ConfigError
+
+        raise ConfigError(f"model.name {model_cfg.name!r} is not one of {', '.join(VIT_PRESETS)}")
+    dim, depth, heads, _ = VIT_PRESETS[model_cfg.name]
+    return ViTSpec(
+        img_size=image_size,
+        patch_size=model_cfg.patch_size,
+        embed_dim=model_cfg.embed_dim or dim,
+        depth=model_cfg.depth or depth,
+        num_heads=model_cfg.num_heads or heads,
+        mlp_ratio=model_cfg.mlp_ratio,
+        pos_embed=model_cfg.pos_embed,
+        pooling=model_cfg.pooling,
+        final_norm=model_cfg.final_norm,
+        freeze_patch_embed=model_cfg.freeze_patch_embed,
+        mlp_norm=model_cfg.mlp_norm,
+    )
+
+
+def build_backbone(model_cfg, image_size: int) -> VisionTransformer:
+    return VisionTransformer(vit_spec_from_config(model_cfg, image_size))
+
+
+def count_params(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+__all__ = ["VisionTransformer", "ViTSpec", "build_backbone", "sincos_pos_embed_2d", "VIT_PRESETS",
+           "vit_spec_from_config", "count_params"]

@@ -1,0 +1,1 @@
+"""Training: schedules, optimizers, checkpoints and the loop."""
