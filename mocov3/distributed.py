@@ -58,7 +58,7 @@ def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
     ``r * N_local``.
     """
     if world_size() == 1:
-        return x
+        return x.detach()
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+
+from mocov3.config import load_config
+from mocov3.models.vit import VisionTransformer, ViTSpec, build_backbone, sincos_pos_embed_2d
+
+TIMM_NAMES = ["patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed",
+              "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
+              "blocks.0.attn.proj.weight", "blocks.0.norm2.weight", "blocks.0.mlp.fc1.weight",
+              "blocks.0.mlp.fc2.bias", "norm.weight", "norm.bias"]
+
+
+def small(**kw):
+    return VisionTransformer(ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, **kw))
+
+
+def test_sincos_values_against_the_formula():
+    gh, gw, D = 3, 4, 16
+    pe = sincos_pos_embed_2d(gh, gw, D)
+    d = D // 4
+    assert pe.shape == (gh * gw, D)
+    for h in range(gh):
+        for w in range(gw):
+            row = pe[h * gw + w]
+            for i in range(d):
+                om = 1.0 / 10000 ** (i / d)
+                exp = [math.sin(w * om), math.cos(w * om), math.sin(h * om), math.cos(h * om)]
+                got = [row[i], row[d + i], row[2 * d + i], row[3 * d + i]]
+                assert [float(g) for g in got] == pytest.approx(exp, abs=1e-6)
+
+
+def test_model_pos_embed_is_fixed_sincos_with_zero_cls():
+    m = small()
+    assert not m.pos_embed.requires_grad
+    assert torch.all(m.pos_embed[0, 0] == 0)
+    assert torch.allclose(m.pos_embed[0, 1:], sincos_pos_embed_2d(4, 4, 32))
+    assert small(pos_embed="learned").pos_embed.requires_grad
+    assert small(pos_embed="none").pos_embed is None
+
+
+def test_timm_parameter_names():
+    names = set(small().state_dict())
+    for n in TIMM_NAMES:
+        assert n in names, n
+
+
+@pytest.mark.parametrize("name,params_m", [("vit_small", 21.7), ("vit_base", 85.8)])
+def test_presets_match_paper_sizes(name, params_m):
+    cfg = load_config(None, [f"model={name}"])
+    m = build_backbone(cfg.model, 224)
+    n = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(n - params_m) < 0.5, n
+    assert m.spec.num_heads == 12  # ViT-S uses 12 heads in the paper (§2)
+
+
+def test_initialization_of_the_reference_code():
+    m = VisionTransformer(ViTSpec(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4))
+    qkv = m.blocks[0].attn.qkv.weight
+    assert qkv.abs().max() <= math.sqrt(6 / (64 + 64)) + 1e-6
+    assert qkv.abs().max() > 0.9 * math.sqrt(6 / (64 + 64))
+    pw = m.patch_embed.proj.weight
+    bound = math.sqrt(6 / (3 * 8 * 8 + 64))
+    assert pw.abs().max() <= bound + 1e-6 and pw.abs().max() > 0.9 * bound
+    assert torch.all(m.blocks[0].attn.qkv.bias == 0) and torch.all(m.blocks[0].mlp.fc1.bias == 0)
+    fc1 = m.blocks[0].mlp.fc1.weight
+    assert fc1.abs().max() <= math.sqrt(6 / (64 + 256)) + 1e-6
+    assert m.cls_token.abs().max() < 1e-5
+
+
+def test_frozen_patch_projection_switch():
+    m = small()
+    assert not m.patch_embed.proj.weight.requires_grad and not m.patch_embed.proj.bias.requires_grad
+    m2 = small(freeze_patch_embed=False)
+    assert m2.patch_embed.proj.weight.requires_grad
+
+
+def test_forward_shapes_and_pooling_variants():
+    x = torch.randn(2, 3, 16, 16)
+    assert small()(x).shape == (2, 32)
+    gap = small(pooling="gap", final_norm=False)
+    assert gap.cls_token is None and gap(x).shape == (2, 32)
+    assert isinstance(gap.norm, torch.nn.Identity)
+    assert small(pooling="gap")(x).shape == (2, 32)
+    bn = small(mlp_norm="bn")
+    assert isinstance(bn.blocks[0].norm2, torch.nn.BatchNorm1d) and bn(x).shape == (2, 32)
+    with pytest.raises(ValueError, match="expected 16x16"):
+        small()(torch.randn(1, 3, 32, 32))
+
+
+def test_attention_matches_explicit_softmax():
+    m = small()
+    attn = m.blocks[0].attn
+    x = torch.randn(2, 5, 32)
+    B, L, D = x.shape
+    qkv = attn.qkv(x).reshape(B, L, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    a = (q @ k.transpose(-1, -2) / math.sqrt(16)).softmax(-1)
+    ref = attn.proj((a @ v).transpose(1, 2).reshape(B, L, D))
+    assert torch.allclose(attn(x), ref, atol=1e-5)
