@@ -37,7 +37,8 @@ def _pretrain_parser(sub) -> None:
         description="Pretrain a backbone with MoCo v3. Re-running the command on an existing output "
                     "folder resumes it.",
         epilog=describe_keys())
-    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("--config", help="YAML recipe (see configs/); default: the built-in defaults, or the "
+                                    "config of the checkpoint being resumed")
     p.add_argument("--data", required=True,
                    help="image folder (one subfolder per class) or cifar10 / cifar100 (downloaded once)")
     p.add_argument("--eval-data", help="labelled test set for the kNN monitor (bank: --data), e.g. cifar10:test")
@@ -74,12 +75,9 @@ def cmd_pretrain(args) -> int:
     out = Path(args.output_dir)
     base = None
     ckpt = Path(args.resume) if args.resume else out / CHECKPOINT_NAME
-    if not args.config:
-        if not ckpt.is_file():
-            from .config import ConfigError
-
-            raise ConfigError("--config is required unless the run folder (or --resume) has a checkpoint")
-        base = load_checkpoint(ckpt)["config"]
+    if not args.config and ckpt.is_file():
+        base = load_checkpoint(ckpt)["config"]  # resuming without a recipe: the run's own config
+        base["train"]["max_steps"] = 0  # a per-invocation limit, not part of the run's recipe
     cfg = load_config(args.config, args.overrides, base=base)
     _setup_logging(out)
     res = pretrain(cfg, args.data, out, eval_spec=args.eval_data, resume=args.resume,

@@ -65,8 +65,11 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _load_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return _SafeUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            return _SafeUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise DataError(f"{path} is not a valid CIFAR batch file: {e}") from None
 
 
 def md5sum(path: Path) -> str:

@@ -1,0 +1,138 @@
+"""End-to-end: the ``mocov3`` command on tiny image folders (in process, except the kill test)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mocov3.cli import main
+
+from conftest import TINY, make_folder
+
+
+def _metrics(run):
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _pretrain(folder, out, *extra, eval_data=None):
+    args = ["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"]
+    if eval_data:
+        args += ["--eval-data", str(eval_data)]
+    return main(args + TINY + list(extra))
+
+
+@pytest.fixture
+def test_folder(tmp_path):
+    return make_folder(tmp_path / "test", n_per_class=8, seed=1)
+
+
+def test_pretrain_writes_run_folder_and_knn(folder, test_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(folder, out, eval_data=test_folder) == 0
+    assert (out / "config.yaml").is_file() and (out / "checkpoint.pt").is_file() and (out / "log.txt").is_file()
+    lines = _metrics(out)
+    train = [l for l in lines if "loss" in l]
+    assert len(train) == 2 * (72 // 16)
+    for key in ("step", "epoch", "loss", "lr", "momentum", "images_per_sec"):
+        assert key in train[0]
+    knn = [l for l in lines if "knn_top1" in l]
+    assert [l["step"] for l in knn] == [0, 4, 8]  # random init, then every epoch
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
+    # the config saved is the resolved one
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["model"]["embed_dim"] == 32 and saved["train"]["batch_size"] == 16
+    # standalone kNN prints a JSON line last
+    assert main(["knn", "--checkpoint", str(out / "checkpoint.pt"), "--train-data", str(folder),
+                 "--test-data", str(test_folder)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) >= {"top1", "top5"} and 0 <= last["top1"] <= 100
+    assert last["top1"] == pytest.approx(knn[-1]["knn_top1"])
+
+
+def test_resume_equals_uninterrupted_run(folder, test_folder, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert _pretrain(folder, a, eval_data=test_folder) == 0
+    assert _pretrain(folder, b, "train.max_steps=6", eval_data=test_folder) == 0  # stops mid-epoch 2
+    ckpt = torch.load(b / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6
+    assert _pretrain(folder, b, eval_data=test_folder) == 0  # same command: resumes
+    keys = ("step", "loss", "lr", "momentum", "knn_top1", "knn_top5")
+    ma = [{k: l[k] for k in keys if k in l} for l in _metrics(a)]
+    mb = [{k: l[k] for k in keys if k in l} for l in _metrics(b)]
+    assert ma == mb  # bit for bit
+    sa = torch.load(a / "checkpoint.pt", weights_only=True)["model"]
+    sb = torch.load(b / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_checkpoint_of_another_model_is_refused(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(folder, out, "train.max_steps=1") == 0
+    assert _pretrain(folder, out, "model.embed_dim=64") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "from another model" in err[-1] and "model.embed_dim" in err[-1]
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(1)}, bogus)
+    assert main(["knn", "--checkpoint", str(bogus), "--train-data", str(folder), "--test-data", str(folder)]) == 2
+    assert "not a mocov3 checkpoint" in capsys.readouterr().err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    assert main(["knn", "--checkpoint", str(garbage), "--train-data", str(folder), "--test-data", str(folder)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--data", "{missing}"], "does not exist"),
+    (["--data", "{empty}"], "no images found"),
+    (["--data", "{folder}", "epochs=zero"], "expected an integer"),
+    (["--data", "{folder}", "optim.lr=1"], "unknown config key"),
+    (["--data", "{folder}", "--config", "{missing}"], "config file not found"),
+    (["--data", "{folder}", "batch_size=1000"], "fewer than one batch"),
+    (["--data", "{folder}", "--eval-data", "{other_classes}"], "classes"),
+])
+def test_bad_inputs_exit_2_with_one_line(folder, tmp_path, capsys, args, msg):
+    (tmp_path / "empty").mkdir()
+    other = make_folder(tmp_path / "other", n_per_class=2, classes=("a", "b"))
+    fmt = {"missing": tmp_path / "nope", "empty": tmp_path / "empty", "folder": folder, "other_classes": other}
+    args = [a.format(**fmt) for a in args]
+    data_i = args.index("--data")
+    rest = args[:data_i] + args[data_i + 2:]
+    overrides = [a for a in rest if "=" in a and not a.startswith("--")]
+    flags = [a for a in rest if a not in overrides]
+    code = main(["pretrain", "--data", args[data_i + 1], "--output-dir", str(tmp_path / "o"), "--no-progress",
+                 *flags] + TINY + overrides)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err and err[-1].startswith("mocov3 pretrain: error:") and msg in err[-1]
+
+
+def test_killed_run_resumes_from_its_checkpoint(folder, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "mocov3", "pretrain", "--data", str(folder), "--output-dir", str(out),
+           "--no-progress", *TINY, "epochs=50"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").is_file() and len(_metrics(out)) >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    stopped = ckpt["step"]
+    assert stopped >= 5
+    steps = [l["step"] for l in _metrics(out) if "loss" in l]
+    assert steps[-1] == stopped
+    res = subprocess.run(cmd[:-1] + ["epochs=50", "train.max_steps=" + str(stopped + 3)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    steps = [l["step"] for l in _metrics(out) if "loss" in l]
+    assert steps == list(range(1, stopped + 4))
