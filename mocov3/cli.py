@@ -16,12 +16,17 @@ from . import __version__
 log = logging.getLogger("mocov3")
 
 
-def _setup_logging(output_dir: Path | None = None, quiet: bool = False) -> None:
-    from . import distributed as du
+def _launch_rank() -> int:
+    """This process's rank as torchrun announces it (before the process group exists)."""
+    import os
 
-    level = logging.INFO if du.rank() == 0 and not quiet else logging.WARNING
+    return int(os.environ.get("RANK", "0"))
+
+
+def _setup_logging(output_dir: Path | None = None, quiet: bool = False) -> None:
+    level = logging.INFO if _launch_rank() == 0 and not quiet else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if output_dir is not None and du.rank() == 0:
+    if output_dir is not None and _launch_rank() == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -88,7 +93,8 @@ def cmd_pretrain(args) -> int:
     msg = {"step": res.step, "finished": res.finished, "output_dir": str(out)}
     if res.last_knn:
         msg.update({"knn_top1": res.last_knn["top1"], "knn_top5": res.last_knn["top5"]})
-    print(json.dumps(msg))
+    if _launch_rank() == 0:
+        print(json.dumps(msg))
     return 0
 
 

@@ -64,13 +64,26 @@ def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # d(sum_r y_r)/dx_r: every process's output depends on this process's input.
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Sum ``x`` over processes; the backward pass sums the gradients too."""
     if world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dnnf
-
-    return dnnf.all_reduce(x)
+    return _AllReduceSum.apply(x)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ import json
 import logging
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -194,8 +195,11 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
     method = build_method(cfg).to(device)
     model: nn.Module = method
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        # No buffer broadcast: BN statistics are already global (GlobalBatchNorm), nothing to sync.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = nn.parallel.DistributedDataParallel(
+                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     # 3. optimizer and schedules
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)

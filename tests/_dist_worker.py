@@ -1,0 +1,51 @@
+"""Worker for the 2-process gloo tests (imported by spawned processes)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+
+def make_setup(seed: int = 0):
+    from conftest import tiny_cfg
+    from mocov3.methods import build_method
+
+    cfg = tiny_cfg("model.freeze_patch_embed=false", "model.mlp_norm=bn")
+    torch.manual_seed(seed)
+    method = build_method(cfg)
+    g = torch.Generator().manual_seed(123)
+    x1 = torch.randn(16, 3, 16, 16, generator=g)
+    x2 = torch.randn(16, 3, 16, 16, generator=g)
+    return method, x1, x2
+
+
+def one_step(model, method, x1, x2):
+    from mocov3.train.loop import train_step_for_test
+
+    # SGD: parameters after the step are linear in the gradients. (Adam's first step is lr * sign(g),
+    # which turns the ~1e-10 rounding noise of gradients that are exactly 0 in theory -- e.g. the key
+    # bias of attention -- into +-lr, so it cannot be compared elementwise.)
+    opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, weight_decay=0.1)
+    loss = train_step_for_test(model, method, opt, x1, x2, m=0.9)
+    grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
+    return loss, grads
+
+
+def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from mocov3.distributed import all_reduce_mean, gather_without_grad
+
+        method, x1, x2 = make_setup()
+        n = x1.shape[0] // world
+        sl = slice(rank * n, (rank + 1) * n)
+        model = torch.nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)
+        loss, grads = one_step(model, method, x1[sl], x2[sl])
+        loss_mean = all_reduce_mean(torch.tensor(loss)).item()
+        gathered = gather_without_grad(torch.full((2, 3), float(rank)))
+        if rank == 0:
+            torch.save({"loss": loss_mean, "state": copy.deepcopy(method.state_dict()), "grads": grads,
+                        "gathered": gathered}, out_file)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,65 @@
+"""A 2-process gloo run equals a 1-process run on the concatenated batch (loss, grads, parameters)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import _dist_worker
+from mocov3 import distributed as du
+
+from conftest import TINY
+
+
+def test_helpers_work_without_a_process_group():
+    assert du.rank() == 0 and du.world_size() == 1 and du.is_main()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert torch.equal(du.gather_without_grad(x), x) and not du.gather_without_grad(x).requires_grad
+    assert du.all_reduce_with_grad(x) is x
+    du.barrier()
+
+
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_dist_worker.worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    assert torch.equal(two["gathered"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
+
+    method, x1, x2 = _dist_worker.make_setup()
+    loss, grads = _dist_worker.one_step(method, method, x1, x2)
+    assert two["loss"] == pytest.approx(loss, abs=1e-5)
+    assert set(grads) == set(two["grads"])
+    for name, g in grads.items():
+        assert torch.allclose(two["grads"][name], g, atol=1e-6, rtol=1e-4), name
+    state = method.state_dict()
+    for name, v in state.items():
+        assert torch.allclose(two["state"][name].float(), v.float(), atol=1e-5, rtol=1e-4), name
+    # and the step did something
+    method0, _, _ = _dist_worker.make_setup()
+    assert not torch.equal(method0.state_dict()["projector.0.weight"], state["projector.0.weight"])
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3", "pretrain", "--data", str(folder),
+           "--eval-data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "train.max_steps=3"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert '"world_size": 2' in lines[0]
+    assert sum('"loss"' in l for l in lines) == 3  # only rank 0 writes
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert res.stdout.count('"finished"') == 1  # only rank 0 reports
