@@ -1,0 +1,123 @@
+"""Throughput (img/s) and peak memory of one MoCo v3 training step.
+
+Each (model, precision) case runs in its own subprocess so the peak resident memory (CPU) or the
+peak allocated memory (CUDA) belongs to that case alone. Writes bench/results/step_throughput_<dev>.json.
+
+Usage: python bench/step_throughput.py [--device cpu|cuda] [--steps 3] [--cases quickstart,vit_small_224]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _env import machine_info  # noqa: E402
+
+CASES = {
+    # the CPU quick-start recipe's model and heads, at its batch size
+    "quickstart": {"config": "configs/quickstart_cpu.yaml", "batch": 256, "overrides": []},
+    # ViT-S/16 at 224 px with the paper's 4096-wide heads
+    "vit_small_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 32, "overrides": []},
+}
+
+
+def run_case(name: str, precision: str, device: str, steps: int, batch: int | None) -> dict:
+    import torch
+
+    from mocov3.config import load_config
+    from mocov3.data.augment import TwoViewAugment
+    from mocov3.eval.knn import autocast_ctx
+    from mocov3.methods import build_method
+    from mocov3.train.optim import build_optimizer
+
+    case = CASES[name]
+    bs = batch or case["batch"]
+    cfg = load_config(case["config"], case["overrides"] + [f"batch_size={bs}"])
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    method = build_method(cfg).to(dev).train()
+    opt = build_optimizer(method, cfg.optim, 1e-4)
+    aug = TwoViewAugment(cfg.data)
+    size = cfg.data.image_size
+    images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+
+    def step():
+        with torch.no_grad():
+            v1, v2 = aug(images, g)
+        method.update_momentum(0.99)
+        with autocast_ctx(dev, precision):
+            loss = method(v1, v2)["loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    step()  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt = (time.perf_counter() - t0) / steps
+    res = {"case": name, "precision": precision, "batch_size": bs, "image_size": size,
+           "patch_size": cfg.model.patch_size, "embed_dim": method.backbone.embed_dim,
+           "depth": len(method.backbone.blocks), "head_hidden": cfg.method.proj_hidden_dim,
+           "seconds_per_step": dt, "images_per_sec": bs / dt, "timed_steps": steps}
+    if dev.type == "cuda":
+        res["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--cases", default="quickstart,vit_small_224")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma list, or case:precision pairs via --pairs")
+    ap.add_argument("--pairs", default=None, help="e.g. quickstart:fp32,quickstart:bf16,vit_small_224:fp32")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.one:
+        name, prec = args.one.split(":")
+        print(json.dumps(run_case(name, prec, args.device, args.steps, args.batch)))
+        return
+    results = []
+    pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
+             [(n, p) for n in args.cases.split(",") for p in args.precisions.split(",")])
+    for name, prec in pairs:
+        cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--one",
+               f"{name}:{prec}"] + (["--batch", str(args.batch)] if args.batch else [])
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            results.append({"case": name, "precision": prec, "error": out.stderr.strip().splitlines()[-1]})
+        else:
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+        write(results, args)  # after every case, so a cut-short run keeps what it measured
+
+
+def write(results: list, args) -> None:
+    dev = "cpu" if args.device == "cpu" else "gpu"
+    path = Path(args.out or f"bench/results/step_throughput_{dev}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"what": "one MoCo v3 training step (augment + 2 views x (query + key encoders) + "
+                                        "backward + AdamW)", "results": results, **machine_info()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

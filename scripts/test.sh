@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install into .venv (if needed) and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mocov3, pytest" 2>/dev/null; then
+  python3 -m venv .venv
+  .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
+fi
+exec .venv/bin/python -m pytest "$@"
