@@ -63,12 +63,19 @@ def _knn_parser(sub) -> None:
                    help="e.g. eval.knn_k=200 eval.knn_temperature=0.1 train.precision=fp32")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True, help="folder to write")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocov3", description="MoCo v3 self-supervised pretraining of ViTs")
     parser.add_argument("--version", action="version", version=f"mocov3 {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _knn_parser(sub)
+    _export_parser(sub)
     return parser
 
 
@@ -123,6 +130,15 @@ def cmd_knn(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_backbone
+
+    _setup_logging()
+    out = export_backbone(Path(args.checkpoint), Path(args.output))
+    print(json.dumps({"output": str(out), "files": sorted(p.name for p in out.iterdir())}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.cifar import DataError
@@ -136,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pretrain(args)
         if args.command == "knn":
             return cmd_knn(args)
+        if args.command == "export":
+            return cmd_export(args)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,141 @@
+"""Portable backbones: export to safetensors with timm's parameter names, and load them back.
+
+An export folder holds ``model.safetensors`` (the query backbone alone), ``config.json`` (architecture,
+image and patch size, position embedding, pooling, normalization mean / std, and the keyword arguments
+for ``timm.models.vision_transformer.VisionTransformer``) and a ``README.md`` model card.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .models.vit import VisionTransformer, ViTSpec
+from .train.checkpoint import CheckpointError, load_checkpoint
+
+EXPORT_FORMAT = "mocov3-backbone/1"
+
+
+def backbone_state_from_checkpoint(ckpt: dict) -> dict:
+    """The query encoder's backbone weights, ``backbone.`` prefix (and any DDP ``module.``) removed."""
+    out = {}
+    for k, v in ckpt["model"].items():
+        k = k.removeprefix("module.")
+        if k.startswith("backbone."):
+            out[k[len("backbone."):]] = v
+    if not out:
+        raise CheckpointError("checkpoint has no backbone.* weights")
+    return out
+
+
+def spec_from_config(cfg: dict) -> ViTSpec:
+    from .config import load_config
+    from .models.vit import vit_spec_from_config
+
+    c = load_config(None, [], base=cfg)
+    return vit_spec_from_config(c.model, c.data.image_size)
+
+
+def timm_kwargs(spec: ViTSpec) -> Optional[dict]:
+    """Arguments that build the same network with timm's VisionTransformer (None if timm has none)."""
+    if spec.mlp_norm != "ln":
+        return None  # ViT-BN has no timm equivalent
+    kw = {"img_size": spec.img_size, "patch_size": spec.patch_size, "embed_dim": spec.embed_dim,
+          "depth": spec.depth, "num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio, "qkv_bias": True,
+          "num_classes": 0, "class_token": spec.pooling == "cls",
+          "global_pool": "token" if spec.pooling == "cls" else "avg", "fc_norm": False,
+          "pos_embed": "none" if spec.pos_embed == "none" else "learn"}
+    if not spec.final_norm:
+        kw["final_norm"] = False
+    return kw
+
+
+def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict] = None) -> Path:
+    """Write the export folder for ``checkpoint``; returns ``output``."""
+    from safetensors.torch import save_file
+
+    ckpt = load_checkpoint(Path(checkpoint))
+    cfg = ckpt["config"]
+    spec = spec_from_config(cfg)
+    state = {k: v.detach().float().contiguous() for k, v in backbone_state_from_checkpoint(ckpt).items()}
+    VisionTransformer(spec).load_state_dict(state, strict=True)  # validates before writing anything
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(output / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+    results = eval_results or {}
+    if ckpt.get("last_knn"):
+        results.setdefault("knn_top1_during_training", ckpt["last_knn"]["top1"])
+    meta = {
+        "format": EXPORT_FORMAT,
+        "architecture": "vit",
+        "spec": dataclasses.asdict(spec),
+        "image_size": spec.img_size,
+        "patch_size": spec.patch_size,
+        "mean": cfg["data"]["mean"],
+        "std": cfg["data"]["std"],
+        "timm_kwargs": timm_kwargs(spec),
+        "method": cfg["method"]["name"],
+        "pretrain_step": ckpt.get("step"),
+        "pretrain_epoch": ckpt.get("epoch"),
+        "eval_results": results,
+    }
+    (output / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (output / "README.md").write_text(_model_card(meta, cfg, Path(checkpoint)))
+    return output
+
+
+def _model_card(meta: dict, cfg: dict, checkpoint: Path) -> str:
+    s = meta["spec"]
+    lines = [
+        f"# {cfg['model']['name']}/{s['patch_size']} pretrained with MoCo v3 (mocov3)", "",
+        f"- backbone: ViT, width {s['embed_dim']}, depth {s['depth']}, {s['num_heads']} heads, "
+        f"patch {s['patch_size']}, image {s['img_size']} px, position embedding {s['pos_embed']}, "
+        f"pooling {s['pooling']}",
+        f"- pretraining: {meta['method']}, {meta['pretrain_epoch']:.2f} epochs ({meta['pretrain_step']} steps) of "
+        f"{cfg['train']['epochs']} planned, batch {cfg['train']['batch_size']}, {cfg['optim']['name']} "
+        f"base_lr {cfg['optim']['base_lr']}, weight decay {cfg['optim']['weight_decay']}, "
+        f"temperature {cfg['method']['temperature']}, momentum {cfg['method']['momentum']}",
+        f"- input normalization: mean {meta['mean']}, std {meta['std']}",
+        f"- source checkpoint: `{checkpoint.name}`", "",
+        "## Evaluation results known for this checkpoint", "",
+    ]
+    if meta["eval_results"]:
+        lines += [f"- {k}: {v}" for k, v in meta["eval_results"].items()]
+    else:
+        lines.append("- none recorded")
+    lines += ["", "## Loading", "", "```python", "import mocov3", "model = mocov3.load_backbone('THIS_FOLDER')",
+              "# or with timm:", "import json, timm.models.vision_transformer as tv",
+              "from safetensors.torch import load_file",
+              "kw = json.load(open('THIS_FOLDER/config.json'))['timm_kwargs']",
+              "m = tv.VisionTransformer(**kw); m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'))",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
+    """A ready ``VisionTransformer`` (eval mode) from an export folder or a training checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        from safetensors.torch import load_file
+
+        cfg_file, weights = path / "config.json", path / "model.safetensors"
+        if not cfg_file.is_file() or not weights.is_file():
+            raise CheckpointError(f"{path} is not a mocov3 export (config.json and model.safetensors expected)")
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(f"{cfg_file}: unknown export format {meta.get('format')!r}")
+        model = VisionTransformer(ViTSpec(**meta["spec"]))
+        state = load_file(str(weights), device=map_location)
+    else:
+        ckpt = load_checkpoint(path, map_location=map_location)
+        model = VisionTransformer(spec_from_config(ckpt["config"]))
+        state = backbone_state_from_checkpoint(ckpt)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the architecture ({str(e).splitlines()[0][:200]})") from None
+    return model.eval()
