@@ -59,8 +59,11 @@ def _knn_parser(sub) -> None:
     p.add_argument("--train-data", required=True, help="labelled bank (image folder or cifar10 ...)")
     p.add_argument("--test-data", required=True, help="labelled test set (image folder or cifar10:test ...)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--k", help="neighbours, one or a comma list (e.g. 10,20,200); the first is reported as top1")
+    p.add_argument("--temperature", help="temperature(s), comma list (default eval.knn_temperature)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. eval.knn_k=200 eval.knn_temperature=0.1 train.precision=fp32")
+                   help="e.g. eval.knn_bank_size=10000 train.precision=fp32")
 
 
 def _export_parser(sub) -> None:
@@ -105,28 +108,57 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def _number_list(text: str, kind):
+    from .config import ConfigError
+
+    try:
+        vals = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"expected a comma-separated list of numbers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise ConfigError(f"expected positive numbers, got {text!r}")
+    return vals
+
+
 def cmd_knn(args) -> int:
     from .config import load_config
+    from .data.cifar import DataError, default_cache_dir
     from .data.datasets import load_dataset
-    from .eval.knn import knn_evaluate
+    from .eval.knn import cached_features, feature_cache_key, knn_grid
     from .methods import build_method
     from .train.checkpoint import load_checkpoint, load_state_strict
     from .train.loop import resolve_device, resolve_precision
 
     _setup_logging()
-    ckpt = load_checkpoint(Path(args.checkpoint))
+    ckpt_path = Path(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
     cfg = load_config(None, args.overrides, base=ckpt["config"])
+    ks = _number_list(args.k, int) if args.k else [cfg.eval.knn_k]
+    temps = _number_list(args.temperature, float) if args.temperature else [cfg.eval.knn_temperature]
     device = resolve_device(args.device)
+    precision = resolve_precision(cfg.train.precision, device)
     method = build_method(cfg)
-    load_state_strict(method, ckpt["model"], Path(args.checkpoint))
+    load_state_strict(method, ckpt["model"], ckpt_path)
     backbone = method.backbone.to(device)
     bank = load_dataset(args.train_data, cfg.data, split="train").to(device)
     test = load_dataset(args.test_data, cfg.data, split="test").to(device)
-    res = knn_evaluate(backbone, bank, test, cfg.data, cfg.eval, device, resolve_precision(cfg.train.precision, device))
-    print(f"kNN (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}) of {args.checkpoint} "
-          f"at step {ckpt.get('step')}: top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}")
-    print(json.dumps({"top1": res["top1"], "top5": res["top5"], "k": cfg.eval.knn_k,
-                      "temperature": cfg.eval.knn_temperature, "step": ckpt.get("step")}))
+    if bank.classes != test.classes:
+        raise DataError(f"class folders differ between --train-data ({len(bank.classes)} classes) and "
+                        f"--test-data ({len(test.classes)} classes)")
+    cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+    feats = []
+    for data, limit in ((bank, cfg.eval.knn_bank_size), (test, 0)):
+        key = None if args.no_cache else cache / "features" / (
+            feature_cache_key(ckpt_path, data, cfg.data, precision, limit) + ".pt")
+        feats.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, limit, key))
+    (fb, lb), (ft, lt) = feats
+    grid = knn_grid(fb, lb, ft, lt, len(bank.classes), ks, temps)
+    for r in grid:
+        print(f"kNN (k={r['k']}, T={r['temperature']}) of {args.checkpoint} at step {ckpt.get('step')}: "
+              f"top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}")
+    best = grid[0]
+    print(json.dumps({"top1": best["top1"], "top5": best["top5"], "k": best["k"],
+                      "temperature": best["temperature"], "step": ckpt.get("step"), "grid": grid}))
     return 0
 
 

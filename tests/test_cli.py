@@ -136,3 +136,33 @@ def test_killed_run_resumes_from_its_checkpoint(folder, tmp_path):
     assert res.returncode == 0, res.stderr
     steps = [l["step"] for l in _metrics(out) if "loss" in l]
     assert steps == list(range(1, stopped + 4))
+
+
+def test_knn_grid_and_feature_cache(folder, test_folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert _pretrain(folder, out, "train.max_steps=2") == 0
+    args = ["knn", "--checkpoint", str(out / "checkpoint.pt"), "--train-data", str(folder),
+            "--test-data", str(test_folder), "--k", "1,5,200", "--temperature", "0.07,0.5"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(g["k"], g["temperature"]) for g in first["grid"]] == [(1, 0.07), (1, 0.5), (5, 0.07), (5, 0.5),
+                                                                   (200, 0.07), (200, 0.5)]
+    assert first["k"] == 1 and first["top1"] == first["grid"][0]["top1"]
+    cached = list((tmp_path / "cache" / "features").glob("*.pt"))
+    assert len(cached) == 2
+    # the second evaluation reads the cached features: extraction must not run again
+    import mocov3.eval.knn as knn_mod
+
+    monkeypatch.setattr(knn_mod, "extract_features", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    assert main(args) == 0
+    second = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert second["grid"] == first["grid"]
+
+
+def test_knn_rejects_mismatched_classes(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _pretrain(folder, out, "train.max_steps=1") == 0
+    other = make_folder(tmp_path / "other", n_per_class=2, classes=("a", "b"))
+    assert main(["knn", "--checkpoint", str(out / "checkpoint.pt"), "--train-data", str(folder),
+                 "--test-data", str(other)]) == 2
+    assert "class folders differ" in capsys.readouterr().err

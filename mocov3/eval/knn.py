@@ -98,3 +98,54 @@ def knn_evaluate(backbone: nn.Module, bank: ImageData, test: ImageData, data_cfg
     ft, lt = extract_features(backbone, test, data_cfg, device, eval_cfg.batch_size, precision)
     scores = knn_classify(fb, lb, ft, len(bank.classes), eval_cfg.knn_k, eval_cfg.knn_temperature)
     return topk_accuracy(scores, lt)
+
+
+def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+             test_labels: torch.Tensor, num_classes: int, ks, temperatures, chunk: int = 1024) -> list[dict]:
+    """Weighted kNN for every (k, temperature) in one pass over the similarities.
+
+    The top max(k) neighbours are found once per test chunk; each smaller k uses a prefix of them
+    (``topk`` returns them sorted). Returns ``[{"k", "temperature", "top1", "top5"}, ...]``.
+    """
+    kmax = min(max(ks), train_feats.shape[0])
+    scores = {(k, t): [] for k in ks for t in temperatures}
+    for i in range(0, test_feats.shape[0], chunk):
+        sim = test_feats[i:i + chunk] @ train_feats.t()
+        top_sim, top_idx = sim.topk(kmax, dim=1)
+        top_lab = train_labels[top_idx]
+        for k in ks:
+            kk = min(k, kmax)
+            for t in temperatures:
+                votes = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+                votes.scatter_add_(1, top_lab[:, :kk], (top_sim[:, :kk] / t).exp())
+                scores[(k, t)].append(votes)
+    return [{"k": k, "temperature": t, **topk_accuracy(torch.cat(v), test_labels)} for (k, t), v in scores.items()]
+
+
+def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device, batch_size: int,
+                    precision: str, limit: int, cache_file=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features`, stored in / reused from ``cache_file`` when one is given."""
+    from pathlib import Path
+
+    if cache_file is not None and Path(cache_file).is_file():
+        blob = torch.load(cache_file, map_location=device, weights_only=True)
+        return blob["features"], blob["labels"]
+    feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit)
+    if cache_file is not None:
+        path = Path(cache_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
+        tmp.replace(path)
+    return feats, labels
+
+
+def feature_cache_key(checkpoint, data: ImageData, data_cfg, precision: str, limit: int) -> str:
+    """Identifies one checkpoint file's features of one dataset under one preprocessing."""
+    import hashlib
+    from pathlib import Path
+
+    st = Path(checkpoint).stat()
+    parts = [str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, data.name, len(data), data_cfg.image_size,
+             data_cfg.eval_crop_ratio, tuple(data_cfg.mean), tuple(data_cfg.std), precision, limit]
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:24]
