@@ -53,17 +53,31 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. epochs=10 base_lr=1e-4")
 
 
-def _knn_parser(sub) -> None:
-    p = sub.add_parser("knn", help="weighted kNN accuracy of a checkpoint's backbone")
+def _eval_parser(sub, name: str, help: str, override_example: str) -> argparse.ArgumentParser:
+    """Arguments shared by the evaluation commands (a checkpoint, a labelled train and test set)."""
+    p = sub.add_parser(name, help=help)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--train-data", required=True, help="labelled bank (image folder or cifar10 ...)")
+    p.add_argument("--train-data", required=True, help="labelled training set / kNN bank (folder or cifar10 ...)")
     p.add_argument("--test-data", required=True, help="labelled test set (image folder or cifar10:test ...)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {override_example}")
+    return p
+
+
+def _knn_parser(sub) -> None:
+    p = _eval_parser(sub, "knn", "weighted kNN accuracy of a checkpoint's backbone",
+                     "eval.knn_bank_size=10000 train.precision=fp32")
     p.add_argument("--k", help="neighbours, one or a comma list (e.g. 10,20,200); the first is reported as top1")
     p.add_argument("--temperature", help="temperature(s), comma list (default eval.knn_temperature)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="e.g. eval.knn_bank_size=10000 train.precision=fp32")
+
+
+def _linear_parser(sub) -> None:
+    p = _eval_parser(sub, "linear", "linear probe on the frozen backbone (PAPER.md §8)",
+                     "linear.epochs=100 linear.lr_sweep=[0.1,1.0] linear.bn=false")
+    p.add_argument("--fast", action="store_true",
+                   help="train on cached features (no augmentation) with an lr sweep chosen on a held-out split")
+    p.add_argument("--output-dir", help="folder for config.yaml and result.json")
 
 
 def _export_parser(sub) -> None:
@@ -78,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _pretrain_parser(sub)
     _knn_parser(sub)
+    _linear_parser(sub)
     _export_parser(sub)
     return parser
 
@@ -121,37 +136,23 @@ def _number_list(text: str, kind):
 
 
 def cmd_knn(args) -> int:
-    from .config import load_config
-    from .data.cifar import DataError, default_cache_dir
-    from .data.datasets import load_dataset
+    import torch.nn.functional as F
+
+    from .data.cifar import default_cache_dir
     from .eval.knn import cached_features, feature_cache_key, knn_grid
-    from .methods import build_method
-    from .train.checkpoint import load_checkpoint, load_state_strict
-    from .train.loop import resolve_device, resolve_precision
 
     _setup_logging()
-    ckpt_path = Path(args.checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = load_config(None, args.overrides, base=ckpt["config"])
+    cfg, ckpt, backbone, device, precision, bank, test = _load_for_eval(args)
     ks = _number_list(args.k, int) if args.k else [cfg.eval.knn_k]
     temps = _number_list(args.temperature, float) if args.temperature else [cfg.eval.knn_temperature]
-    device = resolve_device(args.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    method = build_method(cfg)
-    load_state_strict(method, ckpt["model"], ckpt_path)
-    backbone = method.backbone.to(device)
-    bank = load_dataset(args.train_data, cfg.data, split="train").to(device)
-    test = load_dataset(args.test_data, cfg.data, split="test").to(device)
-    if bank.classes != test.classes:
-        raise DataError(f"class folders differ between --train-data ({len(bank.classes)} classes) and "
-                        f"--test-data ({len(test.classes)} classes)")
     cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
     feats = []
     for data, limit in ((bank, cfg.eval.knn_bank_size), (test, 0)):
         key = None if args.no_cache else cache / "features" / (
-            feature_cache_key(ckpt_path, data, cfg.data, precision, limit) + ".pt")
+            feature_cache_key(Path(args.checkpoint), data, cfg.data, precision, limit) + ".pt")
         feats.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, limit, key))
     (fb, lb), (ft, lt) = feats
+    fb, ft = F.normalize(fb, dim=1), F.normalize(ft, dim=1)
     grid = knn_grid(fb, lb, ft, lt, len(bank.classes), ks, temps)
     for r in grid:
         print(f"kNN (k={r['k']}, T={r['temperature']}) of {args.checkpoint} at step {ckpt.get('step')}: "
@@ -159,6 +160,63 @@ def cmd_knn(args) -> int:
     best = grid[0]
     print(json.dumps({"top1": best["top1"], "top5": best["top5"], "k": best["k"],
                       "temperature": best["temperature"], "step": ckpt.get("step"), "grid": grid}))
+    return 0
+
+
+def _load_for_eval(args):
+    """Checkpoint -> (cfg, backbone on device, device, precision, bank, test), classes checked."""
+    from .config import load_config
+    from .data.cifar import DataError
+    from .data.datasets import load_dataset
+    from .methods import build_method
+    from .train.checkpoint import load_checkpoint, load_state_strict
+    from .train.loop import resolve_device, resolve_precision
+
+    ckpt_path = Path(args.checkpoint)
+    ckpt = load_checkpoint(ckpt_path)
+    cfg = load_config(None, args.overrides, base=ckpt["config"])
+    device = resolve_device(args.device)
+    method = build_method(cfg)
+    load_state_strict(method, ckpt["model"], ckpt_path)
+    bank = load_dataset(args.train_data, cfg.data, split="train").to(device)
+    test = load_dataset(args.test_data, cfg.data, split="test").to(device)
+    if bank.classes != test.classes:
+        raise DataError(f"class folders differ between --train-data ({len(bank.classes)} classes) and "
+                        f"--test-data ({len(test.classes)} classes)")
+    return cfg, ckpt, method.backbone.to(device), device, resolve_precision(cfg.train.precision, device), bank, test
+
+
+def cmd_linear(args) -> int:
+    from .config import save_config
+    from .data.cifar import default_cache_dir
+    from .eval.knn import cached_features, feature_cache_key
+    from .eval.linear import assert_unchanged, fast_linear_probe, full_linear_probe, snapshot
+
+    _setup_logging(Path(args.output_dir) if args.output_dir else None)
+    cfg, ckpt, backbone, device, precision, train, test = _load_for_eval(args)
+    before = snapshot(backbone)
+    if args.fast:
+        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+        feats = []
+        for data in (train, test):
+            key = None if args.no_cache else cache / "features" / (
+                feature_cache_key(Path(args.checkpoint), data, cfg.data, precision, 0) + ".pt")
+            feats.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, 0, key))
+        (fa, la), (fb, lb) = feats
+        res = fast_linear_probe(fa, la, fb, lb, len(train.classes), cfg.linear)
+    else:
+        res = full_linear_probe(backbone, train, test, cfg.data, cfg.linear, device, precision)
+    assert_unchanged(backbone, before)
+    out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast" if args.fast else "full",
+           "epochs": cfg.linear.epochs, "step": ckpt.get("step")}
+    if "sweep" in res:
+        out["sweep"] = res["sweep"]
+    if args.output_dir:
+        save_config(cfg, Path(args.output_dir) / "config.yaml")
+        (Path(args.output_dir) / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"linear probe ({out['mode']}) of {args.checkpoint}: top-1 {out['top1']:.2f}  top-5 {out['top5']:.2f}  "
+          f"base_lr {out['lr']}")
+    print(json.dumps(out))
     return 0
 
 
@@ -186,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_knn(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "linear":
+            return cmd_linear(args)
     except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -114,6 +114,17 @@ class EvalConfig:
 
 
 @dataclass
+class LinearConfig:
+    epochs: int = _f(90, "linear probe epochs (PAPER.md §8: 90)")
+    batch_size: int = _f(1024, "linear probe batch size")
+    base_lr: float = _f(0.1, "probe lr = base_lr * batch / 256 (with the BN below the probe is robust to it)")
+    lr_sweep: list = _f([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "fast mode: base_lr values tried, chosen on a held-out split")
+    val_fraction: float = _f(0.1, "fast mode: share of the training set held out to choose the lr")
+    weight_decay: float = _f(0.0, "probe weight decay (0 in the paper)")
+    bn: bool = _f(True, "BatchNorm without affine before the classifier (as MAE's probe)")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -121,6 +132,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]

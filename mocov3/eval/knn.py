@@ -21,8 +21,9 @@ def autocast_ctx(device: torch.device, precision: str):
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device,
                      batch_size: int = 512, precision: str = "bf16", limit: int = 0,
-                     num_workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backbone features of a dataset: ([N, D] float32 L2-normalized, labels [N]).
+                     num_workers: int = 2, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of a dataset: ([N, D] float32, L2-normalized unless ``normalize=False``;
+    labels [N]).
 
     The backbone runs in eval mode (restored afterwards); ``limit`` keeps the first ``limit`` images of
     a fixed random subset (0 = all).
@@ -54,7 +55,8 @@ def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: tor
                     feats.append(backbone(x).float())
     finally:
         backbone.train(was_training)
-    return F.normalize(torch.cat(feats), dim=1), labels.to(device)
+    out = torch.cat(feats)
+    return (F.normalize(out, dim=1) if normalize else out), labels.to(device)
 
 
 @torch.no_grad()
@@ -124,13 +126,14 @@ def knn_grid(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
 
 def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device, batch_size: int,
                     precision: str, limit: int, cache_file=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`extract_features`, stored in / reused from ``cache_file`` when one is given."""
+    """Raw (unnormalized) :func:`extract_features`, stored in / reused from ``cache_file`` if given."""
     from pathlib import Path
 
     if cache_file is not None and Path(cache_file).is_file():
         blob = torch.load(cache_file, map_location=device, weights_only=True)
         return blob["features"], blob["labels"]
-    feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit)
+    feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit,
+                                     normalize=False)
     if cache_file is not None:
         path = Path(cache_file)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,152 @@
+"""Linear probe (PAPER.md §8): frozen backbone, a linear classifier on its representation.
+
+Two modes:
+* **full**: the backbone in eval mode under RandomResizedCrop + flip each epoch (the paper's protocol);
+* **fast**: features extracted once (no augmentation), the probe trained on them; an lr sweep is cheap,
+  and the lr is chosen on a held-out split of the *training* set, never on the test set.
+Both use SGD momentum 0.9, cosine decay, ``lr = base_lr * batch / 256`` and an optional affine-free
+BatchNorm before the classifier, and both check afterwards that no backbone weight changed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import scaled_lr
+from ..data.augment import crop_resize_flip, sample_crop_boxes
+from ..data.datasets import ImageData
+from .knn import autocast_ctx, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+
+class LinearProbe(nn.Module):
+    """[N, D] -> [N, num_classes]: optional BatchNorm1d(affine=False), then Linear."""
+
+    def __init__(self, dim: int, num_classes: int, bn: bool = True):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))
+
+
+def _cosine(step: int, total: int, lr: float) -> float:
+    return lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
+
+
+def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float,
+                            epochs: int, batch_size: int, weight_decay: float = 0.0, bn: bool = True,
+                            seed: int = 0) -> LinearProbe:
+    """SGD (momentum 0.9) + cosine on fixed features [N, D] (not L2-normalized)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    probe = LinearProbe(feats.shape[1], num_classes, bn).to(feats.device)
+    bs = min(batch_size, feats.shape[0])
+    lr = scaled_lr(base_lr, bs)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps_per_epoch = max(1, feats.shape[0] // bs)
+    total, step = epochs * steps_per_epoch, 0
+    probe.train()
+    for _ in range(epochs):
+        perm = torch.randperm(feats.shape[0], generator=g).to(feats.device)
+        for i in range(steps_per_epoch):
+            idx = perm[i * bs:(i + 1) * bs]
+            for group in opt.param_groups:
+                group["lr"] = _cosine(step, total, lr)
+            loss = F.cross_entropy(probe(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return probe.eval()
+
+
+@torch.no_grad()
+def evaluate_probe(probe: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> dict:
+    probe.eval()
+    return topk_accuracy(probe(feats), labels)
+
+
+def split_train_val(n: int, val_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split of range(n) into (train, held-out) index tensors."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+def fast_linear_probe(train_feats, train_labels, test_feats, test_labels, num_classes: int, cfg) -> dict:
+    """Choose base_lr on a held-out split of the training features, retrain on all of them, test once."""
+    tr, va = split_train_val(train_feats.shape[0], cfg.val_fraction)
+    sweep = []
+    for base_lr in cfg.lr_sweep:
+        probe = train_probe_on_features(train_feats[tr], train_labels[tr], num_classes, base_lr, cfg.epochs,
+                                        cfg.batch_size, cfg.weight_decay, cfg.bn)
+        acc = evaluate_probe(probe, train_feats[va], train_labels[va])
+        sweep.append({"base_lr": base_lr, "val_top1": acc["top1"]})
+        log.info("probe base_lr %g: held-out top-1 %.2f", base_lr, acc["top1"])
+    best = max(sweep, key=lambda r: r["val_top1"])
+    probe = train_probe_on_features(train_feats, train_labels, num_classes, best["base_lr"], cfg.epochs,
+                                    cfg.batch_size, cfg.weight_decay, cfg.bn)
+    res = evaluate_probe(probe, test_feats, test_labels)
+    return {**res, "base_lr": best["base_lr"], "sweep": sweep}
+
+
+def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, data_cfg, cfg, device,
+                      precision: str = "fp32") -> dict:
+    """The paper's protocol on in-memory data: frozen backbone (eval mode), RandomResizedCrop + flip."""
+    from .knn import extract_features
+
+    if not train.in_memory:
+        raise NotImplementedError("the full (augmented) probe needs in-memory data; use fast mode when streaming")
+    backbone.eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    num_classes = len(train.classes)
+    probe = LinearProbe(backbone.num_features, num_classes, cfg.bn).to(device)
+    bs = min(cfg.batch_size, len(train))
+    lr = scaled_lr(cfg.base_lr, bs)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    steps_per_epoch = len(train) // bs
+    total, step = cfg.epochs * steps_per_epoch, 0
+    g = torch.Generator(device=device).manual_seed(0)
+    m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(step))
+        for i in range(steps_per_epoch):
+            rows = perm[i * bs:(i + 1) * bs]
+            x = train.images[rows.to(train.images.device)].to(device).float() / 255.0
+            H, W = x.shape[-2:]
+            boxes = sample_crop_boxes(len(rows), H, W, (0.08, 1.0), (3 / 4, 4 / 3), g, device)
+            flip = torch.rand(len(rows), generator=g, device=device) < 0.5
+            x = (crop_resize_flip(x, boxes, flip, data_cfg.image_size) - m) / s
+            with torch.no_grad(), autocast_ctx(device, precision):
+                feats = backbone(x).float()
+            for group in opt.param_groups:
+                group["lr"] = _cosine(step, total, lr)
+            loss = F.cross_entropy(probe(feats), train.labels[rows].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)
+    return {**evaluate_probe(probe, ft, lt), "base_lr": cfg.base_lr}
+
+
+def snapshot(module: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_unchanged(module: nn.Module, before: dict) -> None:
+    """The reference code's sanity check: the frozen backbone must be bit-identical after probing."""
+    for k, v in module.state_dict().items():
+        if not torch.equal(v, before[k]):
+            raise RuntimeError(f"backbone weight {k} changed during the linear probe")
