@@ -80,6 +80,14 @@ def _linear_parser(sub) -> None:
     p.add_argument("--output-dir", help="folder for config.yaml and result.json")
 
 
+def _finetune_parser(sub) -> None:
+    p = _eval_parser(sub, "finetune", "end-to-end fine-tuning of a checkpoint's backbone (or from scratch)",
+                     "finetune.epochs=10 finetune.batch_size=256 finetune.layer_decay=0.65")
+    p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoint.pt")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="same architecture from random init (the checkpoint only supplies the architecture)")
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True)
@@ -93,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(sub)
     _knn_parser(sub)
     _linear_parser(sub)
+    _finetune_parser(sub)
     _export_parser(sub)
     return parser
 
@@ -220,6 +229,22 @@ def cmd_linear(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from .eval.finetune import finetune
+    from .export import backbone_state_from_checkpoint
+
+    out = Path(args.output_dir)
+    _setup_logging(out)
+    cfg, ckpt, _, device, precision, train, test = _load_for_eval(args)
+    state = None if args.from_scratch else backbone_state_from_checkpoint(ckpt)
+    res = finetune(cfg, state, train, test, out, device, precision)
+    msg = {"top1": res["top1"], "top5": res["top5"], "from_scratch": args.from_scratch,
+           "epochs": cfg.finetune.epochs, "output_dir": str(out)}
+    (out / "result.json").write_text(json.dumps(msg, indent=2) + "\n")
+    print(json.dumps(msg))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_backbone
 
@@ -246,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_export(args)
         if args.command == "linear":
             return cmd_linear(args)
-    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+        if args.command == "finetune":
+            return cmd_finetune(args)
+    except (ConfigError, DataError, CheckpointError, TrainingError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

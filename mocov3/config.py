@@ -125,6 +125,22 @@ class LinearConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    epochs: int = _f(100, "fine-tuning epochs")
+    batch_size: int = _f(1024, "fine-tuning batch size")
+    base_lr: float = _f(5e-4, "lr = base_lr * batch / 256 (AdamW)")
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens)")
+    layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets lr * layer_decay^(depth + 1 - (i + 1))")
+    drop_path: float = _f(0.1, "stochastic depth rate of the last block (linear in depth)")
+    label_smoothing: float = _f(0.1, "label smoothing")
+    warmup_epochs: float = _f(5.0, "linear warmup (epochs)")
+    mixup: float = _f(0.8, "mixup alpha; 0 = off")
+    cutmix: float = _f(1.0, "cutmix alpha; 0 = off (mixup and cutmix alternate per batch when both are on)")
+    crop_scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range")
+    eval_every: int = _f(1, "test accuracy every N epochs")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -133,6 +149,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
@@ -152,7 +169,7 @@ ALIASES = {
 _LIST_LENGTHS = {
     "data.crop_scale": 2, "data.crop_ratio": 2, "data.jitter_prob": 2, "data.jitter_strength": 4,
     "data.grayscale_prob": 2, "data.blur_prob": 2, "data.blur_sigma": 2, "data.solarize_prob": 2,
-    "data.mean": 3, "data.std": 3, "optim.betas": 2,
+    "data.mean": 3, "data.std": 3, "optim.betas": 2, "finetune.crop_scale": 2,
 }
 
 

@@ -88,19 +88,28 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the residual branch of whole samples with probability p, rescale the rest."""
+    if p == 0.0 or not training:
+        return x
+    keep = torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device) >= p
+    return x * keep.to(x.dtype) / (1.0 - p)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block. ``mlp_norm='bn'`` puts BatchNorm before the MLP (ViT-BN, §7)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm: str = "ln"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp_norm: str = "ln", drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6) if mlp_norm == "ln" else batch_norm_1d(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 @dataclass
@@ -116,6 +125,7 @@ class ViTSpec:
     final_norm: bool = True
     freeze_patch_embed: bool = True
     mlp_norm: str = "ln"
+    drop_path_rate: float = 0.0
 
 
 class VisionTransformer(nn.Module):
@@ -139,8 +149,9 @@ class VisionTransformer(nn.Module):
             self.pos_embed = None
         else:
             self.pos_embed = nn.Parameter(torch.zeros(1, n_pos, D), requires_grad=spec.pos_embed == "learned")
+        rates = [spec.drop_path_rate * i / max(1, spec.depth - 1) for i in range(spec.depth)]  # linear in depth
         self.blocks = nn.ModuleList(
-            [Block(D, spec.num_heads, spec.mlp_ratio, spec.mlp_norm) for _ in range(spec.depth)])
+            [Block(D, spec.num_heads, spec.mlp_ratio, spec.mlp_norm, rates[i]) for i in range(spec.depth)])
         keep_norm = spec.final_norm
         self.norm = nn.LayerNorm(D, eps=1e-6) if keep_norm else nn.Identity()
         self.init_weights()

@@ -1,0 +1,195 @@
+"""End-to-end fine-tuning (PAPER.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
+label smoothing, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
+
+Runs in one process on in-memory data (CIFAR-scale); the run folder follows the pretraining
+conventions: ``config.yaml``, ``metrics.jsonl``, an atomic ``checkpoint.pt``, resume by re-running.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import Config, save_config, scaled_lr, to_dict
+from ..data.augment import crop_resize_flip, eval_transform, sample_crop_boxes
+from ..data.datasets import ImageData
+from ..models.vit import VisionTransformer
+from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..train.schedules import lr_at
+from .knn import autocast_ctx, topk_accuracy
+
+log = logging.getLogger(__name__)
+
+
+class Classifier(nn.Module):
+    """Backbone + linear ``head`` (timm's name). [B, 3, H, W] -> [B, num_classes]."""
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
+    name = name.removeprefix("backbone.")
+    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no decay on 1-D
+    parameters and tokens. Each group has a ``lr_scale`` the schedule multiplies in."""
+    depth = len(model.backbone.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed"))
+        lid = layer_id(name, depth)
+        key = (lid, no_wd)
+        if key not in groups:
+            groups[key] = {"params": [], "names": [], "weight_decay": 0.0 if no_wd else weight_decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid)}
+        groups[key]["params"].append(p)
+        groups[key]["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float, smoothing: float,
+              step: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup or cutmix (alternating by step when both are on) with smoothed one-hot targets.
+    x: [B, 3, H, W], y: [B] -> (mixed x, soft targets [B, num_classes])."""
+    off = smoothing / num_classes
+    target = F.one_hot(y, num_classes).float() * (1.0 - smoothing) + off
+    use_cut = cutmix > 0 and (mixup <= 0 or step % 2 == 1)
+    alpha = cutmix if use_cut else mixup
+    if alpha <= 0:
+        return x, target
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], generator=g, device="cpu").to(x.device)
+    if use_cut:
+        H, W = x.shape[-2:]
+        ch, cw = int(H * (1 - lam) ** 0.5), int(W * (1 - lam) ** 0.5)
+        cy = int(torch.randint(H, (1,), generator=g))
+        cx = int(torch.randint(W, (1,), generator=g))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, H)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str, batch_size: int = 512) -> dict:
+    model.eval()
+    logits = []
+    for i in range(0, len(data), batch_size):
+        x = eval_transform(data.images[i:i + batch_size].to(device), data_cfg.image_size, data_cfg.eval_crop_ratio,
+                           data_cfg.mean, data_cfg.std)
+        with autocast_ctx(device, precision):
+            logits.append(model(x).float())
+    model.train()
+    return topk_accuracy(torch.cat(logits), data.labels.to(device))
+
+
+def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
+             device: torch.device, precision: str, progress: bool = False) -> dict:
+    """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy."""
+    from ..models.vit import vit_spec_from_config
+    from ..train.loop import MetricsWriter
+
+    if not train.in_memory or not test.in_memory:
+        raise NotImplementedError("fine-tuning needs in-memory data (CIFAR-scale) for now")
+    ft = cfg.finetune
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / "config.yaml")
+    spec = vit_spec_from_config(cfg.model, cfg.data.image_size)
+    spec.freeze_patch_embed = False  # fine-tuning trains every layer
+    spec.drop_path_rate = ft.drop_path
+    torch.manual_seed(cfg.train.seed)
+    backbone = VisionTransformer(spec)
+    if backbone_state is not None:
+        backbone.load_state_dict(backbone_state, strict=True)
+    model = Classifier(backbone, len(train.classes)).to(device)
+    groups = layer_decay_groups(model, ft.weight_decay, ft.layer_decay)
+    peak = scaled_lr(ft.base_lr, ft.batch_size)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
+    steps_per_epoch = len(train) // ft.batch_size
+    if steps_per_epoch == 0:
+        from ..data.cifar import DataError
+
+        raise DataError(f"{train.name} has {len(train)} images, fewer than one batch of {ft.batch_size}")
+    total = ft.epochs * steps_per_epoch
+    warmup = int(round(ft.warmup_epochs * steps_per_epoch))
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", True)
+    ckpt_path = output_dir / "checkpoint.pt"
+    step, last = 0, None
+    if ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, last = int(ck["step"]), ck.get("last_eval")
+        set_rng_state(ck["rng"])
+        metrics.truncate_after(step)
+        log.info("resumed fine-tuning at step %d", step)
+    else:
+        metrics.truncate_after(-1)
+    log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s", peak, ft.base_lr,
+             ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained")
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    gd = torch.Generator(device=device)
+    m = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+    model.train()
+    t0 = time.time()
+    while step < total:
+        epoch = step // steps_per_epoch
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
+        for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            g.manual_seed(cfg.train.seed * 1_000_003 + step)
+            gd.manual_seed(cfg.train.seed * 1_000_003 + step)
+            rows = perm[i * ft.batch_size:(i + 1) * ft.batch_size]
+            x = train.images[rows.to(train.images.device)].to(device).float() / 255.0
+            H, W = x.shape[-2:]
+            boxes = sample_crop_boxes(len(rows), H, W, ft.crop_scale, cfg.data.crop_ratio, gd, device)
+            flip = torch.rand(len(rows), generator=gd, device=device) < 0.5
+            x = (crop_resize_flip(x, boxes, flip, cfg.data.image_size) - m) / s
+            x, target = mix_batch(x, train.labels[rows].to(device), len(train.classes), ft.mixup, ft.cutmix,
+                                  ft.label_smoothing, step, g)
+            lr = lr_at(step, total, warmup, peak)
+            for grp in opt.param_groups:
+                grp["lr"] = lr * grp["lr_scale"]
+            with autocast_ctx(device, precision):
+                logits = model(x)
+            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % cfg.train.log_every == 0:
+                metrics.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": lr})
+        ep = step // steps_per_epoch
+        if ep % ft.eval_every == 0 or step == total:
+            last = evaluate(model, test, cfg.data, device, precision)
+            metrics.write({"step": step, "epoch": float(ep), "test_top1": last["top1"], "test_top5": last["top5"]})
+            log.info("epoch %d: test top-1 %.2f (%.0f s)", ep, last["top1"], time.time() - t0)
+        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                    "config": to_dict(cfg), "rng": rng_state(), "last_eval": last})
+    return last or evaluate(model, test, cfg.data, device, precision)

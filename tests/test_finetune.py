@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from mocov3.cli import main
+from mocov3.eval.finetune import Classifier, layer_decay_groups, layer_id, mix_batch
+from mocov3.models.vit import VisionTransformer, ViTSpec
+
+from conftest import TINY, make_folder
+
+
+def test_layer_ids_and_decay_groups():
+    model = Classifier(VisionTransformer(ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                                                 freeze_patch_embed=False)), 5)
+    assert layer_id("backbone.patch_embed.proj.weight", 3) == 0 and layer_id("backbone.cls_token", 3) == 0
+    assert layer_id("backbone.blocks.2.mlp.fc1.weight", 3) == 3
+    assert layer_id("backbone.norm.weight", 3) == 4 and layer_id("head.weight", 3) == 4
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["head.weight"]["lr_scale"] == 1.0 and by_name["head.weight"]["weight_decay"] == 0.05
+    assert by_name["head.bias"]["weight_decay"] == 0.0
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_scale"] == pytest.approx(0.5 ** 3)
+    assert by_name["backbone.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** 4)
+    assert by_name["backbone.cls_token"]["weight_decay"] == 0.0
+    n_params = sum(1 for p in model.parameters() if p.requires_grad)
+    assert sum(len(g["params"]) for g in groups) == n_params
+
+
+def test_mix_batch_targets_are_distributions():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    for step in (0, 1):
+        xm, t = mix_batch(x, y, 3, 0.8, 1.0, 0.1, step, g)
+        assert xm.shape == x.shape and torch.allclose(t.sum(1), torch.ones(6))
+    _, t = mix_batch(x, y, 3, 0.0, 0.0, 0.0, 0, g)
+    assert torch.equal(t, torch.nn.functional.one_hot(y, 3).float())
+
+
+def test_finetune_and_from_scratch_commands(folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"]) == 0
+    test = make_folder(tmp_path / "test", n_per_class=6, seed=3)
+    common = ["--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data", str(test),
+              "finetune.epochs=2", "finetune.batch_size=16", "finetune.warmup_epochs=1"]
+    out = tmp_path / "ft"
+    assert main(["finetune", "--output-dir", str(out)] + common) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= res["top1"] <= 100 and not res["from_scratch"]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines if "test_top1" in l] == [1.0, 2.0]
+    # re-running a finished run resumes at its end and reports the same result
+    assert main(["finetune", "--output-dir", str(out)] + common) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == res["top1"]
+    assert main(["finetune", "--output-dir", str(tmp_path / "sc"), "--from-scratch"] + common) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["from_scratch"] is True
