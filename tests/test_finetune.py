@@ -55,3 +55,20 @@ def test_finetune_and_from_scratch_commands(folder, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] == res["top1"]
     assert main(["finetune", "--output-dir", str(tmp_path / "sc"), "--from-scratch"] + common) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["from_scratch"] is True
+
+
+@pytest.mark.parametrize("command", ["linear", "finetune", "knn"])
+def test_eval_commands_bad_inputs_exit_2(folder, tmp_path, capsys, command):
+    extra = ["--output-dir", str(tmp_path / "o")] if command == "finetune" else []
+    assert main([command, "--checkpoint", str(tmp_path / "missing.pt"), "--train-data", str(folder),
+                 "--test-data", str(folder)] + extra) == 2
+    assert "checkpoint not found" in capsys.readouterr().err.strip().splitlines()[-1]
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"]) == 0
+    other = make_folder(tmp_path / "other", n_per_class=2, classes=("a", "b"))
+    base = [command, "--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder)] + extra
+    assert main(base + ["--test-data", str(other)]) == 2
+    assert "class folders differ" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(base + ["--test-data", str(folder), "model.embed_dim=64"]) == 2  # another architecture
+    assert "does not fit this model" in capsys.readouterr().err.strip().splitlines()[-1]
