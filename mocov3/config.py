@@ -137,6 +137,8 @@ class FinetuneConfig:
     mixup: float = _f(0.8, "mixup alpha; 0 = off")
     cutmix: float = _f(1.0, "cutmix alpha; 0 = off (mixup and cutmix alternate per batch when both are on)")
     crop_scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range")
+    randaugment: bool = _f(True, "RandAugment (2 ops, magnitude 9, std 0.5) after crop and flip")
+    randaugment_magnitude: float = _f(9.0, "RandAugment magnitude (0..10)")
     eval_every: int = _f(1, "test accuracy every N epochs")
 
 

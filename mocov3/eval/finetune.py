@@ -1,5 +1,5 @@
 """End-to-end fine-tuning (PAPER.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
-label smoothing, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
+label smoothing, RandAugment, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
 
 Runs in one process on in-memory data (CIFAR-scale); the run folder follows the pretraining
 conventions: ``config.yaml``, ``metrics.jsonl``, an atomic ``checkpoint.pt``, resume by re-running.
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from ..config import Config, save_config, scaled_lr, to_dict
 from ..data.augment import crop_resize_flip, eval_transform, sample_crop_boxes
 from ..data.datasets import ImageData
+from ..data.randaugment import rand_augment
 from ..models.vit import VisionTransformer
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..train.schedules import lr_at
@@ -170,7 +171,10 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
             H, W = x.shape[-2:]
             boxes = sample_crop_boxes(len(rows), H, W, ft.crop_scale, cfg.data.crop_ratio, gd, device)
             flip = torch.rand(len(rows), generator=gd, device=device) < 0.5
-            x = (crop_resize_flip(x, boxes, flip, cfg.data.image_size) - m) / s
+            x = crop_resize_flip(x, boxes, flip, cfg.data.image_size)
+            if ft.randaugment:
+                x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
+            x = (x - m) / s
             x, target = mix_batch(x, train.labels[rows].to(device), len(train.classes), ft.mixup, ft.cutmix,
                                   ft.label_smoothing, step, g)
             lr = lr_at(step, total, warmup, peak)
