@@ -79,7 +79,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw"] = _f("adamw", "optimizer")
+    name: Literal["adamw", "lamb"] = _f("adamw", "optimizer: adamw (recommended, §4) or lamb")
     base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)")
     weight_decay: float = _f(0.1, "weight decay")
     betas: list = _f([0.9, 0.999], "AdamW betas")
@@ -100,6 +100,8 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(0, "also checkpoint every N steps; 0 = only at epoch ends")
     save_epochs: list = _f([], "epochs after which a numbered checkpoint copy is kept")
     max_steps: int = _f(0, "stop after this many steps in total (0 = full schedule); for smoke runs")
+    grad_monitor: bool = _f(True, "per-layer gradient norms on the log lines, and gradient-spike events")
+    spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs the tensorboard package)")
     threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
 

@@ -26,6 +26,7 @@ from ..eval.knn import autocast_ctx, knn_evaluate
 from ..methods import build_method
 from .checkpoint import (check_same_model, load_checkpoint, load_state_strict, rng_state, save_checkpoint,
                          set_rng_state)
+from .monitor import GradMonitor
 from .optim import build_optimizer, set_lr
 from .schedules import lr_at, momentum_at
 
@@ -263,6 +264,7 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
     # 5. fit
     max_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
     gen = torch.Generator(device=device)
+    monitor = GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None
     method.train()
     bar = None
     if progress and du.is_main():
@@ -291,6 +293,12 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                                         f"set optim.clip_grad or use train.precision=fp32")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                grad_norms = None
+                if monitor is not None:
+                    grad_norms = monitor.norms(scaler.get_scale() if scaler.is_enabled() else 1.0)
+                    spike = monitor.observe(grad_norms)
+                    if spike is not None:
+                        metrics.write({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "spike": spike})
                 if cfg.optim.clip_grad > 0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
@@ -302,8 +310,11 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                     loss_val = du.all_reduce_mean(loss.detach().float()).item()
                     dt = time.time() - t_last
                     ips = n_since * cfg.train.batch_size / max(dt, 1e-9)
-                    metrics.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss_val, "lr": lr,
-                                   "momentum": m, "images_per_sec": ips})
+                    rec = {"step": step, "epoch": step / steps_per_epoch, "loss": loss_val, "lr": lr,
+                           "momentum": m, "images_per_sec": ips}
+                    if grad_norms is not None:
+                        rec["grad_norm"] = grad_norms
+                    metrics.write(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")
                     t_last, n_since = time.time(), 0

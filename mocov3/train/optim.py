@@ -26,6 +26,10 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
     groups = param_groups(model, optim_cfg.weight_decay, optim_cfg.exclude_1d_from_wd)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.name == "lamb":
+        from .lamb import Lamb
+
+        return Lamb(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     raise ValueError(f"unknown optimizer {optim_cfg.name!r}")  # pragma: no cover - config validates
 
 

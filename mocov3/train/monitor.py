@@ -1,0 +1,73 @@
+"""Per-layer gradient norms and a gradient-spike detector (PAPER.md §5: the kNN dips follow gradient
+spikes that appear first in the patch projection and reach the last layers a few iterations later)."""
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+def layer_groups(method: nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """Trainable parameters of the query encoder, grouped from the input to the output:
+    ``patch_embed``, ``block0`` .. ``blockN``, ``final_norm``, ``projector``, ``predictor``."""
+    groups: dict[str, list] = {}
+
+    def add(name: str, params) -> None:
+        ps = [p for p in params if p.requires_grad]
+        if ps:
+            groups[name] = ps
+
+    bb = method.backbone
+    add("patch_embed", bb.patch_embed.parameters())
+    add("embeddings", [p for p in (bb.cls_token, bb.pos_embed) if p is not None])
+    for i, blk in enumerate(bb.blocks):
+        add(f"block{i}", blk.parameters())
+    add("final_norm", bb.norm.parameters())
+    for head in ("projector", "predictor"):
+        if hasattr(method, head):
+            add(head, getattr(method, head).parameters())
+    return groups
+
+
+class GradMonitor:
+    """Measures gradient norms per layer group every step (one fused ``_foreach_norm`` per group) and
+    flags a spike when a group's norm exceeds ``spike_factor`` times the median of its last ``window``
+    values. With several groups spiking at one step, the one closest to the input is reported first."""
+
+    def __init__(self, method: nn.Module, spike_factor: float = 5.0, window: int = 50, min_history: int = 10):
+        self.groups = layer_groups(method)
+        self.spike_factor, self.min_history = spike_factor, min_history
+        self.history = {k: deque(maxlen=window) for k in self.groups}
+
+    @torch.no_grad()
+    def norms(self, grad_scale: float = 1.0) -> dict[str, float]:
+        out, total_sq = {}, 0.0
+        for name, params in self.groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads:
+                continue
+            n = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() / grad_scale
+            out[name] = n
+            total_sq += n * n
+        out["total"] = total_sq ** 0.5
+        return out
+
+    def observe(self, norms: dict[str, float]) -> Optional[dict]:
+        """Update the history with this step's norms; return the spike (or None)."""
+        spiking = []
+        for name, hist in self.history.items():
+            if name not in norms:
+                continue
+            v = norms[name]
+            if len(hist) >= self.min_history:
+                med = statistics.median(hist)
+                if med > 0 and v > self.spike_factor * med:
+                    spiking.append({"layer": name, "value": v, "median": med, "ratio": v / med})
+            hist.append(v)
+        if not spiking:
+            return None
+        return {"first_layer": spiking[0]["layer"], "layers": [s["layer"] for s in spiking],
+                "ratio": spiking[0]["ratio"], "value": spiking[0]["value"]}
