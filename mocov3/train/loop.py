@@ -159,9 +159,9 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
              resume: Optional[Path] = None, progress: bool = True) -> RunResult:
     """Pretrain ``cfg`` on ``data_spec`` into ``output_dir`` (resuming its checkpoint if present)."""
     device = resolve_device(cfg.train.device)
-    du.init_from_env(device.type)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)  # before NCCL initializes, so each rank owns its GPU
+    du.init_from_env(device.type)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     precision = resolve_precision(cfg.train.precision, device)
