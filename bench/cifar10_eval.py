@@ -68,7 +68,9 @@ def main() -> None:
         print(name, json.dumps({"knn": r["knn"]["grid"], "linear": r["linear_fast"]["top1"]}), flush=True)
     ft_common = ["--checkpoint", args.checkpoint, "--train-data", train, "--test-data", test,
                  f"finetune.epochs={args.finetune_epochs}", f"finetune.batch_size={args.finetune_batch}",
-                 "finetune.warmup_epochs=0.5", "data.crop_scale=[0.2,1.0]", "finetune.crop_scale=[0.2,1.0]"]
+                 "finetune.warmup_epochs=0.5", "finetune.crop_scale=[0.2,1.0]",
+                 # a short budget: no mixup / cutmix / RandAugment, which pay off only over long schedules
+                 "finetune.mixup=0", "finetune.cutmix=0", "finetune.randaugment=false"]
     results["finetune_pretrained"] = cli("finetune", "--output-dir", str(work / "ft"), *ft_common)
     results["finetune_from_scratch"] = cli("finetune", "--output-dir", str(work / "scratch"), "--from-scratch",
                                            *ft_common)
