@@ -88,6 +88,17 @@ def _finetune_parser(sub) -> None:
                    help="same architecture from random init (the checkpoint only supplies the architecture)")
 
 
+def _sweep_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of pretraining runs (resumable) and summarize them")
+    p.add_argument("--config", help="YAML recipe shared by every run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--eval-data", help="test set for the kNN monitor")
+    p.add_argument("--output-dir", required=True, help="one sub-folder per run, plus summary.json / summary.md")
+    p.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2", help="e.g. base_lr=1e-4,5e-4")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides shared by every run")
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True)
@@ -102,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _knn_parser(sub)
     _linear_parser(sub)
     _finetune_parser(sub)
+    _sweep_parser(sub)
     _export_parser(sub)
     return parser
 
@@ -245,6 +257,17 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import sweep
+
+    out = Path(args.output_dir)
+    _setup_logging(out)
+    rows = sweep(args.config, args.data, args.eval_data, out, args.grid, args.overrides, not args.no_progress)
+    print((out / "summary.md").read_text(), end="")
+    print(json.dumps({"runs": len(rows), "summary": str(out / "summary.json")}))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_backbone
 
@@ -273,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_linear(args)
         if args.command == "finetune":
             return cmd_finetune(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
     except (ConfigError, DataError, CheckpointError, TrainingError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2

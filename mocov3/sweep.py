@@ -1,0 +1,96 @@
+"""Grid sweeps of pretraining runs (PAPER.md §5's batch / lr / optimizer studies), resumable, with a
+summary of each run's kNN curve and gradient spikes."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    """``["base_lr=1e-4,5e-4", "optim.name=adamw,lamb"]`` -> [(key, [values...]), ...]."""
+    from .config import ConfigError
+
+    grid = []
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"--grid item {it!r} is not of the form key=v1,v2")
+        key, vals = it.split("=", 1)
+        values = [v for v in vals.split(",") if v != ""]
+        if not values:
+            raise ConfigError(f"--grid item {it!r} has no values")
+        grid.append((key.strip(), values))
+    return grid
+
+
+def run_name(combo: list[tuple[str, str]]) -> str:
+    return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in combo).replace("/", "-") or "base"
+
+
+def count_dips(curve: list[float], threshold: float = 1.0) -> int:
+    """Number of times the kNN accuracy falls more than ``threshold`` points below its running best
+    (a new dip starts only after the curve has recovered to within the threshold)."""
+    best, dips, in_dip = float("-inf"), 0, False
+    for v in curve:
+        if v > best:
+            best = v
+        if v < best - threshold:
+            if not in_dip:
+                dips += 1
+                in_dip = True
+        else:
+            in_dip = False
+    return dips
+
+
+def summarize_run(run_dir: Path) -> dict:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    knn = [l["knn_top1"] for l in lines if "knn_top1" in l]
+    spikes = [l for l in lines if "spike" in l]
+    losses = [l["loss"] for l in lines if "loss" in l]
+    return {"run": run_dir.name, "final_knn": knn[-1] if knn else None, "best_knn": max(knn) if knn else None,
+            "dips": count_dips(knn), "spikes": len(spikes),
+            "spikes_first_in_patch_embed": sum(s["spike"]["first_layer"] == "patch_embed" for s in spikes),
+            "final_loss": losses[-1] if losses else None}
+
+
+def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir: Path, grid_items: list[str],
+          overrides: list[str], progress: bool = False) -> list[dict]:
+    from .config import load_config
+    from .train.loop import pretrain
+
+    grid = parse_grid(grid_items)
+    keys = [k for k, _ in grid]
+    combos = [list(zip(keys, vals)) for vals in itertools.product(*[v for _, v in grid])]
+    for combo in combos:  # validate every combination before running any
+        load_config(config, overrides + [f"{k}={v}" for k, v in combo])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for combo in combos:
+        run_dir = output_dir / run_name(combo)
+        done = run_dir / "done.json"
+        if done.is_file():
+            log.info("sweep: %s already finished, skipped", run_dir.name)
+        else:
+            log.info("sweep: running %s", run_dir.name)
+            cfg = load_config(config, overrides + [f"{k}={v}" for k, v in combo])
+            res = pretrain(cfg, data, run_dir, eval_spec=eval_data, progress=progress)
+            if res.interrupted_by:
+                raise KeyboardInterrupt
+            done.write_text(json.dumps({"step": res.step}) + "\n")
+        rows.append({**dict(combo), **summarize_run(run_dir)})
+    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (output_dir / "summary.md").write_text(_table(rows, keys))
+    return rows
+
+
+def _table(rows: list[dict], keys: list[str]) -> str:
+    cols = keys + ["final_knn", "best_knn", "dips", "spikes", "spikes_first_in_patch_embed", "final_loss"]
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out) + "\n"

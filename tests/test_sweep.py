@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from mocov3.cli import main
+from mocov3.sweep import count_dips, parse_grid, run_name
+
+from conftest import TINY
+
+
+def test_count_dips():
+    assert count_dips([10, 20, 30, 40]) == 0
+    assert count_dips([10, 30, 25, 35, 36, 30, 40]) == 2
+    assert count_dips([10, 30, 29.5, 31]) == 0  # within the 1-point threshold
+    assert count_dips([]) == 0
+
+
+def test_parse_grid_and_names():
+    g = parse_grid(["base_lr=1e-4,5e-4", "optim.name=adamw,lamb"])
+    assert g == [("base_lr", ["1e-4", "5e-4"]), ("optim.name", ["adamw", "lamb"])]
+    assert run_name([("base_lr", "1e-4"), ("optim.name", "lamb")]) == "base_lr-1e-4_name-lamb"
+    from mocov3.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        parse_grid(["base_lr"])
+
+
+def test_sweep_runs_skips_finished_and_summarizes(folder, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out), "--no-progress",
+            "--grid", "model.freeze_patch_embed=true,false", "optim.name=adamw,lamb", "--"] + TINY + ["epochs=1"]
+    assert main(args) == 0
+    rows = json.loads((out / "summary.json").read_text())
+    assert len(rows) == 4 and all(r["final_knn"] is not None for r in rows)
+    assert (out / "summary.md").read_text().count("\n") == 6
+    mtime = (out / "freeze_patch_embed-true_name-adamw" / "metrics.jsonl").stat().st_mtime
+    assert main(args) == 0  # resumable: finished runs are skipped
+    assert (out / "freeze_patch_embed-true_name-adamw" / "metrics.jsonl").stat().st_mtime == mtime
+    capsys.readouterr()
+    bad = ["sweep", "--data", str(folder), "--output-dir", str(tmp_path / "b"), "--grid", "optim.name=adamw,sgd"]
+    assert main(bad) == 2  # every combination is validated before anything runs
+    assert not list((tmp_path / "b").glob("*/metrics.jsonl"))
