@@ -99,6 +99,12 @@ def _sweep_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides shared by every run")
 
 
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="PNG figures and a Markdown page from run folders (needs matplotlib)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", required=True, help="folder for the figures and report.md")
+
+
 def _export_parser(sub) -> None:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True)
@@ -114,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     _linear_parser(sub)
     _finetune_parser(sub)
     _sweep_parser(sub)
+    _report_parser(sub)
     _export_parser(sub)
     return parser
 
@@ -268,6 +275,15 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import make_report
+
+    _setup_logging()
+    page = make_report([Path(r) for r in args.runs], Path(args.output))
+    print(json.dumps({"report": str(page), "figures": sorted(p.name for p in page.parent.glob("*.png"))}))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_backbone
 
@@ -298,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_finetune(args)
         if args.command == "sweep":
             return cmd_sweep(args)
+        if args.command == "report":
+            return cmd_report(args)
     except (ConfigError, DataError, CheckpointError, TrainingError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -40,3 +40,20 @@ def test_sweep_runs_skips_finished_and_summarizes(folder, tmp_path, capsys):
     bad = ["sweep", "--data", str(folder), "--output-dir", str(tmp_path / "b"), "--grid", "optim.name=adamw,sgd"]
     assert main(bad) == 2  # every combination is validated before anything runs
     assert not list((tmp_path / "b").glob("*/metrics.jsonl"))
+
+
+def test_report_draws_figures_and_page(folder, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for frozen in ("true", "false"):
+        out = tmp_path / f"run_{frozen}"
+        assert main(["pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+                     "--no-progress"] + TINY + [f"model.freeze_patch_embed={frozen}", "epochs=1"]) == 0
+        runs.append(str(out))
+    capsys.readouterr()
+    assert main(["report", *runs, "--output", str(tmp_path / "rep")]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"knn.png", "grad_run_false.png", "train_run_true.png"} <= set(res["figures"])
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "| run_true |" in page and "![" in page
+    assert main(["report", str(tmp_path / "nope"), "--output", str(tmp_path / "r2")]) == 2

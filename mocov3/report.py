@@ -1,0 +1,104 @@
+"""Figures and a Markdown page from run folders' ``metrics.jsonl`` (matplotlib, imported only here).
+
+* ``knn.png``: kNN top-1 vs. epoch, one line per run (the paper's batch / lr / optimizer figures);
+* ``grad_<run>.png``: gradient norm of the first trainable layer vs. the rest of the encoder per
+  iteration, detected spikes marked, the kNN curve beneath (the paper's spike figure, §5);
+* ``train_<run>.png``: loss, lr and momentum;
+* ``report.md``: the figures and a summary table (final / best kNN, dips, spikes).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .sweep import summarize_run
+
+
+def _load(run: Path) -> list[dict]:
+    f = run / "metrics.jsonl"
+    if not f.is_file():
+        from .data.cifar import DataError
+
+        raise DataError(f"{run} has no metrics.jsonl")
+    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+
+
+def _first_layer(norms: dict) -> str:
+    for k in ("patch_embed", "embeddings", "block0"):
+        if k in norms:
+            return k
+    return next(iter(norms))
+
+
+def make_report(runs: list[Path], output: Path) -> Path:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .config import ConfigError
+
+        raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
+    output.mkdir(parents=True, exist_ok=True)
+    data = {Path(r).name or str(r): _load(Path(r)) for r in runs}
+    figs = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, lines in data.items():
+        pts = [(l["epoch"], l["knn_top1"]) for l in lines if "knn_top1" in l]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output / "knn.png", dpi=120)
+    plt.close(fig)
+    figs.append(("kNN accuracy", "knn.png"))
+
+    for name, lines in data.items():
+        train = [l for l in lines if "loss" in l]
+        grads = [l for l in train if "grad_norm" in l]
+        if grads:
+            first = _first_layer(grads[0]["grad_norm"])
+            fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+            steps = [l["step"] for l in grads]
+            a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads], label=f"{first} (first layer)")
+            rest = [sum(v * v for k, v in l["grad_norm"].items() if k not in (first, "total")) ** 0.5 for l in grads]
+            a1.plot(steps, rest, label="rest of the encoder", alpha=0.8)
+            for s in (l for l in lines if "spike" in l):
+                a1.axvline(s["step"], color="red", alpha=0.3, lw=1)
+            a1.set_yscale("log")
+            a1.set_ylabel("gradient norm")
+            a1.legend(fontsize=8)
+            knn = [(l["step"], l["knn_top1"]) for l in lines if "knn_top1" in l]
+            if knn:
+                a2.plot(*zip(*knn), marker="o", ms=3, color="black")
+            a2.set_ylabel("kNN top-1 (%)")
+            a2.set_xlabel("iteration")
+            fig.tight_layout()
+            fig.savefig(output / f"grad_{name}.png", dpi=120)
+            plt.close(fig)
+            figs.append((f"{name}: gradient norms (spikes in red) and kNN", f"grad_{name}.png"))
+        if train:
+            fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+            for ax, key in zip(axes, ("loss", "lr", "momentum")):
+                ax.plot([l["step"] for l in train], [l[key] for l in train])
+                ax.set_title(key)
+                ax.set_xlabel("iteration")
+            fig.tight_layout()
+            fig.savefig(output / f"train_{name}.png", dpi=100)
+            plt.close(fig)
+            figs.append((f"{name}: loss, lr, momentum", f"train_{name}.png"))
+
+    rows = [summarize_run(Path(r)) for r in runs]
+    cols = ["run", "final_knn", "best_knn", "dips", "spikes", "spikes_first_in_patch_embed", "final_loss"]
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    md = ["# Run report", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    for title, f in figs:
+        md += ["", f"## {title}", "", f"![{title}]({f})"]
+    (output / "report.md").write_text("\n".join(md) + "\n")
+    return output / "report.md"
