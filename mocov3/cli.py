@@ -301,28 +301,16 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    commands = {"pretrain": cmd_pretrain, "knn": cmd_knn, "linear": cmd_linear, "finetune": cmd_finetune,
+                "export": cmd_export, "sweep": cmd_sweep, "report": cmd_report}
     try:
-        if args.command == "pretrain":
-            return cmd_pretrain(args)
-        if args.command == "knn":
-            return cmd_knn(args)
-        if args.command == "export":
-            return cmd_export(args)
-        if args.command == "linear":
-            return cmd_linear(args)
-        if args.command == "finetune":
-            return cmd_finetune(args)
-        if args.command == "sweep":
-            return cmd_sweep(args)
-        if args.command == "report":
-            return cmd_report(args)
+        return commands[args.command](args)
     except (ConfigError, DataError, CheckpointError, TrainingError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mocov3 {args.command}: interrupted", file=sys.stderr)
         return 130
-    return 2  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover
