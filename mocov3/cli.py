@@ -163,23 +163,32 @@ def _number_list(text: str, kind):
     return vals
 
 
+def _eval_features(args, cfg, backbone, device, precision, sets) -> list:
+    """Raw features of each (dataset, limit) in ``sets``, through the on-disk feature cache unless
+    ``--no-cache``: [(features [N, D], labels [N]), ...]."""
+    from .data.cifar import resolve_cache_dir
+    from .eval.knn import cached_features, feature_cache_key
+
+    cache = resolve_cache_dir(cfg.data) / "features"
+    out = []
+    for data, limit in sets:
+        key = None if args.no_cache else cache / (
+            feature_cache_key(Path(args.checkpoint), data, cfg.data, precision, limit) + ".pt")
+        out.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, limit, key))
+    return out
+
+
 def cmd_knn(args) -> int:
     import torch.nn.functional as F
 
-    from .data.cifar import default_cache_dir
-    from .eval.knn import cached_features, feature_cache_key, knn_grid
+    from .eval.knn import knn_grid
 
     _setup_logging()
     cfg, ckpt, backbone, device, precision, bank, test = _load_for_eval(args)
     ks = _number_list(args.k, int) if args.k else [cfg.eval.knn_k]
     temps = _number_list(args.temperature, float) if args.temperature else [cfg.eval.knn_temperature]
-    cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-    feats = []
-    for data, limit in ((bank, cfg.eval.knn_bank_size), (test, 0)):
-        key = None if args.no_cache else cache / "features" / (
-            feature_cache_key(Path(args.checkpoint), data, cfg.data, precision, limit) + ".pt")
-        feats.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, limit, key))
-    (fb, lb), (ft, lt) = feats
+    (fb, lb), (ft, lt) = _eval_features(args, cfg, backbone, device, precision,
+                                        ((bank, cfg.eval.knn_bank_size), (test, 0)))
     fb, ft = F.normalize(fb, dim=1), F.normalize(ft, dim=1)
     grid = knn_grid(fb, lb, ft, lt, len(bank.classes), ks, temps)
     for r in grid:
@@ -216,21 +225,13 @@ def _load_for_eval(args):
 
 def cmd_linear(args) -> int:
     from .config import save_config
-    from .data.cifar import default_cache_dir
-    from .eval.knn import cached_features, feature_cache_key
     from .eval.linear import assert_unchanged, fast_linear_probe, full_linear_probe, snapshot
 
     _setup_logging(Path(args.output_dir) if args.output_dir else None)
     cfg, ckpt, backbone, device, precision, train, test = _load_for_eval(args)
     before = snapshot(backbone)
     if args.fast:
-        cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
-        feats = []
-        for data in (train, test):
-            key = None if args.no_cache else cache / "features" / (
-                feature_cache_key(Path(args.checkpoint), data, cfg.data, precision, 0) + ".pt")
-            feats.append(cached_features(backbone, data, cfg.data, device, cfg.eval.batch_size, precision, 0, key))
-        (fa, la), (fb, lb) = feats
+        (fa, la), (fb, lb) = _eval_features(args, cfg, backbone, device, precision, ((train, 0), (test, 0)))
         res = fast_linear_probe(fa, la, fb, lb, len(train.classes), cfg.linear)
     else:
         res = full_linear_probe(backbone, train, test, cfg.data, cfg.linear, device, precision)

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from .models.vit import VisionTransformer, ViTSpec

@@ -78,6 +78,16 @@ def crop_resize_flip(x: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, s
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def random_crop_flip(images: torch.Tensor, size: int, scale, ratio, g: torch.Generator) -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip (p 0.5) of a uint8 batch [B, 3, H, W] -> float [B, 3, size, size]
+    in [0, 1] (not normalized): the training view of the linear probe and of fine-tuning."""
+    x = images.float() / 255.0
+    B, _, H, W = x.shape
+    boxes = sample_crop_boxes(B, H, W, scale, ratio, g, x.device)
+    flip = torch.rand(B, generator=g, device=x.device) < 0.5
+    return crop_resize_flip(x, boxes, flip, size)
+
+
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B, 1, H, W] luma (ITU-R 601-2, as torchvision / PIL)."""
     return _GRAY[0] * x[:, 0:1] + _GRAY[1] * x[:, 1:2] + _GRAY[2] * x[:, 2:3]

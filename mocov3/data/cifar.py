@@ -50,6 +50,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MOCOV3_CACHE", Path.home() / ".cache" / "mocov3")).expanduser()
 
 
+def resolve_cache_dir(data_cfg) -> Path:
+    """``data.cache_dir`` if set, else ``$MOCOV3_CACHE`` or ``~/.cache/mocov3``."""
+    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
+
+
 class _SafeUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),

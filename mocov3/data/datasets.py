@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cifar import CIFAR, DataError, default_cache_dir, load_cifar
+from .cifar import CIFAR, DataError, load_cifar, resolve_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _folder_key(root: Path, paths: list[str]) -> str:
 
 def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
     """Resolve a data spec into an :class:`ImageData` (see module docstring)."""
-    cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
+    cache_dir = resolve_cache_dir(data_cfg)
     name, _, sp = spec.partition(":")
     if name.lower() in CIFAR and not Path(spec).exists():
         x, y, classes = load_cifar(name.lower(), sp or split, cache_dir)

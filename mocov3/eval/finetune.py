@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, save_config, scaled_lr, to_dict
-from ..data.augment import crop_resize_flip, eval_transform, sample_crop_boxes
+from ..data.augment import eval_transform, random_crop_flip
 from ..data.datasets import ImageData
 from ..data.randaugment import rand_augment
 from ..models.vit import VisionTransformer
@@ -167,11 +167,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
             g.manual_seed(cfg.train.seed * 1_000_003 + step)
             gd.manual_seed(cfg.train.seed * 1_000_003 + step)
             rows = perm[i * ft.batch_size:(i + 1) * ft.batch_size]
-            x = train.images[rows.to(train.images.device)].to(device).float() / 255.0
-            H, W = x.shape[-2:]
-            boxes = sample_crop_boxes(len(rows), H, W, ft.crop_scale, cfg.data.crop_ratio, gd, device)
-            flip = torch.rand(len(rows), generator=gd, device=device) < 0.5
-            x = crop_resize_flip(x, boxes, flip, cfg.data.image_size)
+            x = train.images[rows.to(train.images.device)].to(device)
+            x = random_crop_flip(x, cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, gd)
             if ft.randaugment:
                 x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
             x = (x - m) / s

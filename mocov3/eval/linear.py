@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import scaled_lr
-from ..data.augment import crop_resize_flip, sample_crop_boxes
+from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData
 from .knn import autocast_ctx, topk_accuracy
 
@@ -123,11 +123,8 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(step))
         for i in range(steps_per_epoch):
             rows = perm[i * bs:(i + 1) * bs]
-            x = train.images[rows.to(train.images.device)].to(device).float() / 255.0
-            H, W = x.shape[-2:]
-            boxes = sample_crop_boxes(len(rows), H, W, (0.08, 1.0), (3 / 4, 4 / 3), g, device)
-            flip = torch.rand(len(rows), generator=g, device=device) < 0.5
-            x = (crop_resize_flip(x, boxes, flip, data_cfg.image_size) - m) / s
+            x = train.images[rows.to(train.images.device)].to(device)
+            x = (random_crop_flip(x, data_cfg.image_size, (0.08, 1.0), (3 / 4, 4 / 3), g) - m) / s
             with torch.no_grad(), autocast_ctx(device, precision):
                 feats = backbone(x).float()
             for group in opt.param_groups:

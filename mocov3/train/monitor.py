@@ -44,15 +44,17 @@ class GradMonitor:
 
     @torch.no_grad()
     def norms(self, grad_scale: float = 1.0) -> dict[str, float]:
-        out, total_sq = {}, 0.0
+        names, per_group = [], []
         for name, params in self.groups.items():
             grads = [p.grad for p in params if p.grad is not None]
-            if not grads:
-                continue
-            n = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).item() / grad_scale
-            out[name] = n
-            total_sq += n * n
-        out["total"] = total_sq ** 0.5
+            if grads:
+                names.append(name)
+                per_group.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        if not names:
+            return {"total": 0.0}
+        values = (torch.stack(per_group).float() / grad_scale).tolist()  # one device-to-host copy per step
+        out = dict(zip(names, values))
+        out["total"] = sum(v * v for v in values) ** 0.5
         return out
 
     def observe(self, norms: dict[str, float]) -> Optional[dict]:
