@@ -40,6 +40,11 @@ class ModelConfig:
     final_norm: bool = _f(True, "keep the final LayerNorm (with pooling=gap the paper drops it, §7)")
     freeze_patch_embed: bool = _f(True, "random frozen patch projection, the stability trick (§2)")
     mlp_norm: Literal["ln", "bn"] = _f("ln", "normalization before the MLP of each block; bn = ViT-BN (§7)")
+    patch_norm: Literal["none", "bn", "wn"] = _f(
+        "none", "BatchNorm (bn) or WeightNorm (wn) on the patch projection, variants of §2 (did not help there)")
+    stem: Literal["patch", "conv"] = _f(
+        "patch", "patch = one strided conv; conv = conv stem of §2 (train it: freeze_patch_embed=false; "
+                 "the paper also removes one block)")
 
 
 @dataclass
@@ -86,6 +91,8 @@ class OptimConfig:
     exclude_1d_from_wd: bool = _f(False, "no weight decay on biases and norms (the reference decays all)")
     warmup_epochs: float = _f(40.0, "linear warmup length (epochs)")
     clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = off")
+    patch_clip_grad: float = _f(
+        0.0, "clip only the patch projection's gradient norm to this value (§2; frozen = the limit 0); 0 = off")
 
 
 @dataclass
@@ -112,6 +119,10 @@ class EvalConfig:
     knn_k: int = _f(20, "neighbours of the weighted kNN")
     knn_temperature: float = _f(0.07, "temperature of the weighted kNN")
     knn_bank_size: int = _f(0, "use at most this many bank images (0 = all)")
+    knn_every_steps: int = _f(0, "fine-grained kNN monitor every N iterations on a small bank (0 = off), "
+                                 "to see the dips of §5")
+    knn_fine_bank: int = _f(5000, "fine kNN monitor: bank images (a fixed random subset of the training data)")
+    knn_fine_test: int = _f(2000, "fine kNN monitor: test images (a fixed random subset of --eval-data)")
     batch_size: int = _f(512, "feature-extraction batch size")
 
 
@@ -317,6 +328,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("method.proj_layers must be >= 1")
     if cfg.method.pred_layers < 0:
         raise ConfigError("method.pred_layers must be >= 0")
+    if cfg.model.stem == "conv" and cfg.model.freeze_patch_embed:
+        raise ConfigError("model.stem=conv is the alternative to the frozen patch projection and is trained: "
+                          "add model.freeze_patch_embed=false")
+    if cfg.model.stem == "conv" and cfg.model.patch_norm != "none":
+        raise ConfigError("model.patch_norm applies to the patch projection, not to model.stem=conv")
+    if cfg.optim.patch_clip_grad < 0 or cfg.optim.clip_grad < 0:
+        raise ConfigError("optim.clip_grad and optim.patch_clip_grad must be >= 0")
+    if cfg.optim.patch_clip_grad > 0 and cfg.model.freeze_patch_embed:
+        raise ConfigError("optim.patch_clip_grad needs a trainable patch projection: add model.freeze_patch_embed=false")
+    if cfg.eval.knn_every_steps < 0:
+        raise ConfigError("eval.knn_every_steps must be >= 0")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -111,29 +111,49 @@ class GlobalBatchNorm(nn.BatchNorm1d):
         if not self.training or world_size() == 1:
             y = super().forward(x2)
             return y.reshape(shape)
-        xf = x2.float()
-        n_local = torch.tensor([float(xf.shape[0])], device=xf.device)
-        stats = torch.cat([xf.sum(0), (xf * xf).sum(0), n_local])
-        stats = all_reduce_with_grad(stats)
-        c = shape[-1]
-        count = stats[2 * c]
-        mean = stats[:c] / count
-        var = stats[c:2 * c] / count - mean * mean
-        var = var.clamp_min(0)
-        if self.track_running_stats and self.running_mean is not None:
-            with torch.no_grad():
-                mom = self.momentum if self.momentum is not None else 0.1
-                unbiased = var * count / (count - 1).clamp_min(1)
-                self.running_mean.mul_(1 - mom).add_(mom * mean.to(self.running_mean.dtype))
-                self.running_var.mul_(1 - mom).add_(mom * unbiased.to(self.running_var.dtype))
-                self.num_batches_tracked.add_(1)
-        y = (xf - mean) * torch.rsqrt(var + self.eps)
-        if self.affine:
-            y = y * self.weight + self.bias
-        return y.to(x.dtype).reshape(shape)
+        return _global_bn(self, x2).reshape(shape)
+
+
+def _global_bn(bn: nn.modules.batchnorm._BatchNorm, x2: torch.Tensor) -> torch.Tensor:
+    """Training-mode BN of x2 [M, C] with statistics summed over all processes (with gradient)."""
+    xf = x2.float()
+    c = x2.shape[-1]
+    n_local = torch.tensor([float(xf.shape[0])], device=xf.device)
+    stats = all_reduce_with_grad(torch.cat([xf.sum(0), (xf * xf).sum(0), n_local]))
+    count = stats[2 * c]
+    mean = stats[:c] / count
+    var = (stats[c:2 * c] / count - mean * mean).clamp_min(0)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            mom = bn.momentum if bn.momentum is not None else 0.1
+            unbiased = var * count / (count - 1).clamp_min(1)
+            bn.running_mean.mul_(1 - mom).add_(mom * mean.to(bn.running_mean.dtype))
+            bn.running_var.mul_(1 - mom).add_(mom * unbiased.to(bn.running_var.dtype))
+            bn.num_batches_tracked.add_(1)
+    y = (xf - mean) * torch.rsqrt(var + bn.eps)
+    if bn.affine:
+        y = y * bn.weight + bn.bias
+    return y.to(x2.dtype)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """:class:`GlobalBatchNorm` for [N, C, H, W] (conv stems, ResNets); same state-dict names as
+    ``nn.BatchNorm2d``. One process: plain BatchNorm2d; under a process group: global statistics."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or world_size() == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        y = _global_bn(self, x.permute(0, 2, 3, 1).reshape(-1, c))
+        return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 def batch_norm_1d(num_features: int, affine: bool = True) -> nn.Module:
     """The BatchNorm used in heads and ViT-BN blocks: global (synchronized) statistics."""
     return GlobalBatchNorm(num_features, affine=affine)
+
+
+def batch_norm_2d(num_features: int) -> nn.Module:
+    """The BatchNorm of conv layers (ResNets, conv stem): global (synchronized) statistics."""
+    return GlobalBatchNorm2d(num_features)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .sweep import summarize_run
+from .sweep import SUMMARY_COLUMNS, summarize_run
 
 
 def _load(run: Path) -> list[dict]:
@@ -46,8 +46,13 @@ def make_report(runs: list[Path], output: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, lines in data.items():
+        fine = [(l["epoch"], l["knn_fine_top1"]) for l in lines if "knn_fine_top1" in l]
         pts = [(l["epoch"], l["knn_top1"]) for l in lines if "knn_top1" in l]
-        if pts:
+        if fine:  # the fine curve (small bank) as a line, the full-bank points as markers of the same colour
+            line, = ax.plot(*zip(*fine), lw=1.2, label=f"{name} (fine, small bank)")
+            if pts:
+                ax.plot(*zip(*pts), "o", ms=4, color=line.get_color())
+        elif pts:
             ax.plot(*zip(*pts), marker="o", ms=3, label=name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
@@ -73,9 +78,10 @@ def make_report(runs: list[Path], output: Path) -> Path:
             a1.set_yscale("log")
             a1.set_ylabel("gradient norm")
             a1.legend(fontsize=8)
-            knn = [(l["step"], l["knn_top1"]) for l in lines if "knn_top1" in l]
+            knn = [(l["step"], l["knn_fine_top1"]) for l in lines if "knn_fine_top1" in l] or \
+                [(l["step"], l["knn_top1"]) for l in lines if "knn_top1" in l]
             if knn:
-                a2.plot(*zip(*knn), marker="o", ms=3, color="black")
+                a2.plot(*zip(*knn), marker="o", ms=2, color="black")
             a2.set_ylabel("kNN top-1 (%)")
             a2.set_xlabel("iteration")
             fig.tight_layout()
@@ -94,7 +100,7 @@ def make_report(runs: list[Path], output: Path) -> Path:
             figs.append((f"{name}: loss, lr, momentum", f"train_{name}.png"))
 
     rows = [summarize_run(Path(r)) for r in runs]
-    cols = ["run", "final_knn", "best_knn", "dips", "spikes", "spikes_first_in_patch_embed", "final_loss"]
+    cols = ["run"] + SUMMARY_COLUMNS
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     md = ["# Run report", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]

@@ -31,6 +31,11 @@ def run_name(combo: list[tuple[str, str]]) -> str:
     return "_".join(f"{k.split('.')[-1]}-{v}" for k, v in combo).replace("/", "-") or "base"
 
 
+#: The summary table's columns (after the swept keys).
+SUMMARY_COLUMNS = ["final_knn", "best_knn", "final_fine_knn", "dips", "spikes", "spikes_first_in_patch_embed",
+                   "final_loss"]
+
+
 def count_dips(curve: list[float], threshold: float = 1.0) -> int:
     """Number of times the kNN accuracy falls more than ``threshold`` points below its running best
     (a new dip starts only after the curve has recovered to within the threshold)."""
@@ -50,10 +55,12 @@ def count_dips(curve: list[float], threshold: float = 1.0) -> int:
 def summarize_run(run_dir: Path) -> dict:
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     knn = [l["knn_top1"] for l in lines if "knn_top1" in l]
+    fine = [l["knn_fine_top1"] for l in lines if "knn_fine_top1" in l]
     spikes = [l for l in lines if "spike" in l]
     losses = [l["loss"] for l in lines if "loss" in l]
+    # Dips are counted on the fine-grained curve when the run has one (PAPER.md §5 needs that resolution).
     return {"run": run_dir.name, "final_knn": knn[-1] if knn else None, "best_knn": max(knn) if knn else None,
-            "dips": count_dips(knn), "spikes": len(spikes),
+            "final_fine_knn": fine[-1] if fine else None, "dips": count_dips(fine or knn), "spikes": len(spikes),
             "spikes_first_in_patch_embed": sum(s["spike"]["first_layer"] == "patch_embed" for s in spikes),
             "final_loss": losses[-1] if losses else None}
 
@@ -89,7 +96,7 @@ def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir
 
 
 def _table(rows: list[dict], keys: list[str]) -> str:
-    cols = keys + ["final_knn", "best_knn", "dips", "spikes", "spikes_first_in_patch_embed", "final_loss"]
+    cols = keys + SUMMARY_COLUMNS
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]

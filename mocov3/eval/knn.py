@@ -89,15 +89,19 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
 
 
 def knn_evaluate(backbone: nn.Module, bank: ImageData, test: ImageData, data_cfg, eval_cfg,
-                 device: torch.device, precision: str = "bf16") -> dict:
-    """Extract bank and test features and return ``{"top1": %, "top5": %}``."""
+                 device: torch.device, precision: str = "bf16", bank_limit: int | None = None,
+                 test_limit: int = 0) -> dict:
+    """Extract bank and test features and return ``{"top1": %, "top5": %}``. The bank holds at most
+    ``bank_limit`` (default ``eval_cfg.knn_bank_size``) and the test set ``test_limit`` images (fixed
+    random subsets; 0 = all)."""
     if bank.classes != test.classes:
         from ..data.cifar import DataError
 
         raise DataError(f"class folders differ between the kNN bank ({len(bank.classes)} classes) and the "
                         f"test data ({len(test.classes)} classes)")
-    fb, lb = extract_features(backbone, bank, data_cfg, device, eval_cfg.batch_size, precision, eval_cfg.knn_bank_size)
-    ft, lt = extract_features(backbone, test, data_cfg, device, eval_cfg.batch_size, precision)
+    bank_limit = eval_cfg.knn_bank_size if bank_limit is None else bank_limit
+    fb, lb = extract_features(backbone, bank, data_cfg, device, eval_cfg.batch_size, precision, bank_limit)
+    ft, lt = extract_features(backbone, test, data_cfg, device, eval_cfg.batch_size, precision, test_limit)
     scores = knn_classify(fb, lb, ft, len(bank.classes), eval_cfg.knn_k, eval_cfg.knn_temperature)
     return topk_accuracy(scores, lt)
 

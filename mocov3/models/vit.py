@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..distributed import batch_norm_1d
+from ..distributed import batch_norm_1d, batch_norm_2d
 
 #: name -> (embed_dim, depth, num_heads, default patch size). ViT-S uses 12 heads, not DeiT's 6 (§2).
 VIT_PRESETS = {
@@ -47,17 +47,57 @@ def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float =
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> D, as one strided conv. [B, 3, H, W] -> [B, L, D]."""
+    """Non-overlapping p x p patches -> D, as one strided conv. [B, 3, H, W] -> [B, L, D].
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+    ``norm`` is one of the patch-projection variants the paper tried against the instability
+    (PAPER.md §2; neither helped there): ``"bn"`` puts a (synchronized) BatchNorm over the D channels
+    of the projected tokens, ``"wn"`` reparametrizes the conv weight by weight normalization
+    (``w = g * v / ||v||`` per output channel).
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: str = "none"):
         super().__init__()
         self.patch_size = patch_size
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = batch_norm_1d(embed_dim) if norm == "bn" else nn.Identity()
+        self.weight_norm = norm == "wn"
+
+    def apply_weight_norm(self) -> None:
+        """Switch ``proj.weight`` to the weight-norm parametrization (after initialization)."""
+        if self.weight_norm:
+            nn.utils.parametrizations.weight_norm(self.proj, name="weight", dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class ConvStem(nn.Module):
+    """Convolutional stem (PAPER.md §2, after Xiao et al. 2021): log2(p) x [3x3 conv stride 2, BN, ReLU]
+    then a 1x1 conv to D. The widths double from D / 2^(n-1) to D (for p = 16: D/8, D/4, D/2, D), so the
+    output grid equals the p x p patch grid. [B, 3, H, W] -> [B, L, D]. Meant to be trained (no freezing);
+    the paper removes one transformer block to keep the FLOPs equal (set ``model.depth`` for that)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2 ** n != patch_size or n < 1:
+            raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+        self.patch_size = patch_size
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers, c_in = [], in_chans
+        for i in range(n):
+            c_out = embed_dim // 2 ** (n - 1 - i)
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), batch_norm_2d(c_out),
+                       nn.ReLU(inplace=True)]
+            c_in = c_out
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c_in, embed_dim, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -126,6 +166,8 @@ class ViTSpec:
     freeze_patch_embed: bool = True
     mlp_norm: str = "ln"
     drop_path_rate: float = 0.0
+    patch_norm: str = "none"
+    stem: str = "patch"
 
 
 class VisionTransformer(nn.Module):
@@ -141,7 +183,10 @@ class VisionTransformer(nn.Module):
         self.spec = spec
         D = spec.embed_dim
         self.embed_dim = self.num_features = D
-        self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, 3, D)
+        if spec.stem == "conv":
+            self.patch_embed = ConvStem(spec.img_size, spec.patch_size, 3, D)
+        else:
+            self.patch_embed = PatchEmbed(spec.img_size, spec.patch_size, 3, D, spec.patch_norm)
         self.num_prefix_tokens = 1 if spec.pooling == "cls" else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D)) if spec.pooling == "cls" else None
         n_pos = self.patch_embed.num_patches + self.num_prefix_tokens
@@ -155,6 +200,8 @@ class VisionTransformer(nn.Module):
         keep_norm = spec.final_norm
         self.norm = nn.LayerNorm(D, eps=1e-6) if keep_norm else nn.Identity()
         self.init_weights()
+        if isinstance(self.patch_embed, PatchEmbed):
+            self.patch_embed.apply_weight_norm()
         if spec.freeze_patch_embed:
             # Random patch projection (§2): frozen at its random init (stop-gradient).
             for p in self.patch_embed.parameters():
@@ -174,10 +221,17 @@ class VisionTransformer(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        p = self.spec.patch_size
-        bound = math.sqrt(6.0 / float(3 * p * p + self.embed_dim))
-        nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.patch_embed, PatchEmbed):
+            p = self.spec.patch_size
+            bound = math.sqrt(6.0 / float(3 * p * p + self.embed_dim))
+            nn.init.uniform_(self.patch_embed.proj.weight, -bound, bound)
+            nn.init.zeros_(self.patch_embed.proj.bias)
+        else:
+            for m in self.patch_embed.modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         if self.pos_embed is not None:
@@ -238,6 +292,8 @@ def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
         final_norm=model_cfg.final_norm,
         freeze_patch_embed=model_cfg.freeze_patch_embed,
         mlp_norm=model_cfg.mlp_norm,
+        patch_norm=model_cfg.patch_norm,
+        stem=model_cfg.stem,
     )
 
 

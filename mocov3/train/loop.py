@@ -27,7 +27,7 @@ from ..methods import build_method
 from .checkpoint import (check_same_model, load_checkpoint, load_state_strict, rng_state, save_checkpoint,
                          set_rng_state)
 from .monitor import GradMonitor
-from .optim import build_optimizer, set_lr
+from .optim import build_optimizer, clip_gradients, set_lr
 from .schedules import lr_at, momentum_at
 
 log = logging.getLogger(__name__)
@@ -215,8 +215,11 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
              cfg.optim.base_lr, cfg.train.batch_size, peak_lr, steps_per_epoch, total_steps, warmup_steps,
              n_train, world, device, precision)
 
+    monitor = GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None
+
     # 4. resume
     step = 0
+    ckpt = {}
     if resuming:
         ckpt = load_checkpoint(ckpt_path, map_location=device)
         check_same_model(ckpt["config"], to_dict(cfg), ckpt_path)
@@ -239,7 +242,8 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
         payload = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                    "step": at_step, "epoch": at_step / steps_per_epoch, "config": to_dict(cfg),
-                   "rng": rng_state(), "last_knn": last_knn}
+                   "rng": rng_state(), "last_knn": last_knn,
+                   "monitor": monitor.state_dict() if monitor is not None else {}}
         save_checkpoint(output_dir / CHECKPOINT_NAME, payload)
         if extra_name:
             save_checkpoint(output_dir / extra_name, payload)
@@ -257,14 +261,29 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
         du.barrier()
         return res
 
+    fine_knn = None
+    if bank is not None and cfg.eval.knn_every_steps > 0:
+        def fine_knn(at_step: int) -> None:
+            """§5's fine-grained curve: kNN on a fixed small bank / test subset every N iterations."""
+            if du.is_main():
+                res = knn_evaluate(method.backbone, bank, test, cfg.data, cfg.eval, device, precision,
+                                   bank_limit=cfg.eval.knn_fine_bank, test_limit=cfg.eval.knn_fine_test)
+                metrics.write({"step": at_step, "epoch": at_step / steps_per_epoch, "knn_fine_top1": res["top1"]})
+            du.barrier()
+
     last_knn = None
     if step == 0 and bank is not None and cfg.eval.knn_every > 0:
         last_knn = run_knn(0)  # the random-init reference point
+    if step == 0 and fine_knn is not None:
+        fine_knn(0)
 
     # 5. fit
     max_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
     gen = torch.Generator(device=device)
-    monitor = GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None
+    if monitor is not None and resuming and ckpt.get("monitor"):
+        monitor.load_state_dict(ckpt["monitor"])
+    patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
+        if cfg.optim.patch_clip_grad > 0 else []
     method.train()
     bar = None
     if progress and du.is_main():
@@ -299,14 +318,21 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                     spike = monitor.observe(grad_norms)
                     if spike is not None:
                         metrics.write({"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "spike": spike})
-                if cfg.optim.clip_grad > 0:
+                if cfg.optim.clip_grad > 0 or cfg.optim.patch_clip_grad > 0:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad)
+                    clip_gradients(method, patch_params, cfg.optim.patch_clip_grad, cfg.optim.clip_grad)
+                log_now = (step + 1) % cfg.train.log_every == 0 or step + 1 == max_steps
+                if monitor is not None and log_now:
+                    monitor.snapshot()
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
                 n_since += 1
-                if step % cfg.train.log_every == 0 or step == max_steps:
+                if fine_knn is not None and step % cfg.eval.knn_every_steps == 0:
+                    t_knn = time.time()
+                    fine_knn(step)
+                    t_last += time.time() - t_knn  # images_per_sec counts training time only
+                if log_now:
                     loss_val = du.all_reduce_mean(loss.detach().float()).item()
                     dt = time.time() - t_last
                     ips = n_since * cfg.train.batch_size / max(dt, 1e-9)
@@ -314,6 +340,7 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                            "momentum": m, "images_per_sec": ips}
                     if grad_norms is not None:
                         rec["grad_norm"] = grad_norms
+                        rec["update_ratio"] = monitor.update_ratios()
                     metrics.write(rec)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.0f}")

@@ -57,6 +57,39 @@ class GradMonitor:
         out["total"] = sum(v * v for v in values) ** 0.5
         return out
 
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Copy the monitored weights before an optimizer step (for :meth:`update_ratios`)."""
+        self._before = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
+
+    @torch.no_grad()
+    def update_ratios(self) -> dict[str, float]:
+        """``||w_after - w_before|| / ||w_before||`` per group for the step after :meth:`snapshot`
+        (empty without a snapshot). Large ratios in the first layer are the other face of a spike."""
+        before = getattr(self, "_before", None)
+        if not before:
+            return {}
+        names, vals = [], []
+        for name, params in self.groups.items():
+            old = before[name]
+            diff = torch._foreach_sub([p.detach() for p in params], old)
+            dn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)).float())
+            wn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)).float())
+            names.append(name)
+            vals.append(dn / wn.clamp_min(1e-12))
+        self._before = None
+        return dict(zip(names, torch.stack(vals).tolist()))
+
+    def state_dict(self) -> dict:
+        """The spike detector's recent history, saved in checkpoints so a resumed run flags the same spikes."""
+        return {"history": {k: list(v) for k, v in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, vals in state.get("history", {}).items():
+            if k in self.history:
+                self.history[k].clear()
+                self.history[k].extend(float(v) for v in vals)
+
     def observe(self, norms: dict[str, float]) -> Optional[dict]:
         """Update the history with this step's norms; return the spike (or None)."""
         spiking = []

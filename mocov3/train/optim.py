@@ -36,3 +36,16 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr
+
+
+def clip_gradients(method: nn.Module, patch_params: list, patch_clip: float, global_clip: float) -> None:
+    """Gradient clipping, applied to unscaled gradients.
+
+    ``patch_clip > 0`` clips the norm of the patch projection's gradient alone (``patch_params``) to
+    ``patch_clip`` (PAPER.md §2: helps when small enough; the frozen projection is its limit at 0);
+    then ``global_clip > 0`` clips the norm of all gradients together.
+    """
+    if patch_clip > 0 and patch_params:
+        torch.nn.utils.clip_grad_norm_(patch_params, patch_clip)
+    if global_clip > 0:
+        torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], global_clip)
