@@ -29,7 +29,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("vit_small", "backbone preset: vit_tiny|vit_small|vit_base|vit_large|vit_huge")
+    name: str = _f("vit_small", "backbone: vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet18|resnet50")
     patch_size: int = _f(16, "ViT patch size (pixels)")
     embed_dim: Optional[int] = _f(None, "override the preset's width")
     depth: Optional[int] = _f(None, "override the preset's number of blocks")
@@ -38,10 +38,11 @@ class ModelConfig:
     pos_embed: Literal["sincos", "learned", "none"] = _f("sincos", "position embedding (PAPER.md §2, §7)")
     pooling: Literal["cls", "gap"] = _f("cls", "representation: class token or global average pooling")
     final_norm: bool = _f(True, "keep the final LayerNorm (with pooling=gap the paper drops it, §7)")
-    freeze_patch_embed: bool = _f(True, "random frozen patch projection, the stability trick (§2)")
+    freeze_patch_embed: bool = _f(True, "random frozen patch projection, the stability trick (§2; ViT only)")
     mlp_norm: Literal["ln", "bn"] = _f("ln", "normalization before the MLP of each block; bn = ViT-BN (§7)")
     patch_norm: Literal["none", "bn", "wn"] = _f(
         "none", "BatchNorm (bn) or WeightNorm (wn) on the patch projection, variants of §2 (did not help there)")
+    cifar_stem: bool = _f(False, "ResNet: 3x3 stride-1 first conv and no max-pool, for 32-pixel images")
     stem: Literal["patch", "conv"] = _f(
         "patch", "patch = one strided conv; conv = conv stem of §2 (train it: freeze_patch_embed=false; "
                  "the paper also removes one block)")
@@ -49,16 +50,23 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mocov3"] = _f("mocov3", "self-supervised method")
-    temperature: float = _f(0.2, "softmax temperature tau (0.2 for ViT, §1)")
-    momentum: float = _f(0.99, "momentum m0 of the key encoder EMA (§1)")
+    name: Literal["mocov3", "simclr", "byol", "swav"] = _f("mocov3", "self-supervised method (§6 compares them)")
+    temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)")
+    momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)")
     momentum_schedule: Literal["cosine", "constant"] = _f("cosine", "m rises to 1 by half-cosine, or stays")
     proj_layers: int = _f(3, "projector depth (3 for ViT, 2 for ResNet)")
     proj_hidden_dim: int = _f(4096, "projector hidden width")
     out_dim: int = _f(256, "projector / predictor output width")
-    pred_layers: int = _f(2, "predictor depth; 0 removes the predictor (§7 ablation)")
+    pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)")
     pred_hidden_dim: int = _f(4096, "predictor hidden width")
+    pred_last_bn: bool = _f(True, "BN at the end of the predictor (ViT: yes; the ResNet recipe has none, §1)")
     head_bn: bool = _f(True, "BatchNorm in the MLP heads (§7 ablation)")
+    queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off")
+    queue_start_steps: int = _f(0, "SwAV: use the feature queue from this step on")
+    num_prototypes: int = _f(3000, "SwAV: number of prototypes")
+    sinkhorn_epsilon: float = _f(0.05, "SwAV: entropy regularization of Sinkhorn-Knopp")
+    sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations")
+    freeze_prototypes_steps: int = _f(313, "SwAV: prototypes receive no update for the first N steps")
 
 
 @dataclass
@@ -73,6 +81,9 @@ class DataConfig:
     blur_sigma: list = _f([0.1, 2.0], "blur sigma range, in pixels of a 224-pixel image")
     solarize_prob: list = _f([0.0, 0.2], "solarize probability per view")
     flip_prob: float = _f(0.5, "horizontal flip probability")
+    small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)")
+    small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)")
+    small_crop_scale: list = _f([0.05, 0.14], "multi-crop: RandomResizedCrop scale range of the small views")
     mean: list = _f([0.485, 0.456, 0.406], "normalization mean")
     std: list = _f([0.229, 0.224, 0.225], "normalization std")
     eval_crop_ratio: float = _f(0.875, "evaluation: resize to image_size/ratio, center-crop image_size")
@@ -84,10 +95,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "lamb"] = _f("adamw", "optimizer: adamw (recommended, §4) or lamb")
+    name: Literal["adamw", "lamb", "lars", "sgd"] = _f(
+        "adamw", "optimizer: adamw (recommended for ViT, §4), lamb, lars (ResNet recipe, §4) or sgd (momentum)")
     base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)")
     weight_decay: float = _f(0.1, "weight decay")
     betas: list = _f([0.9, 0.999], "AdamW betas")
+    sgd_momentum: float = _f(0.9, "LARS / SGD momentum")
+    trust_coefficient: float = _f(0.001, "LARS trust coefficient eta (§4)")
     exclude_1d_from_wd: bool = _f(False, "no weight decay on biases and norms (the reference decays all)")
     warmup_epochs: float = _f(40.0, "linear warmup length (epochs)")
     clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = off")
@@ -184,7 +198,7 @@ ALIASES = {
 _LIST_LENGTHS = {
     "data.crop_scale": 2, "data.crop_ratio": 2, "data.jitter_prob": 2, "data.jitter_strength": 4,
     "data.grayscale_prob": 2, "data.blur_prob": 2, "data.blur_sigma": 2, "data.solarize_prob": 2,
-    "data.mean": 3, "data.std": 3, "optim.betas": 2, "finetune.crop_scale": 2,
+    "data.mean": 3, "data.std": 3, "data.small_crop_scale": 2, "optim.betas": 2, "finetune.crop_scale": 2,
 }
 
 
@@ -312,7 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.batch_size must be >= 1")
     if cfg.train.epochs < 1:
         raise ConfigError("train.epochs must be >= 1")
-    if cfg.data.image_size % cfg.model.patch_size != 0:
+    if not cfg.model.name.startswith("resnet") and cfg.data.image_size % cfg.model.patch_size != 0:
         raise ConfigError(
             f"data.image_size {cfg.data.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}")
     if not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
@@ -328,6 +342,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError("method.proj_layers must be >= 1")
     if cfg.method.pred_layers < 0:
         raise ConfigError("method.pred_layers must be >= 0")
+    from .models.factory import ALL_MODELS, is_resnet
+
+    if cfg.model.name not in ALL_MODELS:
+        raise ConfigError(f"model.name {cfg.model.name!r} is not one of {', '.join(ALL_MODELS)}")
+    if is_resnet(cfg.model.name):
+        if cfg.model.stem != "patch" or cfg.model.patch_norm != "none" or cfg.optim.patch_clip_grad > 0:
+            raise ConfigError("model.stem, model.patch_norm and optim.patch_clip_grad apply to ViTs, not to "
+                              f"{cfg.model.name}")
+        cfg.model.freeze_patch_embed = False  # no patch projection in a ResNet (the ViT default is ignored)
+    elif cfg.model.cifar_stem:
+        raise ConfigError("model.cifar_stem applies to ResNets; a ViT on 32-pixel images needs a small patch_size")
+    if cfg.data.small_crops < 0:
+        raise ConfigError("data.small_crops must be >= 0")
+    if cfg.data.small_crops > 0:
+        if cfg.method.name != "swav":
+            raise ConfigError(f"data.small_crops (multi-crop) is implemented for method=swav, not {cfg.method.name}")
+        if not is_resnet(cfg.model.name) and cfg.data.small_crop_size % cfg.model.patch_size != 0:
+            raise ConfigError(f"data.small_crop_size {cfg.data.small_crop_size} is not a multiple of "
+                              f"model.patch_size {cfg.model.patch_size}")
+    if cfg.method.queue_size < 0:
+        raise ConfigError("method.queue_size must be >= 0")
+    if cfg.method.queue_size > 0 and cfg.method.name not in ("mocov3", "swav"):
+        raise ConfigError(f"method.queue_size is for mocov3 (key queue) and swav (feature queue), not {cfg.method.name}")
+    if cfg.method.name == "swav" and (cfg.method.num_prototypes < 1 or cfg.method.sinkhorn_iters < 1):
+        raise ConfigError("method.num_prototypes and method.sinkhorn_iters must be >= 1")
+    if cfg.method.name == "byol" and cfg.method.pred_layers < 1:
+        raise ConfigError("BYOL needs its predictor (method.pred_layers >= 1); without it BYOL collapses (§7)")
     if cfg.model.stem == "conv" and cfg.model.freeze_patch_embed:
         raise ConfigError("model.stem=conv is the alternative to the frozen patch projection and is trained: "
                           "add model.freeze_patch_embed=false")

@@ -64,6 +64,32 @@ def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.n = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # Every process's loss may depend on this process's rows: sum the gradients of all processes,
+        # keep this process's slice.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        r = rank()
+        return grad[r * ctx.n:(r + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 **with** gradient (SimCLR's negatives, §6): [N_local, ...] ->
+    [N_local * world, ...], rows of rank r at ``[r * N_local, (r + 1) * N_local)``. Equal local sizes."""
+    if world_size() == 1:
+        return x
+    return _AllGatherWithGrad.apply(x)
+
+
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:

@@ -85,8 +85,19 @@ def test_forward_shapes_and_pooling_variants():
     assert small(pooling="gap")(x).shape == (2, 32)
     bn = small(mlp_norm="bn")
     assert isinstance(bn.blocks[0].norm2, torch.nn.BatchNorm1d) and bn(x).shape == (2, 32)
-    with pytest.raises(ValueError, match="expected 16x16"):
-        small()(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="not a multiple of the patch size"):
+        small()(torch.randn(1, 3, 18, 18))
+
+
+def test_other_input_sizes_get_their_own_position_embedding():
+    """Multi-crop's small views: sin-cos recomputed on the new grid, learned embedding resized."""
+    m = small()
+    pe = m._pos_embed_for(2, 2)
+    assert pe.shape == (1, 5, 32) and torch.equal(pe[0, 1:], sincos_pos_embed_2d(2, 2, 32))
+    assert m(torch.randn(2, 3, 8, 8)).shape == (2, 32)
+    learned = small(pos_embed="learned")
+    assert learned._pos_embed_for(4, 4) is learned.pos_embed
+    assert learned(torch.randn(2, 3, 8, 8)).shape == (2, 32)
 
 
 def test_attention_matches_explicit_softmax():

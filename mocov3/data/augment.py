@@ -205,32 +205,47 @@ class TwoViewAugment:
         self.std = torch.tensor(data_cfg.std).view(1, 3, 1, 1)
 
     def view(self, images: torch.Tensor, index: int, g: torch.Generator, crop: bool = True,
-             record: bool = False):
-        """One view of a uint8 batch [B, 3, H, W] -> float normalized [B, 3, S, S] (and a record)."""
+             record: bool = False, size: int | None = None, scale=None):
+        """One view of a uint8 batch [B, 3, H, W] -> float normalized [B, 3, S, S] (and a record).
+
+        ``size`` / ``scale`` override the output size and the crop scale range (multi-crop's small views)."""
         cfg, dev = self.cfg, images.device
         B, _, H, W = images.shape
+        size = size or self.size
+        sigma_range, kernel_size = self.sigma_range, self.kernel_size
+        if size != self.size:
+            sigma_range = [s * size / 224.0 for s in cfg.blur_sigma]
+            kernel_size = max(3, 2 * math.ceil(3 * sigma_range[1]) + 1)
         x = images.float() / 255.0
         flip = torch.rand(B, generator=g, device=dev) < cfg.flip_prob
-        if crop:
-            boxes = sample_crop_boxes(B, H, W, cfg.crop_scale, cfg.crop_ratio, g, dev)
+        if crop or scale is not None:
+            boxes = sample_crop_boxes(B, H, W, scale or cfg.crop_scale, cfg.crop_ratio, g, dev)
         else:
             boxes = torch.tensor([0.0, 0.0, H, W], device=dev).expand(B, 4)
-        if crop or flip.any() or H != self.size or W != self.size:
-            x = crop_resize_flip(x, boxes, flip, self.size)
+        if crop or scale is not None or flip.any() or H != size or W != size:
+            x = crop_resize_flip(x, boxes, flip, size)
         jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
         x = color_jitter(x, jitter, cfg.jitter_strength, g)
         gray = torch.rand(B, generator=g, device=dev) < cfg.grayscale_prob[index]
         x = torch.where(gray[:, None, None, None], grayscale(x).expand_as(x), x)
         blur = torch.rand(B, generator=g, device=dev) < cfg.blur_prob[index]
-        sigma = _rand(B, g, dev, *self.sigma_range)
+        sigma = _rand(B, g, dev, *sigma_range)
         if blur.any():
-            x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, self.kernel_size), x)
+            x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
         sol = torch.rand(B, generator=g, device=dev) < cfg.solarize_prob[index]
         x = torch.where(sol[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
         x = (x - self.mean.to(dev)) / self.std.to(dev)
         if record:
             return x, ViewRecord(jitter, gray, blur, sol, flip, boxes)
         return x
+
+    def small_views(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """Multi-crop (SwAV): ``data.small_crops`` views of ``data.small_crop_size`` pixels cut with
+        ``data.small_crop_scale``, with the photometric settings of view 2. ``images`` are the full
+        images (in memory) or, when streaming, the second worker crop (then the scale is relative to it)."""
+        c = self.cfg
+        return [self.view(images, 1, g, size=c.small_crop_size, scale=c.small_crop_scale)
+                for _ in range(c.small_crops)]
 
     def __call__(self, images: torch.Tensor, g: torch.Generator, crop: bool = True):
         """uint8 [B, 3, H, W] -> (view1, view2), each float [B, 3, S, S]."""

@@ -247,16 +247,33 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> tokens [B, num_prefix + L, D] after the final norm."""
-        if x.shape[-1] != self.spec.img_size or x.shape[-2] != self.spec.img_size:
-            raise ValueError(f"expected {self.spec.img_size}x{self.spec.img_size} input, got {tuple(x.shape[-2:])}")
+        H, W = x.shape[-2:]
+        p = self.spec.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input {H}x{W} is not a multiple of the patch size {p}")
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed.to(x.dtype)
+            x = x + self._pos_embed_for(H // p, W // p).to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x)
+
+    def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
+        """Position embedding for a gh x gw grid: the stored one at the training size; for other sizes
+        (multi-crop's small views) the sin-cos formula on the new grid, or the learned one resized
+        bicubically. [1, num_prefix + gh * gw, D]."""
+        if (gh, gw) == self.patch_embed.grid_size:
+            return self.pos_embed
+        pre = self.pos_embed[:, : self.num_prefix_tokens]
+        if self.spec.pos_embed == "sincos":
+            grid = sincos_pos_embed_2d(gh, gw, self.embed_dim).to(self.pos_embed.device)[None]
+        else:
+            H0, W0 = self.patch_embed.grid_size
+            g = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, H0, W0, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(g, size=(gh, gw), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+        return torch.cat([pre, grid.to(pre.dtype)], dim=1)
 
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens [B, T, D] -> representation [B, D]: class token, or mean of the patch tokens."""
@@ -278,7 +295,7 @@ def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
     if model_cfg.name not in VIT_PRESETS:
         from ..config import ConfigError
 
-        raise ConfigError(f"model.name {model_cfg.name!r} is not one of {', '.join(VIT_PRESETS)}")
+        raise ConfigError(f"model.name {model_cfg.name!r} is not one of {', '.join(VIT_PRESETS)}, resnet18, resnet50")
     dim, depth, heads, _ = VIT_PRESETS[model_cfg.name]
     return ViTSpec(
         img_size=image_size,

@@ -24,6 +24,7 @@ from ..data.augment import TwoViewAugment
 from ..data.datasets import ImageData, TrainBatches, _seed_for, load_dataset
 from ..eval.knn import autocast_ctx, knn_evaluate
 from ..methods import build_method
+from ..models.factory import is_resnet
 from .checkpoint import (check_same_model, load_checkpoint, load_state_strict, rng_state, save_checkpoint,
                          set_rng_state)
 from .monitor import GradMonitor
@@ -194,6 +195,9 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
     # 2. method
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(device)
+    channels_last = device.type == "cuda" and is_resnet(cfg.model.name)
+    if channels_last:  # convolutions in NHWC are faster on tensor cores
+        method = method.to(memory_format=torch.channels_last)
     model: nn.Module = method
     if world > 1:
         # No buffer broadcast: BN statistics are already global (GlobalBatchNorm), nothing to sync.
@@ -303,15 +307,20 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                 with torch.no_grad():
                     v1 = augment.view(a, 0, gen, crop)
                     v2 = augment.view(b, 1, gen, crop)
+                    small = augment.small_views(b, gen) if cfg.data.small_crops else []
+                    if channels_last:
+                        v1, v2 = v1.contiguous(memory_format=torch.channels_last), \
+                            v2.contiguous(memory_format=torch.channels_last)
                 method.update_momentum(m)
                 with autocast_ctx(device, precision):
-                    out = model(v1, v2)
+                    out = model(v1, v2, *small)
                 loss = out["loss"]
                 if not torch.isfinite(loss.detach()).all():
                     raise TrainingError(f"loss is {loss.item()} at step {step}; lower optim.base_lr, "
                                         f"set optim.clip_grad or use train.precision=fp32")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                method.after_backward(step)
                 grad_norms = None
                 if monitor is not None:
                     grad_norms = monitor.norms(scaler.get_scale() if scaler.is_enabled() else 1.0)

@@ -11,24 +11,22 @@ import torch.nn as nn
 
 
 def layer_groups(method: nn.Module) -> dict[str, list[torch.nn.Parameter]]:
-    """Trainable parameters of the query encoder, grouped from the input to the output:
-    ``patch_embed``, ``block0`` .. ``blockN``, ``final_norm``, ``projector``, ``predictor``."""
-    groups: dict[str, list] = {}
+    """Trainable parameters of the online encoder, grouped from the input to the output: for a ViT
+    ``patch_embed``, ``embeddings``, ``block0`` .. ``blockN``, ``final_norm``; for a ResNet ``stem``,
+    ``layer1`` .. ``layer4``; then the method's heads (``projector``, ``predictor``, ``prototypes``)."""
+    from ..models.factory import monitor_groups
 
-    def add(name: str, params) -> None:
+    groups: dict[str, list] = {}
+    for name, params in monitor_groups(method.backbone):
         ps = [p for p in params if p.requires_grad]
         if ps:
             groups[name] = ps
-
-    bb = method.backbone
-    add("patch_embed", bb.patch_embed.parameters())
-    add("embeddings", [p for p in (bb.cls_token, bb.pos_embed) if p is not None])
-    for i, blk in enumerate(bb.blocks):
-        add(f"block{i}", blk.parameters())
-    add("final_norm", bb.norm.parameters())
-    for head in ("projector", "predictor"):
-        if hasattr(method, head):
-            add(head, getattr(method, head).parameters())
+    for head in ("projector", "predictor", "prototypes"):
+        mod = getattr(method, head, None)
+        if isinstance(mod, nn.Module):
+            ps = [p for p in mod.parameters() if p.requires_grad]
+            if ps:
+                groups[head] = ps
     return groups
 
 

@@ -30,6 +30,17 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
         from .lamb import Lamb
 
         return Lamb(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
+    if optim_cfg.name == "lars":
+        from .lars import LARS
+
+        # §4: 1-D parameters (biases, BN) excluded from weight decay and from the trust ratio, always.
+        groups = param_groups(model, optim_cfg.weight_decay, exclude_1d=True)
+        for i, g in enumerate(groups):
+            g["adapt"] = i == 0  # groups = [decayed, excluded]
+        return LARS(groups, lr=lr, momentum=optim_cfg.sgd_momentum, weight_decay=optim_cfg.weight_decay,
+                    trust_coefficient=optim_cfg.trust_coefficient)
+    if optim_cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.sgd_momentum, weight_decay=optim_cfg.weight_decay)
     raise ValueError(f"unknown optimizer {optim_cfg.name!r}")  # pragma: no cover - config validates
 
 
