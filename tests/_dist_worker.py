@@ -7,11 +7,22 @@ import torch
 import torch.distributed as dist
 
 
-def make_setup(seed: int = 0):
+#: method name -> extra config for the equivalence test
+SETUPS = {
+    "mocov3": ["model.freeze_patch_embed=false", "model.mlp_norm=bn"],
+    "simclr": ["method=simclr", "model.freeze_patch_embed=false", "method.temperature=0.1"],
+    "swav": ["method=swav", "model.freeze_patch_embed=false", "method.num_prototypes=12",
+             "method.freeze_prototypes_steps=0", "method.temperature=0.1"],
+    "mocov3_resnet": ["model=resnet18", "model.cifar_stem=true", "method.proj_layers=2",
+                      "method.pred_last_bn=false"],
+}
+
+
+def make_setup(seed: int = 0, name: str = "mocov3"):
     from conftest import tiny_cfg
     from mocov3.methods import build_method
 
-    cfg = tiny_cfg("model.freeze_patch_embed=false", "model.mlp_norm=bn")
+    cfg = tiny_cfg(*SETUPS[name])
     torch.manual_seed(seed)
     method = build_method(cfg)
     g = torch.Generator().manual_seed(123)
@@ -32,12 +43,12 @@ def one_step(model, method, x1, x2):
     return loss, grads
 
 
-def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+def worker(rank: int, world: int, init_file: str, out_file: str, name: str = "mocov3") -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from mocov3.distributed import all_reduce_mean, gather_without_grad
 
-        method, x1, x2 = make_setup()
+        method, x1, x2 = make_setup(0, name)
         n = x1.shape[0] // world
         sl = slice(rank * n, (rank + 1) * n)
         model = torch.nn.parallel.DistributedDataParallel(method, broadcast_buffers=False)

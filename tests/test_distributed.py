@@ -24,23 +24,30 @@ def test_helpers_work_without_a_process_group():
     du.barrier()
 
 
-def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path):
+@pytest.mark.parametrize("name", ["mocov3", "simclr", "swav", "mocov3_resnet"])
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, name):
+    """Loss, every gradient and the parameters after an SGD step: SimCLR's negatives gathered with
+    gradient, SwAV's Sinkhorn sums, the heads' (and ResNet's) synchronized BatchNorm."""
     out = tmp_path / "rank0.pt"
-    mp.spawn(_dist_worker.worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    mp.spawn(_dist_worker.worker, args=(2, str(tmp_path / "init"), str(out), name), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)
     assert torch.equal(two["gathered"], torch.tensor([[0.0] * 3] * 2 + [[1.0] * 3] * 2))
 
-    method, x1, x2 = _dist_worker.make_setup()
+    method, x1, x2 = _dist_worker.make_setup(0, name)
     loss, grads = _dist_worker.one_step(method, method, x1, x2)
     assert two["loss"] == pytest.approx(loss, abs=1e-5)
     assert set(grads) == set(two["grads"])
-    for name, g in grads.items():
-        assert torch.allclose(two["grads"][name], g, atol=1e-6, rtol=1e-4), name
+    def close(a, b, tol):  # relative to the tensor's scale (cls_token gradients reach ~1e3 here)
+        a, b = a.float(), b.float()
+        return (a - b).abs().max().item() <= tol * (1.0 + b.abs().max().item())
+
+    for pname, g in grads.items():
+        assert close(two["grads"][pname], g, 2e-6), pname
     state = method.state_dict()
-    for name, v in state.items():
-        assert torch.allclose(two["state"][name].float(), v.float(), atol=1e-5, rtol=1e-4), name
+    for pname, v in state.items():
+        assert close(two["state"][pname], v, 1e-5), pname
     # and the step did something
-    method0, _, _ = _dist_worker.make_setup()
+    method0, _, _ = _dist_worker.make_setup(0, name)
     assert not torch.equal(method0.state_dict()["projector.0.weight"], state["projector.0.weight"])
 
 
