@@ -1,8 +1,11 @@
-"""Portable backbones: export to safetensors with timm's parameter names, and load them back.
+"""Portable backbones: export to safetensors with timm's (ViT) or torchvision's (ResNet) parameter names,
+and load them back.
 
 An export folder holds ``model.safetensors`` (the query backbone alone), ``config.json`` (architecture,
 image and patch size, position embedding, pooling, normalization mean / std, and the keyword arguments
-for ``timm.models.vision_transformer.VisionTransformer``) and a ``README.md`` model card.
+for ``timm.models.vision_transformer.VisionTransformer`` or the torchvision constructor where one builds
+the same network) and a ``README.md`` model card. A weight-normalized patch projection is folded into a
+plain weight on export (same function, standard names).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from typing import Optional
 
 import torch.nn as nn
 
-from .models.vit import VisionTransformer, ViTSpec
+from .models.resnet import ResNetSpec
+from .models.vit import ViTSpec
 from .train.checkpoint import CheckpointError, load_checkpoint
 
 EXPORT_FORMAT = "mocov3-backbone/1"
@@ -31,18 +35,18 @@ def backbone_state_from_checkpoint(ckpt: dict) -> dict:
     return out
 
 
-def spec_from_config(cfg: dict) -> ViTSpec:
+def spec_from_config(cfg: dict) -> ViTSpec | ResNetSpec:
     from .config import load_config
-    from .models.vit import vit_spec_from_config
+    from .models.factory import backbone_spec
 
     c = load_config(None, [], base=cfg)
-    return vit_spec_from_config(c.model, c.data.image_size)
+    return backbone_spec(c.model, c.data.image_size)
 
 
-def timm_kwargs(spec: ViTSpec) -> Optional[dict]:
+def timm_kwargs(spec: ViTSpec | ResNetSpec) -> Optional[dict]:
     """Arguments that build the same network with timm's VisionTransformer (None if timm has none)."""
-    if spec.mlp_norm != "ln":
-        return None  # ViT-BN has no timm equivalent
+    if not isinstance(spec, ViTSpec) or spec.mlp_norm != "ln" or spec.stem != "patch" or spec.patch_norm == "bn":
+        return None  # ViT-BN, the conv stem and BN on the patch projection have no timm equivalent
     kw = {"img_size": spec.img_size, "patch_size": spec.patch_size, "embed_dim": spec.embed_dim,
           "depth": spec.depth, "num_heads": spec.num_heads, "mlp_ratio": spec.mlp_ratio, "qkv_bias": True,
           "num_classes": 0, "class_token": spec.pooling == "cls",
@@ -53,15 +57,44 @@ def timm_kwargs(spec: ViTSpec) -> Optional[dict]:
     return kw
 
 
+def torchvision_name(spec: ViTSpec | ResNetSpec) -> Optional[str]:
+    """``torchvision.models.<name>(num_classes=...)`` builds the same ResNet (its ``fc`` aside); None for
+    the CIFAR stem, which torchvision does not have."""
+    if isinstance(spec, ResNetSpec) and not spec.cifar_stem:
+        return spec.name
+    return None
+
+
+def fold_weight_norm(state: dict) -> dict:
+    """Replace weight-norm pairs (``X.parametrizations.weight.original0/1``) by ``X.weight = g v / ||v||``."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(".parametrizations.weight.original1"):
+            continue
+        if k.endswith(".parametrizations.weight.original0"):
+            base = k[: -len(".parametrizations.weight.original0")]
+            vv = state[base + ".parametrizations.weight.original1"]
+            norm = vv.flatten(1).norm(dim=1).view(-1, *([1] * (vv.ndim - 1)))
+            out[base + ".weight"] = v * vv / norm
+        else:
+            out[k] = v
+    return out
+
+
 def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict] = None) -> Path:
     """Write the export folder for ``checkpoint``; returns ``output``."""
     from safetensors.torch import save_file
 
+    from .models.factory import build_from_spec
+
     ckpt = load_checkpoint(Path(checkpoint))
     cfg = ckpt["config"]
     spec = spec_from_config(cfg)
-    state = {k: v.detach().float().contiguous() for k, v in backbone_state_from_checkpoint(ckpt).items()}
-    VisionTransformer(spec).load_state_dict(state, strict=True)  # validates before writing anything
+    state = backbone_state_from_checkpoint(ckpt)
+    if isinstance(spec, ViTSpec) and spec.patch_norm == "wn":
+        state, spec = fold_weight_norm(state), dataclasses.replace(spec, patch_norm="none")
+    state = {k: v.detach().float().contiguous() for k, v in state.items()}
+    build_from_spec(spec).load_state_dict(state, strict=True)  # validates before writing anything
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     save_file(state, str(output / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
@@ -70,13 +103,14 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         results.setdefault("knn_top1_during_training", ckpt["last_knn"]["top1"])
     meta = {
         "format": EXPORT_FORMAT,
-        "architecture": "vit",
+        "architecture": "resnet" if isinstance(spec, ResNetSpec) else "vit",
         "spec": dataclasses.asdict(spec),
         "image_size": spec.img_size,
-        "patch_size": spec.patch_size,
+        "patch_size": getattr(spec, "patch_size", None),
         "mean": cfg["data"]["mean"],
         "std": cfg["data"]["std"],
         "timm_kwargs": timm_kwargs(spec),
+        "torchvision": torchvision_name(spec),
         "method": cfg["method"]["name"],
         "pretrain_step": ckpt.get("step"),
         "pretrain_epoch": ckpt.get("epoch"),
@@ -89,11 +123,16 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
 
 def _model_card(meta: dict, cfg: dict, checkpoint: Path) -> str:
     s = meta["spec"]
+    if meta["architecture"] == "vit":
+        title = f"{cfg['model']['name']}/{s['patch_size']}"
+        arch = (f"ViT, width {s['embed_dim']}, depth {s['depth']}, {s['num_heads']} heads, patch {s['patch_size']}, "
+                f"image {s['img_size']} px, position embedding {s['pos_embed']}, pooling {s['pooling']}")
+    else:
+        title = s["name"]
+        arch = f"{s['name']} ({'CIFAR stem' if s['cifar_stem'] else 'ImageNet stem'}), image {s['img_size']} px"
     lines = [
-        f"# {cfg['model']['name']}/{s['patch_size']} pretrained with MoCo v3 (mocov3)", "",
-        f"- backbone: ViT, width {s['embed_dim']}, depth {s['depth']}, {s['num_heads']} heads, "
-        f"patch {s['patch_size']}, image {s['img_size']} px, position embedding {s['pos_embed']}, "
-        f"pooling {s['pooling']}",
+        f"# {title} pretrained with {meta['method']} (mocov3)", "",
+        f"- backbone: {arch}",
         f"- pretraining: {meta['method']}, {meta['pretrain_epoch']:.2f} epochs ({meta['pretrain_step']} steps) of "
         f"{cfg['train']['epochs']} planned, batch {cfg['train']['batch_size']}, {cfg['optim']['name']} "
         f"base_lr {cfg['optim']['base_lr']}, weight decay {cfg['optim']['weight_decay']}, "
@@ -106,17 +145,27 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path) -> str:
         lines += [f"- {k}: {v}" for k, v in meta["eval_results"].items()]
     else:
         lines.append("- none recorded")
-    lines += ["", "## Loading", "", "```python", "import mocov3", "model = mocov3.load_backbone('THIS_FOLDER')",
-              "# or with timm:", "import json, timm.models.vision_transformer as tv",
-              "from safetensors.torch import load_file",
-              "kw = json.load(open('THIS_FOLDER/config.json'))['timm_kwargs']",
-              "m = tv.VisionTransformer(**kw); m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'))",
-              "```", ""]
+    lines += ["", "## Loading", "", "```python", "import mocov3", "model = mocov3.load_backbone('THIS_FOLDER')"]
+    if meta["timm_kwargs"]:
+        lines += ["# or with timm:", "import json, timm.models.vision_transformer as tv",
+                  "from safetensors.torch import load_file",
+                  "kw = json.load(open('THIS_FOLDER/config.json'))['timm_kwargs']",
+                  "m = tv.VisionTransformer(**kw); m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'))"]
+    if meta.get("torchvision"):
+        lines += ["# or with torchvision (strict=False: the export has no fc):", "import torchvision",
+                  "from safetensors.torch import load_file",
+                  f"m = torchvision.models.{meta['torchvision']}()",
+                  "m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'), strict=False)",
+                  "m.fc = torch.nn.Identity()"]
+    lines += ["```", ""]
     return "\n".join(lines)
 
 
 def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
-    """A ready ``VisionTransformer`` (eval mode) from an export folder or a training checkpoint."""
+    """A ready backbone (``VisionTransformer`` or ``ResNet``, eval mode) from an export folder or a
+    training checkpoint."""
+    from .models.factory import build_from_spec
+
     path = Path(path)
     if path.is_dir():
         from safetensors.torch import load_file
@@ -127,11 +176,12 @@ def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
         meta = json.loads(cfg_file.read_text())
         if meta.get("format") != EXPORT_FORMAT:
             raise CheckpointError(f"{cfg_file}: unknown export format {meta.get('format')!r}")
-        model = VisionTransformer(ViTSpec(**meta["spec"]))
+        spec_cls = ResNetSpec if meta.get("architecture") == "resnet" else ViTSpec
+        model = build_from_spec(spec_cls(**meta["spec"]))
         state = load_file(str(weights), device=map_location)
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
-        model = VisionTransformer(spec_from_config(ckpt["config"]))
+        model = build_from_spec(spec_from_config(ckpt["config"]))
         state = backbone_state_from_checkpoint(ckpt)
     try:
         model.load_state_dict(state, strict=True)

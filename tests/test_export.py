@@ -61,3 +61,34 @@ def test_export_loads_into_timm(checkpoint, tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(m(x), ours(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, arch", [
+    (["model=resnet18", "model.cifar_stem=true", "method.proj_layers=2"], "resnet"),
+    (["model.patch_norm=wn", "model.freeze_patch_embed=false"], "vit"),
+    (["model.stem=conv", "model.freeze_patch_embed=false"], "vit"),
+])
+def test_export_other_backbones(folder, tmp_path, capsys, extra, arch):
+    """ResNets keep torchvision names; a weight-normalized patch projection is folded into ``weight``."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"] + extra) == 0
+    exp = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(exp)]) == 0
+    meta = json.loads((exp / "config.json").read_text())
+    assert meta["architecture"] == arch
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(exp / "model.safetensors")))
+    if arch == "resnet":
+        assert "layer4.1.bn2.running_var" in names and meta["timm_kwargs"] is None
+        assert meta["torchvision"] is None  # the CIFAR stem is not a torchvision architecture
+    elif "model.patch_norm=wn" in extra:
+        assert "patch_embed.proj.weight" in names and not any("parametrizations" in n for n in names)
+        assert meta["spec"]["patch_norm"] == "none" and meta["timm_kwargs"] is not None
+    else:
+        assert meta["timm_kwargs"] is None and "patch_embed.stem.0.weight" in names
+    a, b = mocov3.load_backbone(exp), mocov3.load_backbone(run / "checkpoint.pt")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a(x), b(x), atol=1e-5)

@@ -72,3 +72,23 @@ def test_eval_commands_bad_inputs_exit_2(folder, tmp_path, capsys, command):
     assert "class folders differ" in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(base + ["--test-data", str(folder), "model.embed_dim=64"]) == 2  # another architecture
     assert "does not fit this model" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_resnet_layer_decay_groups_and_finetune(folder, tmp_path, capsys):
+    from mocov3.models import ResNet, ResNetSpec
+
+    model = Classifier(ResNet(ResNetSpec("resnet18", cifar_stem=True)), 3)
+    groups = layer_decay_groups(model, 0.05, 0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["backbone.conv1.weight"]["lr_scale"] == pytest.approx(0.5 ** 5)
+    assert by_name["backbone.layer1.0.conv1.weight"]["lr_scale"] == pytest.approx(0.5 ** 4)
+    assert by_name["backbone.layer4.1.conv2.weight"]["lr_scale"] == pytest.approx(0.5 ** 1)
+    assert by_name["head.weight"]["lr_scale"] == 1.0 and by_name["backbone.bn1.weight"]["weight_decay"] == 0.0
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1", "model=resnet18", "model.cifar_stem=true"]) == 0
+    out = tmp_path / "ft"
+    assert main(["finetune", "--output-dir", str(out), "--checkpoint", str(run / "checkpoint.pt"), "--train-data",
+                 str(folder), "--test-data", str(folder), "finetune.epochs=1", "finetune.batch_size=16"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= res["top1"] <= 100

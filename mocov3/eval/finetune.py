@@ -19,7 +19,6 @@ from ..config import Config, save_config, scaled_lr, to_dict
 from ..data.augment import eval_transform, random_crop_flip
 from ..data.datasets import ImageData
 from ..data.randaugment import rand_augment
-from ..models.vit import VisionTransformer
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..train.schedules import lr_at
 from .knn import autocast_ctx, topk_accuracy
@@ -30,7 +29,7 @@ log = logging.getLogger(__name__)
 class Classifier(nn.Module):
     """Backbone + linear ``head`` (timm's name). [B, 3, H, W] -> [B, num_classes]."""
 
-    def __init__(self, backbone: VisionTransformer, num_classes: int):
+    def __init__(self, backbone: nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.num_features, num_classes)
@@ -42,19 +41,27 @@ class Classifier(nn.Module):
 
 
 def layer_id(name: str, depth: int) -> int:
-    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
+    """Layer index for layer-wise lr decay. ViT: 0 for the embeddings, i + 1 for block i, depth + 1 for
+    the final norm and the head. ResNet (depth 4): 0 for the stem, k for stage ``layerk``, 5 for the head."""
     name = name.removeprefix("backbone.")
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
+    if name.startswith(("patch_embed", "cls_token", "pos_embed", "conv1.", "bn1.")):
         return 0
     if name.startswith("blocks."):
         return int(name.split(".")[1]) + 1
+    if name.startswith("layer") and name[5:6].isdigit():
+        return int(name[5])
     return depth + 1
+
+
+def backbone_depth(backbone: nn.Module) -> int:
+    """Number of layer-decay units between the stem and the head (ViT blocks or ResNet stages)."""
+    return len(backbone.blocks) if hasattr(backbone, "blocks") else 4
 
 
 def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no decay on 1-D
     parameters and tokens. Each group has a ``lr_scale`` the schedule multiplies in."""
-    depth = len(model.backbone.blocks)
+    depth = backbone_depth(model.backbone)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -113,7 +120,8 @@ def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
              device: torch.device, precision: str, progress: bool = False) -> dict:
     """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy."""
-    from ..models.vit import vit_spec_from_config
+    from ..models.factory import backbone_spec, build_from_spec
+    from ..models.vit import ViTSpec
     from ..train.loop import MetricsWriter
 
     if not train.in_memory or not test.in_memory:
@@ -121,11 +129,12 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     ft = cfg.finetune
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir / "config.yaml")
-    spec = vit_spec_from_config(cfg.model, cfg.data.image_size)
-    spec.freeze_patch_embed = False  # fine-tuning trains every layer
-    spec.drop_path_rate = ft.drop_path
+    spec = backbone_spec(cfg.model, cfg.data.image_size)
+    if isinstance(spec, ViTSpec):
+        spec.freeze_patch_embed = False  # fine-tuning trains every layer
+        spec.drop_path_rate = ft.drop_path
     torch.manual_seed(cfg.train.seed)
-    backbone = VisionTransformer(spec)
+    backbone = build_from_spec(spec)
     if backbone_state is not None:
         backbone.load_state_dict(backbone_state, strict=True)
     model = Classifier(backbone, len(train.classes)).to(device)
