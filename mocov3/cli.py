@@ -228,7 +228,12 @@ def cmd_linear(args) -> int:
     from .eval.linear import assert_unchanged, fast_linear_probe, full_linear_probe, snapshot
 
     _setup_logging(Path(args.output_dir) if args.output_dir else None)
+    from . import distributed as du
+
     cfg, ckpt, backbone, device, precision, train, test = _load_for_eval(args)
+    du.init_from_env(device.type)
+    if args.fast and not du.is_main():
+        return 0  # the fast probe is cheap: rank 0 does it alone
     before = snapshot(backbone)
     if args.fast:
         (fa, la), (fb, lb) = _eval_features(args, cfg, backbone, device, precision, ((train, 0), (test, 0)))
@@ -236,6 +241,8 @@ def cmd_linear(args) -> int:
     else:
         res = full_linear_probe(backbone, train, test, cfg.data, cfg.linear, device, precision)
     assert_unchanged(backbone, before)
+    if not du.is_main():
+        return 0
     out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast" if args.fast else "full",
            "epochs": cfg.linear.epochs, "step": ckpt.get("step")}
     if "sweep" in res:
@@ -258,6 +265,10 @@ def cmd_finetune(args) -> int:
     cfg, ckpt, _, device, precision, train, test = _load_for_eval(args)
     state = None if args.from_scratch else backbone_state_from_checkpoint(ckpt)
     res = finetune(cfg, state, train, test, out, device, precision)
+    from . import distributed as du
+
+    if not du.is_main():
+        return 0
     msg = {"top1": res["top1"], "top5": res["top5"], "from_scratch": args.from_scratch,
            "epochs": cfg.finetune.epochs, "output_dir": str(out)}
     (out / "result.json").write_text(json.dumps(msg, indent=2) + "\n")

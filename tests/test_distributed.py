@@ -1,4 +1,5 @@
 """A 2-process gloo run equals a 1-process run on the concatenated batch (loss, grads, parameters)."""
+import json
 import os
 import shutil
 import socket
@@ -70,3 +71,33 @@ def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert res.stdout.count('"finished"') == 1  # only rank 0 reports
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
+    """Fine-tuning and the full linear probe under torchrun (2 gloo processes) on streamed data."""
+    from mocov3.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"]) == 0
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    common = ["--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data", str(folder)]
+    stream = ["data.in_memory=no", "data.num_workers=0"]
+    for cmd in (["finetune", "--output-dir", str(tmp_path / "ft"), *common, "finetune.epochs=1",
+                 "finetune.batch_size=16", *stream],
+                ["linear", "--output-dir", str(tmp_path / "lin"), *common, "linear.epochs=1", "linear.batch_size=16",
+                 *stream]):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                              "-m", "mocov3", *cmd], env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+        assert len(lines) == 1  # only rank 0 reports
+        assert 0 <= json.loads(lines[0])["top1"] <= 100
+    metrics = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if "test_top1" in m] == [1.0]

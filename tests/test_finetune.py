@@ -92,3 +92,18 @@ def test_resnet_layer_decay_groups_and_finetune(folder, tmp_path, capsys):
                  str(folder), "--test-data", str(folder), "finetune.epochs=1", "finetune.batch_size=16"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= res["top1"] <= 100
+
+
+def test_streaming_finetune_and_full_probe(folder, tmp_path, capsys):
+    """Data that is not held in memory: workers cut the crops (fine-tuning and the full probe)."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"]) == 0
+    common = ["--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data", str(folder)]
+    stream = ["data.in_memory=no", "data.num_workers=0"]
+    assert main(["finetune", "--output-dir", str(tmp_path / "ft")] + common
+                + ["finetune.epochs=1", "finetune.batch_size=16"] + stream) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"] <= 100
+    assert main(["linear"] + common + ["linear.epochs=1", "linear.batch_size=16"] + stream) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["mode"] == "full" and 0 <= res["top1"] <= 100

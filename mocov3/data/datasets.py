@@ -267,3 +267,73 @@ class TrainBatches:
             pin_memory=self.device.type == "cuda", persistent_workers=False)
         for a, b in loader:
             yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True), False
+
+
+class StreamingCropSet(torch.utils.data.Dataset):
+    """Streaming labelled training crops: a worker decodes the file and cuts one RandomResizedCrop
+    (``scale``, ``ratio``) resized to ``size``; uint8 [3, size, size] and the label. Flip and the rest of
+    the augmentation run batched on the device."""
+
+    def __init__(self, data: ImageData, size: int, scale, ratio, seed: int):
+        self.data, self.size, self.scale, self.ratio, self.seed, self.epoch = data, size, scale, ratio, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, idx: int):
+        from .augment import sample_crop_boxes
+
+        try:
+            im = load_rgb(self.data.paths[idx])
+        except Exception as e:  # noqa: BLE001
+            log.warning("unreadable image %s (%s); using a blank image", self.data.paths[idx], type(e).__name__)
+            im = Image.new("RGB", (self.size, self.size))
+        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, idx, 11))
+        W, H = im.size
+        top, left, h, w = sample_crop_boxes(1, H, W, self.scale, self.ratio, g)[0].tolist()
+        out = im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), int(self.data.labels[idx])
+
+
+class LabelledBatches:
+    """Global batches of labelled images for supervised training (fine-tuning, the full linear probe),
+    this process's slice of each (as :class:`TrainBatches`): a permutation drawn from (seed, epoch),
+    global batch b = ``perm[b*B : (b+1)*B]``, rank r takes its ``B / world`` rows; the last incomplete
+    batch is dropped.
+
+    Yields ``(images uint8 [B_local, 3, h, w], labels [B_local], cropped)`` on the device. In memory the
+    images are the full images (``cropped=False``: crop on the device); streaming, workers have already
+    cut the RandomResizedCrop (``cropped=True``: only flip and photometric ops remain).
+    """
+
+    def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
+                 size: int, scale, ratio, num_workers: int = 4):
+        if len(data) < batch_size_total:
+            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
+        if batch_size_total % world:
+            raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
+        self.data, self.B, self.rank, self.world, self.seed = data, batch_size_total, rank, world, seed
+        self.local, self.device, self.num_workers = batch_size_total // world, device, num_workers
+        self.steps_per_epoch = len(data) // batch_size_total
+        self.stream = None if data.in_memory else StreamingCropSet(data, size, scale, ratio, seed)
+
+    def _indices(self, epoch: int) -> torch.Tensor:
+        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        perm = perm[: self.steps_per_epoch * self.B].view(self.steps_per_epoch, self.B)
+        return perm[:, self.rank * self.local:(self.rank + 1) * self.local]
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        idx = self._indices(epoch)[start_step:]
+        if self.stream is None:
+            for rows in idx:
+                x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
+                yield x, self.data.labels[rows].to(self.device), False
+            return
+        self.stream.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), True

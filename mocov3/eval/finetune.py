@@ -1,8 +1,8 @@
 """End-to-end fine-tuning (PAPER.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
 label smoothing, RandAugment, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
 
-Runs in one process on in-memory data (CIFAR-scale); the run folder follows the pretraining
-conventions: ``config.yaml``, ``metrics.jsonl``, an atomic ``checkpoint.pt``, resume by re-running.
+Runs in one process or under torchrun, on in-memory or streamed data; the run folder follows the
+pretraining conventions: ``config.yaml``, ``metrics.jsonl``, an atomic ``checkpoint.pt``, resume by re-running.
 """
 from __future__ import annotations
 
@@ -106,11 +106,12 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str, batch_size: int = 512) -> dict:
+    """Top-1 / top-5 on ``data`` (resize + center crop), in memory or streamed."""
+    from .knn import eval_batches
+
     model.eval()
     logits = []
-    for i in range(0, len(data), batch_size):
-        x = eval_transform(data.images[i:i + batch_size].to(device), data_cfg.image_size, data_cfg.eval_crop_ratio,
-                           data_cfg.mean, data_cfg.std)
+    for x in eval_batches(data, data_cfg, device, batch_size):
         with autocast_ctx(device, precision):
             logits.append(model(x).float())
     model.train()
@@ -119,16 +120,25 @@ def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str
 
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
              device: torch.device, precision: str, progress: bool = False) -> dict:
-    """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy."""
+    """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy.
+
+    Works in one process or under torchrun (DDP; the global batch ``finetune.batch_size`` is split over
+    the processes, BatchNorm is synchronized, rank 0 evaluates and writes), on in-memory or streamed data.
+    """
+    import warnings
+
+    from .. import distributed as du
+    from ..data.datasets import LabelledBatches
     from ..models.factory import backbone_spec, build_from_spec
     from ..models.vit import ViTSpec
     from ..train.loop import MetricsWriter
 
-    if not train.in_memory or not test.in_memory:
-        raise NotImplementedError("fine-tuning needs in-memory data (CIFAR-scale) for now")
+    du.init_from_env(device.type)
+    world, rank, main = du.world_size(), du.rank(), du.is_main()
     ft = cfg.finetune
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, output_dir / "config.yaml")
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
     spec = backbone_spec(cfg.model, cfg.data.image_size)
     if isinstance(spec, ViTSpec):
         spec.freeze_patch_embed = False  # fine-tuning trains every layer
@@ -141,14 +151,12 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     groups = layer_decay_groups(model, ft.weight_decay, ft.layer_decay)
     peak = scaled_lr(ft.base_lr, ft.batch_size)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
-    steps_per_epoch = len(train) // ft.batch_size
-    if steps_per_epoch == 0:
-        from ..data.cifar import DataError
-
-        raise DataError(f"{train.name} has {len(train)} images, fewer than one batch of {ft.batch_size}")
+    batches = LabelledBatches(train, ft.batch_size, rank, world, cfg.train.seed, device, cfg.data.image_size,
+                              ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers)
+    steps_per_epoch = batches.steps_per_epoch
     total = ft.epochs * steps_per_epoch
     warmup = int(round(ft.warmup_epochs * steps_per_epoch))
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", True)
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", main)
     ckpt_path = output_dir / "checkpoint.pt"
     step, last = 0, None
     if ckpt_path.is_file():
@@ -161,8 +169,15 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         log.info("resumed fine-tuning at step %d", step)
     else:
         metrics.truncate_after(-1)
-    log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s", peak, ft.base_lr,
-             ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained")
+    net: nn.Module = model
+    if world > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s, %d process(es)", peak,
+             ft.base_lr, ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained",
+             world)
     g = torch.Generator().manual_seed(cfg.train.seed)
     gd = torch.Generator(device=device)
     m = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
@@ -171,35 +186,41 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     t0 = time.time()
     while step < total:
         epoch = step // steps_per_epoch
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + epoch))
-        for i in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            g.manual_seed(cfg.train.seed * 1_000_003 + step)
-            gd.manual_seed(cfg.train.seed * 1_000_003 + step)
-            rows = perm[i * ft.batch_size:(i + 1) * ft.batch_size]
-            x = train.images[rows.to(train.images.device)].to(device)
-            x = random_crop_flip(x, cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, gd)
+        for x, y, cropped in batches.epoch(epoch, step - epoch * steps_per_epoch):
+            g.manual_seed(cfg.train.seed * 1_000_003 + step + 7919 * rank)
+            gd.manual_seed(cfg.train.seed * 1_000_003 + step + 7919 * rank)
+            if cropped:  # streamed: workers cut the crop; flip here
+                x = random_crop_flip(x, cfg.data.image_size, (1.0, 1.0), (1.0, 1.0), gd)
+            else:
+                x = random_crop_flip(x, cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, gd)
             if ft.randaugment:
                 x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
             x = (x - m) / s
-            x, target = mix_batch(x, train.labels[rows].to(device), len(train.classes), ft.mixup, ft.cutmix,
-                                  ft.label_smoothing, step, g)
+            x, target = mix_batch(x, y, len(train.classes), ft.mixup, ft.cutmix, ft.label_smoothing, step, g)
             lr = lr_at(step, total, warmup, peak)
             for grp in opt.param_groups:
                 grp["lr"] = lr * grp["lr_scale"]
             with autocast_ctx(device, precision):
-                logits = model(x)
+                logits = net(x)
             loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
             if step % cfg.train.log_every == 0:
-                metrics.write({"step": step, "epoch": step / steps_per_epoch, "loss": loss.item(), "lr": lr})
+                metrics.write({"step": step, "epoch": step / steps_per_epoch,
+                               "loss": du.all_reduce_mean(loss.detach()).item(), "lr": lr})
         ep = step // steps_per_epoch
         if ep % ft.eval_every == 0 or step == total:
-            last = evaluate(model, test, cfg.data, device, precision)
-            metrics.write({"step": step, "epoch": float(ep), "test_top1": last["top1"], "test_top5": last["top5"]})
-            log.info("epoch %d: test top-1 %.2f (%.0f s)", ep, last["top1"], time.time() - t0)
-        save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                    "config": to_dict(cfg), "rng": rng_state(), "last_eval": last})
-    return last or evaluate(model, test, cfg.data, device, precision)
+            if main:
+                last = evaluate(model, test, cfg.data, device, precision)
+                metrics.write({"step": step, "epoch": float(ep), "test_top1": last["top1"], "test_top5": last["top5"]})
+                log.info("epoch %d: test top-1 %.2f (%.0f s)", ep, last["top1"], time.time() - t0)
+            du.barrier()
+        if main:
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                                        "config": to_dict(cfg), "rng": rng_state(), "last_eval": last})
+    if last is None and main:
+        last = evaluate(model, test, cfg.data, device, precision)
+    du.barrier()
+    return last or {}

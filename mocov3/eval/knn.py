@@ -18,6 +18,26 @@ def autocast_ctx(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: int,
+                 order: torch.Tensor | None = None, num_workers: int = 2):
+    """Evaluation inputs of ``data`` (rows ``order``, default all, in that order): resize + center crop +
+    normalize, float [b, 3, S, S] on ``device``, in memory or streamed through DataLoader workers."""
+    size = data_cfg.image_size
+    order = torch.arange(len(data)) if order is None else order
+    if data.in_memory:
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            x = data.images[rows.to(data.images.device)].to(device)
+            yield eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std)
+        return
+    ds = torch.utils.data.Subset(StreamingEvalSet(data, size, data_cfg.eval_crop_ratio), order.tolist())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
+    for x, _ in loader:
+        yield (x.to(device).float() / 255.0 - m) / s
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device,
                      batch_size: int = 512, precision: str = "bf16", limit: int = 0,
@@ -35,24 +55,10 @@ def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: tor
     if limit and limit < n:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
     feats, labels = [], data.labels[order]
-    size = data_cfg.image_size
     try:
-        if data.in_memory:
-            for i in range(0, len(order), batch_size):
-                rows = order[i:i + batch_size]
-                x = data.images[rows.to(data.images.device)].to(device)
-                x = eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std)
-                with autocast_ctx(device, precision):
-                    feats.append(backbone(x).float())
-        else:
-            ds = torch.utils.data.Subset(StreamingEvalSet(data, size, data_cfg.eval_crop_ratio), order.tolist())
-            loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-            m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
-            s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
-            for x, _ in loader:
-                x = (x.to(device).float() / 255.0 - m) / s
-                with autocast_ctx(device, precision):
-                    feats.append(backbone(x).float())
+        for x in eval_batches(data, data_cfg, device, batch_size, order, num_workers):
+            with autocast_ctx(device, precision):
+                feats.append(backbone(x).float())
     finally:
         backbone.train(was_training)
     out = torch.cat(feats)

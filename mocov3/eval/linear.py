@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import scaled_lr
+from ..distributed import GlobalBatchNorm
 from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData
 from .knn import autocast_ctx, topk_accuracy
@@ -29,7 +30,8 @@ class LinearProbe(nn.Module):
 
     def __init__(self, dim: int, num_classes: int, bn: bool = True):
         super().__init__()
-        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6) if bn else nn.Identity()
+        # synchronized under torchrun; an ordinary BatchNorm1d in one process
+        self.norm = GlobalBatchNorm(dim, affine=False, eps=1e-6) if bn else nn.Identity()
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
@@ -100,42 +102,63 @@ def fast_linear_probe(train_feats, train_labels, test_feats, test_labels, num_cl
 
 
 def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, data_cfg, cfg, device,
-                      precision: str = "fp32") -> dict:
-    """The paper's protocol on in-memory data: frozen backbone (eval mode), RandomResizedCrop + flip."""
+                      precision: str = "fp32", seed: int = 0) -> dict:
+    """The paper's protocol: frozen backbone (eval mode), RandomResizedCrop + flip each epoch.
+
+    In memory or streamed; under torchrun the global batch ``linear.batch_size`` is split over the
+    processes and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates.
+    """
+    import warnings
+
+    from .. import distributed as du
+    from ..data.datasets import LabelledBatches
     from .knn import extract_features
 
-    if not train.in_memory:
-        raise NotImplementedError("the full (augmented) probe needs in-memory data; use fast mode when streaming")
+    du.init_from_env(device.type)
+    world, rank = du.world_size(), du.rank()
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     num_classes = len(train.classes)
+    torch.manual_seed(seed)
     probe = LinearProbe(backbone.num_features, num_classes, cfg.bn).to(device)
+    net: nn.Module = probe
+    if world > 1:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            net = nn.parallel.DistributedDataParallel(
+                probe, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     bs = min(cfg.batch_size, len(train))
+    bs -= bs % world
     lr = scaled_lr(cfg.base_lr, bs)
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(train) // bs
-    total, step = cfg.epochs * steps_per_epoch, 0
-    g = torch.Generator(device=device).manual_seed(0)
+    batches = LabelledBatches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
+                              (3 / 4, 4 / 3), data_cfg.num_workers)
+    total, step = cfg.epochs * batches.steps_per_epoch, 0
+    g = torch.Generator(device=device)
     m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(step))
-        for i in range(steps_per_epoch):
-            rows = perm[i * bs:(i + 1) * bs]
-            x = train.images[rows.to(train.images.device)].to(device)
-            x = (random_crop_flip(x, data_cfg.image_size, (0.08, 1.0), (3 / 4, 4 / 3), g) - m) / s
+    for epoch in range(cfg.epochs):
+        for x, y, cropped in batches.epoch(epoch):
+            g.manual_seed(seed * 1_000_003 + step + 7919 * rank)
+            scale = (1.0, 1.0) if cropped else (0.08, 1.0)
+            ratio = (1.0, 1.0) if cropped else (3 / 4, 4 / 3)
+            x = (random_crop_flip(x, data_cfg.image_size, scale, ratio, g) - m) / s
             with torch.no_grad(), autocast_ctx(device, precision):
                 feats = backbone(x).float()
             for group in opt.param_groups:
                 group["lr"] = _cosine(step, total, lr)
-            loss = F.cross_entropy(probe(feats), train.labels[rows].to(device))
+            loss = F.cross_entropy(net(feats), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-    ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)
-    return {**evaluate_probe(probe, ft, lt), "base_lr": cfg.base_lr}
+    res = {}
+    if du.is_main():
+        ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)
+        res = evaluate_probe(probe, ft, lt)
+    du.barrier()
+    return {**res, "base_lr": cfg.base_lr}
 
 
 def snapshot(module: nn.Module) -> dict:
