@@ -30,7 +30,9 @@ def _first_layer(norms: dict) -> str:
     return next(iter(norms))
 
 
-def make_report(runs: list[Path], output: Path) -> Path:
+def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) -> Path:
+    """Figures and ``report.md`` for ``runs`` in ``output``; ``per_run_figures=False`` keeps only the
+    shared kNN figure (and the table)."""
     try:
         import matplotlib
 
@@ -64,6 +66,8 @@ def make_report(runs: list[Path], output: Path) -> Path:
     figs.append(("kNN accuracy", "knn.png"))
 
     for name, lines in data.items():
+        if not per_run_figures:
+            break
         train = [l for l in lines if "loss" in l]
         grads = [l for l in train if "grad_norm" in l]
         if grads:
@@ -71,8 +75,13 @@ def make_report(runs: list[Path], output: Path) -> Path:
             fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
             steps = [l["step"] for l in grads]
             a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads], label=f"{first} (first layer)")
-            rest = [sum(v * v for k, v in l["grad_norm"].items() if k not in (first, "total")) ** 0.5 for l in grads]
-            a1.plot(steps, rest, label="rest of the encoder", alpha=0.8)
+            names = list(grads[0]["grad_norm"])
+            blocks = [k for k in names if k.startswith(("block", "layer"))]
+            if blocks:  # the paper's figure: the first layer against the last one
+                last = blocks[-1]
+                a1.plot(steps, [l["grad_norm"].get(last, float("nan")) for l in grads], label=f"{last} (last block)",
+                        alpha=0.8)
+            a1.plot(steps, [l["grad_norm"]["total"] for l in grads], label="whole model", alpha=0.5, lw=0.8)
             for s in (l for l in lines if "spike" in l):
                 a1.axvline(s["step"], color="red", alpha=0.3, lw=1)
             a1.set_yscale("log")
