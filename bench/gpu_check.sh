@@ -12,9 +12,14 @@ python - <<'PY' > "$OUT/env.json"
 import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
   "device": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported()}))
 PY
-timeout 240 python -m pytest -q -x tests > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
-timeout 240 python bench/step_throughput.py --device cuda --steps 10 \
-  --pairs quickstart:fp32,quickstart:bf16,vit_small_224:bf16 --out "$OUT/step_throughput_gpu.json" \
+# interop first (timm and torchvision exist only there): the export loads into timm, ResNets into torchvision
+timeout 120 python -m pytest -q -rs tests/test_export.py tests/test_methods.py -k "timm or torchvision" \
+  > "$OUT/pytest_interop.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_interop.txt"
+timeout 200 python -m pytest -q -x tests > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 150 python bench/step_throughput.py --device cuda --steps 10 \
+  --pairs quickstart:fp32,quickstart:bf16,vit_small_224:bf16,resnet50_224:bf16 --out "$OUT/step_throughput_gpu.json" \
   > "$OUT/throughput.txt" 2>&1
-cp "$OUT/step_throughput_gpu.json" bench/results/ 2>/dev/null || true
-tail -3 "$OUT/pytest.txt"; cat "$OUT/throughput.txt"
+timeout 90 python bench/monitor_overhead.py --device cuda --config configs/imagenet_vit_small.yaml --batch 64 \
+  --blocks 4 --steps 10 --out "$OUT/monitor_overhead_gpu.json" > "$OUT/monitor.txt" 2>&1
+cp "$OUT"/*_gpu.json bench/results/ 2>/dev/null || true
+tail -3 "$OUT/pytest_interop.txt" "$OUT/pytest.txt"; cat "$OUT/throughput.txt"; tail -5 "$OUT/monitor.txt"

@@ -23,6 +23,8 @@ CASES = {
     "quickstart": {"config": "configs/quickstart_cpu.yaml", "batch": 256, "overrides": []},
     # ViT-S/16 at 224 px with the paper's 4096-wide heads
     "vit_small_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 32, "overrides": []},
+    # ResNet-50 at 224 px with the MoCo v3 ResNet heads (LARS)
+    "resnet50_224": {"config": "configs/imagenet_resnet50.yaml", "batch": 32, "overrides": []},
 }
 
 
@@ -71,8 +73,8 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
     res = {"case": name, "precision": precision, "batch_size": bs, "image_size": size,
-           "patch_size": cfg.model.patch_size, "embed_dim": method.backbone.embed_dim,
-           "depth": len(method.backbone.blocks), "head_hidden": cfg.method.proj_hidden_dim,
+           "model": cfg.model.name, "patch_size": cfg.model.patch_size, "embed_dim": method.backbone.embed_dim,
+           "depth": len(getattr(method.backbone, "blocks", [])), "head_hidden": cfg.method.proj_hidden_dim,
            "seconds_per_step": dt, "images_per_sec": bs / dt, "timed_steps": steps}
     if dev.type == "cuda":
         res["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
