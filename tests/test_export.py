@@ -48,12 +48,18 @@ def test_export_errors(tmp_path, capsys):
         mocov3.load_backbone(tmp_path)
 
 
-def test_export_loads_into_timm(checkpoint, tmp_path):
+@pytest.mark.parametrize("variant", [[], ["model.pooling=gap", "model.final_norm=false"], ["model.pos_embed=learned"],
+                                     ["model.pos_embed=none", "model.pooling=gap"],
+                                     ["model.patch_norm=wn", "model.freeze_patch_embed=false"]])
+def test_export_loads_into_timm(folder, tmp_path, variant):
     tv = pytest.importorskip("timm.models.vision_transformer")
     from safetensors.torch import load_file
 
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"] + variant) == 0
     exp = tmp_path / "export"
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp)]) == 0
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(exp)]) == 0
     kw = json.loads((exp / "config.json").read_text())["timm_kwargs"]
     m = tv.VisionTransformer(**kw).eval()
     m.load_state_dict(load_file(str(exp / "model.safetensors")), strict=True)
