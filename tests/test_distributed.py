@@ -54,7 +54,14 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, nam
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
-def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path):
+@pytest.mark.parametrize("extra", [
+    [],
+    ["method=swav", "method.num_prototypes=8", "data.small_crops=2", "data.small_crop_size=8",
+     "method.queue_size=16", "method.freeze_prototypes_steps=1", "model=resnet18", "model.cifar_stem=true",
+     "optim.name=lars"],
+    ["method=simclr", "model.freeze_patch_embed=false", "eval.knn_every_steps=2"],
+], ids=["mocov3", "swav_resnet_multicrop", "simclr"])
+def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path, extra):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
@@ -62,7 +69,7 @@ def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3", "pretrain", "--data", str(folder),
-           "--eval-data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "train.max_steps=3"]
+           "--eval-data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "train.max_steps=3", *extra]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
