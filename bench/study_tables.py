@@ -41,7 +41,7 @@ def dips_with_steps(points: list[tuple[int, float]], threshold: float = DIP_THRE
             out.append(cur)
         elif cur is not None:
             cur["depth"] = max(cur["depth"], cur["best_before"] - v)
-            if v >= cur["best_before"] - threshold:
+            if v >= cur["best_before"] - threshold / 2:  # the same hysteresis as mocov3.sweep.count_dips
                 cur["recovered"] = step
                 cur = None
         best = max(best, v)

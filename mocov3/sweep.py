@@ -37,18 +37,17 @@ SUMMARY_COLUMNS = ["final_knn", "best_knn", "final_fine_knn", "dips", "spikes", 
 
 
 def count_dips(curve: list[float], threshold: float = 1.0) -> int:
-    """Number of times the kNN accuracy falls more than ``threshold`` points below its running best
-    (a new dip starts only after the curve has recovered to within the threshold)."""
-    best, dips, in_dip = float("-inf"), 0, False
+    """Number of times the kNN accuracy falls more than ``threshold`` points below its running best.
+    A dip ends when the curve is back within ``threshold / 2`` of the best it fell from (hysteresis, so
+    a curve hovering at the threshold counts once)."""
+    best, dips, floor = float("-inf"), 0, None
     for v in curve:
-        if v > best:
-            best = v
-        if v < best - threshold:
-            if not in_dip:
-                dips += 1
-                in_dip = True
-        else:
-            in_dip = False
+        if floor is None and v < best - threshold:
+            dips += 1
+            floor = best - threshold / 2
+        elif floor is not None and v >= floor:
+            floor = None
+        best = max(best, v)
     return dips
 
 

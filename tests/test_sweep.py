@@ -12,6 +12,7 @@ def test_count_dips():
     assert count_dips([10, 20, 30, 40]) == 0
     assert count_dips([10, 30, 25, 35, 36, 30, 40]) == 2
     assert count_dips([10, 30, 29.5, 31]) == 0  # within the 1-point threshold
+    assert count_dips([10, 30, 28.9, 29.2, 28.8, 29.1, 28.7]) == 1  # hovering at the threshold: one dip
     assert count_dips([]) == 0
 
 
