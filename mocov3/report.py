@@ -30,6 +30,12 @@ def _first_layer(norms: dict) -> str:
     return next(iter(norms))
 
 
+def run_labels(runs: list[Path]) -> list[str]:
+    """Folder names, prefixed by their parent folder where two runs share a name (sweeps of other configs)."""
+    names = [Path(r).resolve().name for r in runs]
+    return [f"{Path(r).resolve().parent.name}/{n}" if names.count(n) > 1 else n for r, n in zip(runs, names)]
+
+
 def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) -> Path:
     """Figures and ``report.md`` for ``runs`` in ``output``; ``per_run_figures=False`` keeps only the
     shared kNN figure (and the table)."""
@@ -43,7 +49,7 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
 
         raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
     output.mkdir(parents=True, exist_ok=True)
-    data = {Path(r).name or str(r): _load(Path(r)) for r in runs}
+    data = {label: _load(Path(r)) for label, r in zip(run_labels(runs), runs)}
     figs = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -94,9 +100,9 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
             a2.set_ylabel("kNN top-1 (%)")
             a2.set_xlabel("iteration")
             fig.tight_layout()
-            fig.savefig(output / f"grad_{name}.png", dpi=120)
+            fig.savefig(output / f"grad_{name.replace('/', '_')}.png", dpi=120)
             plt.close(fig)
-            figs.append((f"{name}: gradient norms (spikes in red) and kNN", f"grad_{name}.png"))
+            figs.append((f"{name}: gradient norms (spikes in red) and kNN", f"grad_{name.replace('/', '_')}.png"))
         if train:
             fig, axes = plt.subplots(1, 3, figsize=(11, 3))
             for ax, key in zip(axes, ("loss", "lr", "momentum")):
@@ -104,11 +110,11 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
                 ax.set_title(key)
                 ax.set_xlabel("iteration")
             fig.tight_layout()
-            fig.savefig(output / f"train_{name}.png", dpi=100)
+            fig.savefig(output / f"train_{name.replace('/', '_')}.png", dpi=100)
             plt.close(fig)
-            figs.append((f"{name}: loss, lr, momentum", f"train_{name}.png"))
+            figs.append((f"{name}: loss, lr, momentum", f"train_{name.replace('/', '_')}.png"))
 
-    rows = [summarize_run(Path(r)) for r in runs]
+    rows = [{**summarize_run(Path(r)), "run": label} for label, r in zip(run_labels(runs), runs)]
     cols = ["run"] + SUMMARY_COLUMNS
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     md = ["# Run report", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

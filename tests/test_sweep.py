@@ -58,3 +58,10 @@ def test_report_draws_figures_and_page(folder, tmp_path, capsys):
     page = (tmp_path / "rep" / "report.md").read_text()
     assert "| run_true |" in page and "![" in page
     assert main(["report", str(tmp_path / "nope"), "--output", str(tmp_path / "r2")]) == 2
+
+
+def test_report_labels_runs_that_share_a_folder_name(tmp_path):
+    from mocov3.report import run_labels
+
+    runs = [tmp_path / "simclr" / "frozen", tmp_path / "byol" / "frozen", tmp_path / "x" / "other"]
+    assert run_labels(runs) == ["simclr/frozen", "byol/frozen", "other"]
