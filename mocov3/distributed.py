@@ -121,6 +121,19 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / world_size()
 
 
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` itself in one process; under a process group, DistributedDataParallel without buffer
+    broadcast (BN statistics are already global through :class:`GlobalBatchNorm`, nothing to sync)."""
+    if world_size() == 1:
+        return module
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+
+
 class GlobalBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the global batch (SyncBatchNorm that also works on CPU / gloo).
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, save_config, scaled_lr, to_dict
-from ..data.augment import eval_transform, random_crop_flip
+from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData
 from ..data.randaugment import rand_augment
 from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -125,8 +125,6 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     Works in one process or under torchrun (DDP; the global batch ``finetune.batch_size`` is split over
     the processes, BatchNorm is synchronized, rank 0 evaluates and writes), on in-memory or streamed data.
     """
-    import warnings
-
     from .. import distributed as du
     from ..data.datasets import LabelledBatches
     from ..models.factory import backbone_spec, build_from_spec
@@ -169,12 +167,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         log.info("resumed fine-tuning at step %d", step)
     else:
         metrics.truncate_after(-1)
-    net: nn.Module = model
-    if world > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    net = du.wrap_ddp(model, device)
     log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s, %d process(es)", peak,
              ft.base_lr, ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained",
              world)

@@ -108,8 +108,6 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
     In memory or streamed; under torchrun the global batch ``linear.batch_size`` is split over the
     processes and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates.
     """
-    import warnings
-
     from .. import distributed as du
     from ..data.datasets import LabelledBatches
     from .knn import extract_features
@@ -122,12 +120,7 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
     num_classes = len(train.classes)
     torch.manual_seed(seed)
     probe = LinearProbe(backbone.num_features, num_classes, cfg.bn).to(device)
-    net: nn.Module = probe
-    if world > 1:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            net = nn.parallel.DistributedDataParallel(
-                probe, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    net = du.wrap_ddp(probe, device)
     bs = min(cfg.batch_size, len(train))
     bs -= bs % world
     lr = scaled_lr(cfg.base_lr, bs)

@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -198,13 +197,7 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
     channels_last = device.type == "cuda" and is_resnet(cfg.model.name)
     if channels_last:  # convolutions in NHWC are faster on tensor cores
         method = method.to(memory_format=torch.channels_last)
-    model: nn.Module = method
-    if world > 1:
-        # No buffer broadcast: BN statistics are already global (GlobalBatchNorm), nothing to sync.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            model = nn.parallel.DistributedDataParallel(
-                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    model = du.wrap_ddp(method, device)
 
     # 3. optimizer and schedules
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
