@@ -33,19 +33,14 @@ def load(run: Path) -> tuple[list[dict], dict]:
 
 
 def dips_with_steps(points: list[tuple[int, float]], threshold: float = DIP_THRESHOLD) -> list[dict]:
-    """Dips of a curve [(step, acc)]: start step, depth below the running best, recovery step (or None)."""
-    best, out, cur = float("-inf"), [], None
-    for step, v in points:
-        if cur is None and v < best - threshold:
-            cur = {"start": step, "depth": best - v, "best_before": best, "recovered": None}
-            out.append(cur)
-        elif cur is not None:
-            cur["depth"] = max(cur["depth"], cur["best_before"] - v)
-            if v >= cur["best_before"] - threshold / 2:  # the same hysteresis as mocov3.sweep.count_dips
-                cur["recovered"] = step
-                cur = None
-        best = max(best, v)
-    return out
+    """Dips of a curve [(step, acc)] (:func:`mocov3.sweep.find_dips`): start step, depth below the running
+    best, recovery step (or None)."""
+    from mocov3.sweep import find_dips
+
+    steps = [s for s, _ in points]
+    return [{"start": steps[d["start"]], "depth": d["depth"], "best_before": d["best_before"],
+             "recovered": None if d["end"] is None else steps[d["end"]]}
+            for d in find_dips([v for _, v in points], threshold)]
 
 
 def summarize(run: Path) -> dict:

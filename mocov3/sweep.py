@@ -36,19 +36,27 @@ SUMMARY_COLUMNS = ["final_knn", "best_knn", "final_fine_knn", "dips", "spikes", 
                    "final_loss"]
 
 
-def count_dips(curve: list[float], threshold: float = 1.0) -> int:
-    """Number of times the kNN accuracy falls more than ``threshold`` points below its running best.
+def find_dips(curve: list[float], threshold: float = 1.0) -> list[dict]:
+    """The dips of a kNN curve: each time it falls more than ``threshold`` points below its running best.
     A dip ends when the curve is back within ``threshold / 2`` of the best it fell from (hysteresis, so
-    a curve hovering at the threshold counts once)."""
-    best, dips, floor = float("-inf"), 0, None
-    for v in curve:
-        if floor is None and v < best - threshold:
-            dips += 1
-            floor = best - threshold / 2
-        elif floor is not None and v >= floor:
-            floor = None
+    a curve hovering at the threshold counts once). Returns ``[{"start", "end", "depth", "best_before"}]``
+    with indices into ``curve`` (``end`` None while not recovered)."""
+    best, out, cur = float("-inf"), [], None
+    for i, v in enumerate(curve):
+        if cur is None and v < best - threshold:
+            cur = {"start": i, "end": None, "depth": best - v, "best_before": best}
+            out.append(cur)
+        elif cur is not None:
+            cur["depth"] = max(cur["depth"], cur["best_before"] - v)
+            if v >= cur["best_before"] - threshold / 2:
+                cur["end"], cur = i, None
         best = max(best, v)
-    return dips
+    return out
+
+
+def count_dips(curve: list[float], threshold: float = 1.0) -> int:
+    """Number of dips of ``curve`` (:func:`find_dips`)."""
+    return len(find_dips(curve, threshold))
 
 
 def summarize_run(run_dir: Path) -> dict:

@@ -224,7 +224,36 @@ class StreamingEvalSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), int(self.data.labels[idx])
 
 
-class TrainBatches:
+class _GlobalBatches:
+    """Shared by :class:`TrainBatches` and :class:`LabelledBatches`: this process's slice of each global
+    batch of a per-epoch permutation, and the DataLoader over streamed items."""
+
+    stream: Optional[torch.utils.data.Dataset] = None
+
+    def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
+                 num_workers: int):
+        if len(data) < batch_size_total:
+            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
+        self.data, self.B, self.rank, self.world, self.seed = data, batch_size_total, rank, world, seed
+        self.local, self.device, self.num_workers = batch_size_total // world, device, num_workers
+        self.steps_per_epoch = len(data) // batch_size_total
+
+    def _slice(self, perm: torch.Tensor) -> torch.Tensor:
+        """Permutation -> [steps_per_epoch, B_local]: this rank's rows of each global batch."""
+        perm = perm[: self.steps_per_epoch * self.B].view(self.steps_per_epoch, self.B)
+        return perm[:, self.rank * self.local:(self.rank + 1) * self.local]
+
+    def _stream_batches(self, epoch: int, idx: torch.Tensor):
+        """Items of ``self.stream`` for the rows ``idx`` [steps, B_local], batched by DataLoader workers
+        and moved to the device."""
+        self.stream.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
+        for a, b in loader:
+            yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
+
+
+class TrainBatches(_GlobalBatches):
     """The epoch's global batches, this process's slice of each.
 
     Order: a permutation drawn from (seed, epoch), identical on every process; global batch b holds
@@ -239,20 +268,12 @@ class TrainBatches:
 
     def __init__(self, data: ImageData, data_cfg, batch_size_total: int, rank: int, world: int, seed: int,
                  device, num_workers: int = 4):
-        if len(data) < batch_size_total:
-            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
-        self.data, self.B, self.rank, self.world, self.seed = data, batch_size_total, rank, world, seed
-        self.local = batch_size_total // world
-        self.device = device
-        self.steps_per_epoch = len(data) // batch_size_total
-        self.num_workers = num_workers
+        super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingTrainSet(data, data_cfg, seed)
 
     def _indices(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(_seed_for(self.seed, epoch, 7))
-        perm = torch.randperm(len(self.data), generator=g)[: self.steps_per_epoch * self.B]
-        perm = perm.view(self.steps_per_epoch, self.B)
-        return perm[:, self.rank * self.local:(self.rank + 1) * self.local]
+        return self._slice(torch.randperm(len(self.data), generator=g))
 
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]
@@ -261,12 +282,8 @@ class TrainBatches:
                 x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
                 yield x, x, True
             return
-        self.stream.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            self.stream, batch_sampler=[r.tolist() for r in idx], num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for a, b in loader:
-            yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True), False
+        for a, b in self._stream_batches(epoch, idx):
+            yield a, b, False
 
 
 class StreamingCropSet(torch.utils.data.Dataset):
@@ -298,7 +315,7 @@ class StreamingCropSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), int(self.data.labels[idx])
 
 
-class LabelledBatches:
+class LabelledBatches(_GlobalBatches):
     """Global batches of labelled images for supervised training (fine-tuning, the full linear probe),
     this process's slice of each (as :class:`TrainBatches`): a permutation drawn from (seed, epoch),
     global batch b = ``perm[b*B : (b+1)*B]``, rank r takes its ``B / world`` rows; the last incomplete
@@ -311,19 +328,14 @@ class LabelledBatches:
 
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
                  size: int, scale, ratio, num_workers: int = 4):
-        if len(data) < batch_size_total:
-            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
         if batch_size_total % world:
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
-        self.data, self.B, self.rank, self.world, self.seed = data, batch_size_total, rank, world, seed
-        self.local, self.device, self.num_workers = batch_size_total // world, device, num_workers
-        self.steps_per_epoch = len(data) // batch_size_total
+        super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingCropSet(data, size, scale, ratio, seed)
 
     def _indices(self, epoch: int) -> torch.Tensor:
-        perm = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-        perm = perm[: self.steps_per_epoch * self.B].view(self.steps_per_epoch, self.B)
-        return perm[:, self.rank * self.local:(self.rank + 1) * self.local]
+        return self._slice(torch.randperm(len(self.data),
+                                          generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)))
 
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]
@@ -332,8 +344,5 @@ class LabelledBatches:
                 x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
                 yield x, self.data.labels[rows].to(self.device), False
             return
-        self.stream.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
-                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), True
+        for x, y in self._stream_batches(epoch, idx):
+            yield x, y, True

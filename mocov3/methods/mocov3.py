@@ -52,7 +52,7 @@ class MoCoV3(MomentumMethod):
         q1 = self.predictor(self.projector(self.backbone(x1)))
         q2 = self.predictor(self.projector(self.backbone(x2)))
         k1, k2 = self.momentum_embed(x1), self.momentum_embed(x2)
-        queue = self.queue.clone() if self.queue_size > 0 else None
+        queue = self.queue if self.queue_size > 0 else None  # the loss copies it (cat) before _enqueue writes
         loss = contrastive_loss(q1, k2, self.temperature, queue) + contrastive_loss(q2, k1, self.temperature, queue)
         if self.queue_size > 0:
             self._enqueue(k1)

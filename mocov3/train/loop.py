@@ -245,34 +245,33 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
         if extra_name:
             save_checkpoint(output_dir / extra_name, payload)
 
-    def run_knn(at_step: int) -> Optional[dict]:
+    def run_knn(at_step: int, fine: bool = False) -> Optional[dict]:
+        """kNN on the full bank (``knn_top1``), or with ``fine`` §5's fine-grained point on a fixed small
+        bank / test subset (``knn_fine_top1``)."""
         if bank is None:
             return None
         res = None
         if du.is_main():
             t0 = time.time()
-            res = knn_evaluate(method.backbone, bank, test, cfg.data, cfg.eval, device, precision)
-            log.info("kNN at step %d: top1 %.2f top5 %.2f (%.0f s)", at_step, res["top1"], res["top5"], time.time() - t0)
-            metrics.write({"step": at_step, "epoch": at_step / steps_per_epoch,
-                           "knn_top1": res["top1"], "knn_top5": res["top5"]})
+            limits = dict(bank_limit=cfg.eval.knn_fine_bank, test_limit=cfg.eval.knn_fine_test) if fine else {}
+            res = knn_evaluate(method.backbone, bank, test, cfg.data, cfg.eval, device, precision, **limits)
+            rec = {"step": at_step, "epoch": at_step / steps_per_epoch}
+            if fine:
+                rec["knn_fine_top1"] = res["top1"]
+            else:
+                log.info("kNN at step %d: top1 %.2f top5 %.2f (%.0f s)", at_step, res["top1"], res["top5"],
+                         time.time() - t0)
+                rec.update(knn_top1=res["top1"], knn_top5=res["top5"])
+            metrics.write(rec)
         du.barrier()
         return res
 
-    fine_knn = None
-    if bank is not None and cfg.eval.knn_every_steps > 0:
-        def fine_knn(at_step: int) -> None:
-            """§5's fine-grained curve: kNN on a fixed small bank / test subset every N iterations."""
-            if du.is_main():
-                res = knn_evaluate(method.backbone, bank, test, cfg.data, cfg.eval, device, precision,
-                                   bank_limit=cfg.eval.knn_fine_bank, test_limit=cfg.eval.knn_fine_test)
-                metrics.write({"step": at_step, "epoch": at_step / steps_per_epoch, "knn_fine_top1": res["top1"]})
-            du.barrier()
-
+    fine_every = cfg.eval.knn_every_steps if bank is not None else 0
     last_knn = None
     if step == 0 and bank is not None and cfg.eval.knn_every > 0:
         last_knn = run_knn(0)  # the random-init reference point
-    if step == 0 and fine_knn is not None:
-        fine_knn(0)
+    if step == 0 and fine_every:
+        run_knn(0, fine=True)
 
     # 5. fit
     max_steps = min(total_steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else total_steps
@@ -330,9 +329,9 @@ def pretrain(cfg: Config, data_spec: str, output_dir: Path, eval_spec: Optional[
                 scaler.update()
                 step += 1
                 n_since += 1
-                if fine_knn is not None and step % cfg.eval.knn_every_steps == 0:
+                if fine_every and step % fine_every == 0:
                     t_knn = time.time()
-                    fine_knn(step)
+                    run_knn(step, fine=True)
                     t_last += time.time() - t_knn  # images_per_sec counts training time only
                 if log_now:
                     loss_val = du.all_reduce_mean(loss.detach().float()).item()
