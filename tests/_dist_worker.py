@@ -58,5 +58,9 @@ def worker(rank: int, world: int, init_file: str, out_file: str, name: str = "mo
         if rank == 0:
             torch.save({"loss": loss_mean, "state": copy.deepcopy(method.state_dict()), "grads": grads,
                         "gathered": gathered}, out_file)
+        # Tear down in order: no rank leaves while another still communicates, and DDP (its reducer holds
+        # the process group) goes before the group. Without this, gloo occasionally aborted a rank at exit.
+        dist.barrier()
+        del model
     finally:
         dist.destroy_process_group()
