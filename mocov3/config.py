@@ -1,13 +1,18 @@
 """Typed, layered configuration: defaults < YAML recipe < ``key=value`` overrides.
 
 Every section is a dataclass; a YAML recipe and command-line overrides are merged into it and
-validated (unknown keys and wrong types raise :class:`ConfigError` with a one-line message).
-Derived values, such as the learning rate of the scaling rule (PAPER.md §4), are computed in
-named functions here and nowhere else.
+validated (unknown keys and wrong types raise :class:`ConfigError` with a one-line message). A recipe
+may extend another with ``base: other.yaml`` (a path relative to the recipe) and then holds only the
+keys that differ. Validation is pure: it checks and never edits. Derived values, such as the learning
+rate of the scaling rule (docs/paper.md §4), are computed in named functions here and nowhere else.
+
+Section references (§N) in help texts point to docs/paper.md, which follows the sections of the paper
+(arXiv 2104.02057).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,9 +21,19 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .runtime import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; its message is one line."""
+__all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "scaled_lr", "describe_keys",
+           "VIT_NAMES", "RESNET_NAMES", "is_resnet"]
+
+#: Backbone names (the presets themselves live in mocov3.models; a test keeps the two in step).
+VIT_NAMES = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge")
+RESNET_NAMES = ("resnet18", "resnet50")
+ModelName = Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "resnet18", "resnet50"]
+
+
+def is_resnet(name: str) -> bool:
+    return name in RESNET_NAMES
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -29,16 +44,20 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("vit_small", "backbone: vit_tiny|vit_small|vit_base|vit_large|vit_huge|resnet18|resnet50")
+    name: ModelName = _f("vit_small", "backbone")
     patch_size: int = _f(16, "ViT patch size (pixels)")
     embed_dim: Optional[int] = _f(None, "override the preset's width")
     depth: Optional[int] = _f(None, "override the preset's number of blocks")
     num_heads: Optional[int] = _f(None, "override the preset's number of attention heads")
     mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim")
-    pos_embed: Literal["sincos", "learned", "none"] = _f("sincos", "position embedding (PAPER.md §2, §7)")
+    pos_embed: Literal["sincos", "learned", "none"] = _f("sincos", "position embedding (§2, §7)")
+    sincos_layout: Literal["row_first", "col_first"] = _f(
+        "row_first", "sin-cos embedding: row index in the first half (the reference code, §2) or the column "
+                     "index first (mocov3 0.1's layout)")
     pooling: Literal["cls", "gap"] = _f("cls", "representation: class token or global average pooling")
     final_norm: bool = _f(True, "keep the final LayerNorm (with pooling=gap the paper drops it, §7)")
-    freeze_patch_embed: bool = _f(True, "random frozen patch projection, the stability trick (§2; ViT only)")
+    freeze_patch_embed: bool = _f(True, "random frozen patch projection, the stability trick (§2; ViTs only, "
+                                             "ignored for ResNets)")
     mlp_norm: Literal["ln", "bn"] = _f("ln", "normalization before the MLP of each block; bn = ViT-BN (§7)")
     patch_norm: Literal["none", "bn", "wn"] = _f(
         "none", "BatchNorm (bn) or WeightNorm (wn) on the patch projection, variants of §2 (did not help there)")
@@ -71,21 +90,24 @@ class MethodConfig:
 
 @dataclass
 class DataConfig:
+    path: Optional[str] = _f(None, "training data (set by --data): image folder or cifar10 / cifar100; recorded "
+                                   "so a run folder says what it was trained on")
+    eval_path: Optional[str] = _f(None, "labelled test set of the kNN monitor (set by --eval-data), e.g. cifar10:test")
     image_size: int = _f(224, "training crop size (pixels)")
-    crop_scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range (§3)")
-    crop_ratio: list = _f([0.75, 1.3333333], "RandomResizedCrop aspect-ratio range")
-    jitter_prob: list = _f([0.8, 0.8], "ColorJitter probability for view 1, view 2")
-    jitter_strength: list = _f([0.4, 0.4, 0.2, 0.1], "brightness, contrast, saturation, hue")
-    grayscale_prob: list = _f([0.2, 0.2], "grayscale probability per view")
-    blur_prob: list = _f([1.0, 0.1], "Gaussian blur probability per view")
-    blur_sigma: list = _f([0.1, 2.0], "blur sigma range, in pixels of a 224-pixel image")
-    solarize_prob: list = _f([0.0, 0.2], "solarize probability per view")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range (§3)")
+    crop_ratio: tuple[float, float] = _f((0.75, 1.3333333), "RandomResizedCrop aspect-ratio range")
+    jitter_prob: tuple[float, float] = _f((0.8, 0.8), "ColorJitter probability for view 1, view 2")
+    jitter_strength: tuple[float, float, float, float] = _f((0.4, 0.4, 0.2, 0.1), "brightness, contrast, saturation, hue")
+    grayscale_prob: tuple[float, float] = _f((0.2, 0.2), "grayscale probability per view")
+    blur_prob: tuple[float, float] = _f((1.0, 0.1), "Gaussian blur probability per view")
+    blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, in pixels of a 224-pixel image")
+    solarize_prob: tuple[float, float] = _f((0.0, 0.2), "solarize probability per view")
     flip_prob: float = _f(0.5, "horizontal flip probability")
     small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)")
     small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)")
-    small_crop_scale: list = _f([0.05, 0.14], "multi-crop: RandomResizedCrop scale range of the small views")
-    mean: list = _f([0.485, 0.456, 0.406], "normalization mean")
-    std: list = _f([0.229, 0.224, 0.225], "normalization std")
+    small_crop_scale: tuple[float, float] = _f((0.05, 0.14), "multi-crop: RandomResizedCrop scale range of the small views")
+    mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "normalization mean")
+    std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "normalization std")
     eval_crop_ratio: float = _f(0.875, "evaluation: resize to image_size/ratio, center-crop image_size")
     in_memory: Literal["auto", "yes", "no"] = _f("auto", "hold decoded uint8 images on the device")
     memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode")
@@ -99,7 +121,7 @@ class OptimConfig:
         "adamw", "optimizer: adamw (recommended for ViT, §4), lamb, lars (ResNet recipe, §4) or sgd (momentum)")
     base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)")
     weight_decay: float = _f(0.1, "weight decay")
-    betas: list = _f([0.9, 0.999], "AdamW betas")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     sgd_momentum: float = _f(0.9, "LARS / SGD momentum")
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta (§4)")
     exclude_1d_from_wd: bool = _f(False, "no weight decay on biases and norms (the reference decays all)")
@@ -116,10 +138,10 @@ class TrainConfig:
     seed: int = _f(0, "random seed (model init, data order, augmentations)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "autocast precision; auto = bf16 where the device computes it natively, else fp32")
-    device: str = _f("auto", "auto | cpu | cuda")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     log_every: int = _f(10, "write a metrics line every N steps")
     checkpoint_every_steps: int = _f(0, "also checkpoint every N steps; 0 = only at epoch ends")
-    save_epochs: list = _f([], "epochs after which a numbered checkpoint copy is kept")
+    save_epochs: tuple[int, ...] = _f((), "epochs after which a numbered checkpoint copy is kept")
     max_steps: int = _f(0, "stop after this many steps in total (0 = full schedule); for smoke runs")
     grad_monitor: bool = _f(True, "per-layer gradient norms on the log lines, and gradient-spike events")
     spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
@@ -133,6 +155,9 @@ class EvalConfig:
     knn_k: int = _f(20, "neighbours of the weighted kNN")
     knn_temperature: float = _f(0.07, "temperature of the weighted kNN")
     knn_bank_size: int = _f(0, "use at most this many bank images (0 = all)")
+    knn_init: Literal["subset", "full", "off"] = _f(
+        "subset", "kNN of the random-init backbone at step 0 (logged as knn_init_top1): on the fine monitor's "
+                  "subsets (cheap), on the full bank, or not at all")
     knn_every_steps: int = _f(0, "fine-grained kNN monitor every N iterations on a small bank (0 = off), "
                                  "to see the dips of §5")
     knn_fine_bank: int = _f(5000, "fine kNN monitor: bank images (a fixed random subset of the training data)")
@@ -142,10 +167,10 @@ class EvalConfig:
 
 @dataclass
 class LinearConfig:
-    epochs: int = _f(90, "linear probe epochs (PAPER.md §8: 90)")
+    epochs: int = _f(90, "linear probe epochs (§8: 90)")
     batch_size: int = _f(1024, "linear probe batch size")
     base_lr: float = _f(0.1, "probe lr = base_lr * batch / 256 (with the BN below the probe is robust to it)")
-    lr_sweep: list = _f([0.01, 0.03, 0.1, 0.3, 1.0, 3.0], "fast mode: base_lr values tried, chosen on a held-out split")
+    lr_sweep: tuple[float, ...] = _f((0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "fast mode: base_lr values tried, chosen on a held-out split")
     val_fraction: float = _f(0.1, "fast mode: share of the training set held out to choose the lr")
     weight_decay: float = _f(0.0, "probe weight decay (0 in the paper)")
     bn: bool = _f(True, "BatchNorm without affine before the classifier (as MAE's probe)")
@@ -163,7 +188,7 @@ class FinetuneConfig:
     warmup_epochs: float = _f(5.0, "linear warmup (epochs)")
     mixup: float = _f(0.8, "mixup alpha; 0 = off")
     cutmix: float = _f(1.0, "cutmix alpha; 0 = off (mixup and cutmix alternate per batch when both are on)")
-    crop_scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range")
+    crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range")
     randaugment: bool = _f(True, "RandAugment (2 ops, magnitude 9, std 0.5) after crop and flip")
     randaugment_magnitude: float = _f(9.0, "RandAugment magnitude (0..10)")
     eval_every: int = _f(1, "test accuracy every N epochs")
@@ -195,13 +220,6 @@ ALIASES = {
     "base_lr": "optim.base_lr",
 }
 
-_LIST_LENGTHS = {
-    "data.crop_scale": 2, "data.crop_ratio": 2, "data.jitter_prob": 2, "data.jitter_strength": 4,
-    "data.grayscale_prob": 2, "data.blur_prob": 2, "data.blur_sigma": 2, "data.solarize_prob": 2,
-    "data.mean": 3, "data.std": 3, "data.small_crop_scale": 2, "optim.betas": 2, "finetune.crop_scale": 2,
-}
-
-
 def _check_type(path: str, value: Any, tp: Any) -> Any:
     """Return ``value`` converted to ``tp`` or raise a ConfigError naming ``path``."""
     origin = typing.get_origin(tp)
@@ -212,11 +230,20 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         return _check_type(path, value, args[0])
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and value in (True, False) and "yes" in choices:
+        if isinstance(value, bool) and "yes" in choices:
             value = "yes" if value else "no"
         if value not in choices:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if not variadic and len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} numbers, got {list(value)!r}")
+        elem = [args[0]] * len(value) if variadic else list(args)
+        return tuple(_check_type(path, v, t) for v, t in zip(value, elem))
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -233,23 +260,13 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
-    if tp is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        n = _LIST_LENGTHS.get(path)
-        if n is not None and len(value) != n:
-            raise ConfigError(f"{path}: expected a list of {n} numbers, got {value!r}")
-        out = []
-        for v in value:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{path}: expected numbers, got {v!r}")
-            out.append(float(v) if n is not None else v)
-        return out
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover
 
 
@@ -299,20 +316,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_recipe(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
+    """A YAML recipe and the chain of recipes it extends (``base: other.yaml``, relative to the recipe),
+    base first: ``[(source, mapping), ...]``."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    if p.resolve() in _seen:
+        raise ConfigError(f"{p}: 'base' recipes form a cycle")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    chain = []
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{p}: 'base' must be the path of another recipe")
+        chain = read_recipe(p.parent / base, _seen + (p.resolve(),))
+    return chain + [(str(p), data)]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), base: Optional[dict] = None) -> Config:
-    """Build a validated Config from defaults, an optional ``base`` dict, a YAML file and overrides."""
+    """Build a validated Config: defaults < ``base`` dict (a checkpoint's config) < YAML recipe (and the
+    recipes it extends) < ``key=value`` overrides."""
     cfg = Config()
     if base:
+        if isinstance(base.get("model"), dict) and "sincos_layout" not in base["model"]:
+            # a checkpoint of mocov3 0.1, whose sin-cos embedding put the column index first
+            base = {**base, "model": {**base["model"], "sincos_layout": "col_first"}}
         merge_dict(cfg, base, "checkpoint config")
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-        merge_dict(cfg, data, str(p))
+        for source, data in read_recipe(path):
+            merge_dict(cfg, data, source)
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value)
@@ -320,70 +358,143 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), ba
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if cfg.train.batch_size < 1:
-        raise ConfigError("train.batch_size must be >= 1")
-    if cfg.train.epochs < 1:
-        raise ConfigError("train.epochs must be >= 1")
-    if not cfg.model.name.startswith("resnet") and cfg.data.image_size % cfg.model.patch_size != 0:
-        raise ConfigError(
-            f"data.image_size {cfg.data.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}")
-    if not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
-        raise ConfigError(f"data.crop_scale must satisfy 0 < min <= max <= 1, got {cfg.data.crop_scale}")
-    for key in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-        if any(not 0 <= p <= 1 for p in getattr(cfg.data, key)):
-            raise ConfigError(f"data.{key} must hold probabilities in [0, 1]")
-    if cfg.method.temperature <= 0:
-        raise ConfigError("method.temperature must be > 0")
-    if not 0 <= cfg.method.momentum <= 1:
-        raise ConfigError("method.momentum must be in [0, 1]")
-    if cfg.method.proj_layers < 1:
-        raise ConfigError("method.proj_layers must be >= 1")
-    if cfg.method.pred_layers < 0:
-        raise ConfigError("method.pred_layers must be >= 0")
-    from .models.factory import ALL_MODELS, is_resnet
+#: Valid ranges of numeric fields: key -> (low, high, low inclusive, high inclusive); None = unbounded.
+RANGES: dict[str, tuple] = {
+    "model.patch_size": (1, None, True, None), "model.embed_dim": (1, None, True, None),
+    "model.depth": (1, None, True, None), "model.num_heads": (1, None, True, None),
+    "model.mlp_ratio": (0, None, False, None),
+    "method.temperature": (0, None, False, None), "method.momentum": (0, 1, True, True),
+    "method.proj_layers": (1, None, True, None), "method.proj_hidden_dim": (1, None, True, None),
+    "method.out_dim": (1, None, True, None), "method.pred_layers": (0, None, True, None),
+    "method.pred_hidden_dim": (1, None, True, None), "method.queue_size": (0, None, True, None),
+    "method.queue_start_steps": (0, None, True, None), "method.num_prototypes": (1, None, True, None),
+    "method.sinkhorn_epsilon": (0, None, False, None), "method.sinkhorn_iters": (1, None, True, None),
+    "method.freeze_prototypes_steps": (0, None, True, None),
+    "data.image_size": (1, None, True, None), "data.flip_prob": (0, 1, True, True),
+    "data.small_crops": (0, None, True, None), "data.small_crop_size": (1, None, True, None),
+    "data.eval_crop_ratio": (0, 1, False, True), "data.memory_limit_gb": (0, None, True, None),
+    "data.num_workers": (0, None, True, None),
+    "optim.base_lr": (0, None, False, None), "optim.weight_decay": (0, None, True, None),
+    "optim.sgd_momentum": (0, 1, True, False), "optim.trust_coefficient": (0, None, False, None),
+    "optim.warmup_epochs": (0, None, True, None), "optim.clip_grad": (0, None, True, None),
+    "optim.patch_clip_grad": (0, None, True, None),
+    "train.epochs": (1, None, True, None), "train.batch_size": (1, None, True, None),
+    "train.log_every": (1, None, True, None), "train.checkpoint_every_steps": (0, None, True, None),
+    "train.max_steps": (0, None, True, None), "train.spike_factor": (1, None, False, None),
+    "train.threads": (0, None, True, None),
+    "eval.knn_every": (0, None, True, None), "eval.knn_k": (1, None, True, None),
+    "eval.knn_temperature": (0, None, False, None), "eval.knn_bank_size": (0, None, True, None),
+    "eval.knn_every_steps": (0, None, True, None), "eval.knn_fine_bank": (1, None, True, None),
+    "eval.knn_fine_test": (1, None, True, None), "eval.batch_size": (1, None, True, None),
+    "linear.epochs": (1, None, True, None), "linear.batch_size": (1, None, True, None),
+    "linear.base_lr": (0, None, False, None), "linear.val_fraction": (0, 1, False, False),
+    "linear.weight_decay": (0, None, True, None),
+    "finetune.epochs": (1, None, True, None), "finetune.batch_size": (1, None, True, None),
+    "finetune.base_lr": (0, None, False, None), "finetune.weight_decay": (0, None, True, None),
+    "finetune.layer_decay": (0, 1, False, True), "finetune.drop_path": (0, 1, True, False),
+    "finetune.label_smoothing": (0, 1, True, False), "finetune.warmup_epochs": (0, None, True, None),
+    "finetune.mixup": (0, None, True, None), "finetune.cutmix": (0, None, True, None),
+    "finetune.randaugment_magnitude": (0, 10, True, True), "finetune.eval_every": (1, None, True, None),
+}
 
-    if cfg.model.name not in ALL_MODELS:
-        raise ConfigError(f"model.name {cfg.model.name!r} is not one of {', '.join(ALL_MODELS)}")
-    if is_resnet(cfg.model.name):
-        if cfg.model.stem != "patch" or cfg.model.patch_norm != "none" or cfg.optim.patch_clip_grad > 0:
+
+def _check_range(key: str, value: float, low, high, low_incl, high_incl) -> None:
+    ok_low = low is None or (value >= low if low_incl else value > low)
+    ok_high = high is None or (value <= high if high_incl else value < high)
+    if not (ok_low and ok_high):
+        lo = "" if low is None else f"{low} {'<=' if low_incl else '<'} "
+        hi = "" if high is None else f" {'<=' if high_incl else '<'} {high}"
+        raise ConfigError(f"{key} = {value!r} is out of range (expected {lo}{key.split('.')[-1]}{hi})")
+
+
+def validate(cfg: Config) -> None:
+    """Range checks of every numeric field (:data:`RANGES`) and cross-field checks that types alone
+    cannot express. Pure: raises :class:`ConfigError`, never edits ``cfg``."""
+    for key, rng in RANGES.items():
+        sec, name = key.split(".")
+        value = getattr(getattr(cfg, sec), name)
+        if value is not None:
+            _check_range(key, value, *rng)
+    d, m, o = cfg.data, cfg.method, cfg.optim
+    dev = cfg.train.device
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError(f"train.device {dev!r} is not one of auto, cpu, cuda, cuda:N")
+    resnet = is_resnet(cfg.model.name)
+    if not resnet and d.image_size % cfg.model.patch_size != 0:
+        raise ConfigError(f"data.image_size {d.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}")
+    for key in ("crop_scale", "small_crop_scale"):
+        lo, hi = getattr(d, key)
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"data.{key} must satisfy 0 < min <= max <= 1, got {list(getattr(d, key))}")
+    if not 0 < cfg.finetune.crop_scale[0] <= cfg.finetune.crop_scale[1] <= 1:
+        raise ConfigError(f"finetune.crop_scale must satisfy 0 < min <= max <= 1, got {list(cfg.finetune.crop_scale)}")
+    if not 0 < d.crop_ratio[0] <= d.crop_ratio[1]:
+        raise ConfigError(f"data.crop_ratio must satisfy 0 < min <= max, got {list(d.crop_ratio)}")
+    if not 0 < d.blur_sigma[0] <= d.blur_sigma[1]:
+        raise ConfigError(f"data.blur_sigma must satisfy 0 < min <= max, got {list(d.blur_sigma)}")
+    for key in ("jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
+        if any(not 0 <= p <= 1 for p in getattr(d, key)):
+            raise ConfigError(f"data.{key} must hold probabilities in [0, 1]")
+    if any(s < 0 for s in d.jitter_strength) or d.jitter_strength[3] > 0.5:
+        raise ConfigError("data.jitter_strength must be >= 0, with hue <= 0.5")
+    if any(s <= 0 for s in d.std):
+        raise ConfigError("data.std must be > 0")
+    if any(not 0 <= b < 1 for b in o.betas):
+        raise ConfigError("optim.betas must be in [0, 1)")
+    if any(v <= 0 for v in cfg.linear.lr_sweep) or not cfg.linear.lr_sweep:
+        raise ConfigError("linear.lr_sweep must hold positive learning rates")
+    if any(e < 1 for e in cfg.train.save_epochs):
+        raise ConfigError("train.save_epochs must hold epoch numbers >= 1")
+    if not resnet:
+        dim = cfg.model.embed_dim or _VIT_WIDTHS[cfg.model.name][0]
+        heads = cfg.model.num_heads or _VIT_WIDTHS[cfg.model.name][1]
+        if dim % heads:
+            raise ConfigError(f"model.embed_dim {dim} is not divisible by model.num_heads {heads}")
+        if cfg.model.pos_embed == "sincos" and dim % 4:
+            raise ConfigError(f"model.embed_dim {dim} must be divisible by 4 for the sin-cos position embedding")
+    if resnet:
+        if cfg.model.stem != "patch" or cfg.model.patch_norm != "none" or o.patch_clip_grad > 0:
             raise ConfigError("model.stem, model.patch_norm and optim.patch_clip_grad apply to ViTs, not to "
                               f"{cfg.model.name}")
-        cfg.model.freeze_patch_embed = False  # no patch projection in a ResNet (the ViT default is ignored)
     elif cfg.model.cifar_stem:
         raise ConfigError("model.cifar_stem applies to ResNets; a ViT on 32-pixel images needs a small patch_size")
-    if cfg.data.small_crops < 0:
-        raise ConfigError("data.small_crops must be >= 0")
-    if cfg.data.small_crops > 0:
-        if cfg.method.name != "swav":
-            raise ConfigError(f"data.small_crops (multi-crop) is implemented for method=swav, not {cfg.method.name}")
-        if not is_resnet(cfg.model.name) and cfg.data.small_crop_size % cfg.model.patch_size != 0:
-            raise ConfigError(f"data.small_crop_size {cfg.data.small_crop_size} is not a multiple of "
+    if d.small_crops > 0:
+        if m.name != "swav":
+            raise ConfigError(f"data.small_crops (multi-crop) is implemented for method=swav, not {m.name}")
+        if not resnet and d.small_crop_size % cfg.model.patch_size != 0:
+            raise ConfigError(f"data.small_crop_size {d.small_crop_size} is not a multiple of "
                               f"model.patch_size {cfg.model.patch_size}")
-    if cfg.method.queue_size < 0:
-        raise ConfigError("method.queue_size must be >= 0")
-    if cfg.method.queue_size > 0 and cfg.method.name not in ("mocov3", "swav"):
-        raise ConfigError(f"method.queue_size is for mocov3 (key queue) and swav (feature queue), not {cfg.method.name}")
-    if cfg.method.name == "swav" and (cfg.method.num_prototypes < 1 or cfg.method.sinkhorn_iters < 1):
-        raise ConfigError("method.num_prototypes and method.sinkhorn_iters must be >= 1")
-    if cfg.method.name == "byol" and cfg.method.pred_layers < 1:
+    if m.queue_size > 0 and m.name not in ("mocov3", "swav"):
+        raise ConfigError(f"method.queue_size is for mocov3 (key queue) and swav (feature queue), not {m.name}")
+    if m.name == "byol" and m.pred_layers < 1:
         raise ConfigError("BYOL needs its predictor (method.pred_layers >= 1); without it BYOL collapses (§7)")
-    if cfg.model.stem == "conv" and cfg.model.freeze_patch_embed:
-        raise ConfigError("model.stem=conv is the alternative to the frozen patch projection and is trained: "
-                          "add model.freeze_patch_embed=false")
-    if cfg.model.stem == "conv" and cfg.model.patch_norm != "none":
-        raise ConfigError("model.patch_norm applies to the patch projection, not to model.stem=conv")
-    if cfg.optim.patch_clip_grad < 0 or cfg.optim.clip_grad < 0:
-        raise ConfigError("optim.clip_grad and optim.patch_clip_grad must be >= 0")
-    if cfg.optim.patch_clip_grad > 0 and cfg.model.freeze_patch_embed:
-        raise ConfigError("optim.patch_clip_grad needs a trainable patch projection: add model.freeze_patch_embed=false")
-    if cfg.eval.knn_every_steps < 0:
-        raise ConfigError("eval.knn_every_steps must be >= 0")
+    if not resnet:
+        if cfg.model.stem == "conv" and cfg.model.freeze_patch_embed:
+            raise ConfigError("model.stem=conv is the alternative to the frozen patch projection and is trained: "
+                              "add model.freeze_patch_embed=false")
+        if cfg.model.stem == "conv" and cfg.model.patch_norm != "none":
+            raise ConfigError("model.patch_norm applies to the patch projection, not to model.stem=conv")
+        if o.patch_clip_grad > 0 and cfg.model.freeze_patch_embed:
+            raise ConfigError("optim.patch_clip_grad needs a trainable patch projection: add "
+                              "model.freeze_patch_embed=false")
+
+
+#: ViT widths and heads by preset name (for validation; mocov3.models.vit.VIT_PRESETS has the rest).
+_VIT_WIDTHS = {"vit_tiny": (192, 3), "vit_small": (384, 12), "vit_base": (768, 12), "vit_large": (1024, 16),
+               "vit_huge": (1280, 16)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """Nested plain dict (tuples as lists): what config.yaml and checkpoints hold."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -391,7 +502,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 def scaled_lr(base_lr: float, batch_size_total: int) -> float:
-    """Learning-rate scaling rule of PAPER.md §4: ``lr = base_lr * total_batch / 256``."""
+    """Learning-rate scaling rule of docs/paper.md §4: ``lr = base_lr * total_batch / 256``."""
     return base_lr * batch_size_total / 256.0
 
 
@@ -401,6 +512,7 @@ def describe_keys() -> str:
     for sec in dataclasses.fields(Config):
         obj = sec.default_factory()
         for f in dataclasses.fields(obj):
-            lines.append(f"  {sec.name}.{f.name} = {getattr(obj, f.name)!r}: {f.metadata.get('help', '')}")
+            v = _plain(getattr(obj, f.name))
+            lines.append(f"  {sec.name}.{f.name} = {v!r}: {f.metadata.get('help', '')}")
     alias = ", ".join(f"{k} -> {v}" for k, v in ALIASES.items())
     return "config keys (override with key=value):\n" + "\n".join(lines) + f"\nshort keys: {alias}"

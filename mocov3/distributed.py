@@ -41,10 +41,6 @@ def init_from_env(device_type: str) -> bool:
     return True
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def barrier() -> None:
     if is_dist():
         dist.barrier()
@@ -54,7 +50,7 @@ def barrier() -> None:
 def gather_without_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` ([N_local, ...]) from all processes along dim 0 -> [N_global, ...].
 
-    No gradient flows through the result (MoCo keys, PAPER.md §1). Rank r's rows come at
+    No gradient flows through the result (MoCo keys, docs/paper.md §1). Rank r's rows come at
     ``r * N_local``.
     """
     if world_size() == 1:
@@ -83,7 +79,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 **with** gradient (SimCLR's negatives, §6): [N_local, ...] ->
+    """All-gather along dim 0 **with** gradient (SimCLR's negatives, docs/paper.md §6): [N_local, ...] ->
     [N_local * world, ...], rows of rank r at ``[r * N_local, (r + 1) * N_local)``. Equal local sizes."""
     if world_size() == 1:
         return x
@@ -123,7 +119,8 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     """``module`` itself in one process; under a process group, DistributedDataParallel without buffer
-    broadcast (BN statistics are already global through :class:`GlobalBatchNorm`, nothing to sync)."""
+    broadcast (BN statistics are already global through :class:`GlobalBatchNorm`, nothing to sync).
+    The training step calls the wrapper; everything else (EMA, checkpoints, evaluation) uses ``module``."""
     if world_size() == 1:
         return module
     import warnings
@@ -135,26 +132,53 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 class GlobalBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the global batch (SyncBatchNorm that also works on CPU / gloo).
+    """BatchNorm over the global batch, on any device. Input [N, C] or [N, L, C] (statistics over all
+    leading dims, the channel last); state-dict names of ``nn.BatchNorm1d``.
 
-    Input [N, C] or [N, L, C] (statistics over all leading dims, the channel last). In one process
-    it is an ordinary BatchNorm1d; under a process group it all-reduces per-channel sums and sums of
-    squares (with gradient), so a 2-process run equals a 1-process run on the concatenated batch.
-    PyTorch's ``nn.SyncBatchNorm`` refuses CPU tensors, hence this class (PAPER.md §1: the heads'
-    BN is synchronized).
+    One process: an ordinary ``BatchNorm1d``. Under a process group on CUDA: PyTorch's ``SyncBatchNorm``
+    kernels (:func:`_cuda_sync_bn`). Under a process group on CPU (gloo), where ``SyncBatchNorm`` refuses
+    to run (and DDP refuses CPU modules that contain it, hence not a subclass of it): per-channel sums
+    and sums of squares all-reduced with gradient (:func:`_global_bn`), so a 2-process run equals a
+    1-process run on the concatenated batch (docs/paper.md §1: the heads' BN is synchronized).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if not self.training or world_size() == 1:
-            y = super().forward(x2)
-            return y.reshape(shape)
-        return _global_bn(self, x2).reshape(shape)
+            return super().forward(x2).reshape(shape)
+        return _synchronized_bn(self, x2).reshape(shape)
+
+
+def _synchronized_bn(bn: nn.modules.batchnorm._BatchNorm, x2: torch.Tensor) -> torch.Tensor:
+    """Training-mode BN of x2 [M, C] over all processes: SyncBatchNorm's CUDA kernels where they run,
+    :func:`_global_bn` elsewhere."""
+    if x2.is_cuda and _SyncBNFunction is not None:
+        return _cuda_sync_bn(bn, x2)
+    return _global_bn(bn, x2)
+
+
+try:  # the autograd function behind nn.SyncBatchNorm (CUDA only)
+    from torch.nn.modules._functions import SyncBatchNorm as _SyncBNFunction
+except ImportError:  # pragma: no cover - a torch without it: the all-reduce path serves CUDA too
+    _SyncBNFunction = None
+
+
+def _cuda_sync_bn(bn: nn.modules.batchnorm._BatchNorm, x2: torch.Tensor) -> torch.Tensor:
+    """nn.SyncBatchNorm's training forward for x2 [M, C] on CUDA (its momentum / running-stat rules)."""
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    rm = bn.running_mean if bn.track_running_stats else None
+    rv = bn.running_var if bn.track_running_stats else None
+    return _SyncBNFunction.apply(x2, bn.weight, bn.bias, rm, rv, bn.eps, factor, dist.group.WORLD, world_size())
 
 
 def _global_bn(bn: nn.modules.batchnorm._BatchNorm, x2: torch.Tensor) -> torch.Tensor:
-    """Training-mode BN of x2 [M, C] with statistics summed over all processes (with gradient)."""
+    """Training-mode BN of x2 [M, C] with statistics summed over all processes (with gradient); the
+    CPU / gloo path. The variance is E[x^2] - E[x]^2 in float32."""
     xf = x2.float()
     c = x2.shape[-1]
     n_local = torch.tensor([float(xf.shape[0])], device=xf.device)
@@ -176,12 +200,15 @@ def _global_bn(bn: nn.modules.batchnorm._BatchNorm, x2: torch.Tensor) -> torch.T
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
-    """:class:`GlobalBatchNorm` for [N, C, H, W] (conv stems, ResNets); same state-dict names as
-    ``nn.BatchNorm2d``. One process: plain BatchNorm2d; under a process group: global statistics."""
+    """:class:`GlobalBatchNorm` for [N, C, H, W] (conv stems, ResNets); state-dict names of
+    ``nn.BatchNorm2d``. One process: plain BatchNorm2d; CUDA under a process group: SyncBatchNorm's
+    kernels on the NCHW tensor (no permute); CPU under a process group: :func:`_global_bn`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or world_size() == 1:
             return super().forward(x)
+        if x.is_cuda and _SyncBNFunction is not None:
+            return _cuda_sync_bn(self, x)
         n, c, h, w = x.shape
         y = _global_bn(self, x.permute(0, 2, 3, 1).reshape(-1, c))
         return y.reshape(n, h, w, c).permute(0, 3, 1, 2)

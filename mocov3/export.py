@@ -15,32 +15,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+from .models.factory import build_from_spec
 from .models.resnet import ResNetSpec
 from .models.vit import ViTSpec
-from .train.checkpoint import CheckpointError, load_checkpoint
+from .runtime import CheckpointError
+from .train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, spec_from_config
 
 EXPORT_FORMAT = "mocov3-backbone/1"
-
-
-def backbone_state_from_checkpoint(ckpt: dict) -> dict:
-    """The query encoder's backbone weights, ``backbone.`` prefix (and any DDP ``module.``) removed."""
-    out = {}
-    for k, v in ckpt["model"].items():
-        k = k.removeprefix("module.")
-        if k.startswith("backbone."):
-            out[k[len("backbone."):]] = v
-    if not out:
-        raise CheckpointError("checkpoint has no backbone.* weights")
-    return out
-
-
-def spec_from_config(cfg: dict) -> ViTSpec | ResNetSpec:
-    from .config import load_config
-    from .models.factory import backbone_spec
-
-    c = load_config(None, [], base=cfg)
-    return backbone_spec(c.model, c.data.image_size)
 
 
 def timm_kwargs(spec: ViTSpec | ResNetSpec) -> Optional[dict]:
@@ -83,10 +66,6 @@ def fold_weight_norm(state: dict) -> dict:
 
 def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict] = None) -> Path:
     """Write the export folder for ``checkpoint``; returns ``output``."""
-    from safetensors.torch import save_file
-
-    from .models.factory import build_from_spec
-
     ckpt = load_checkpoint(Path(checkpoint))
     cfg = ckpt["config"]
     spec = spec_from_config(cfg)
@@ -164,12 +143,8 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path) -> str:
 def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
     """A ready backbone (``VisionTransformer`` or ``ResNet``, eval mode) from an export folder or a
     training checkpoint."""
-    from .models.factory import build_from_spec
-
     path = Path(path)
     if path.is_dir():
-        from safetensors.torch import load_file
-
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         if not cfg_file.is_file() or not weights.is_file():
             raise CheckpointError(f"{path} is not a mocov3 export (config.json and model.safetensors expected)")

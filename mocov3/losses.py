@@ -17,7 +17,7 @@ from .distributed import gather_with_grad, gather_without_grad, rank, world_size
 
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float,
                      queue: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """MoCo v3's ``ctr(q, k)`` over the global batch (PAPER.md §1).
+    """MoCo v3's ``ctr(q, k)`` over the global batch (docs/paper.md §1).
 
     Args:
         q: queries of this process, [N, C] (with gradient).

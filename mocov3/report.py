@@ -8,26 +8,33 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .sweep import SUMMARY_COLUMNS, summarize_run
+from .runtime import ConfigError, DataError, read_metrics
+from .sweep import SUMMARY_COLUMNS, format_cell, summarize_run
 
 
 def _load(run: Path) -> list[dict]:
     f = run / "metrics.jsonl"
     if not f.is_file():
-        from .data.cifar import DataError
-
-        raise DataError(f"{run} has no metrics.jsonl")
-    return [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+        raise DataError(f"{run} has no metrics.jsonl (not a run folder?)")
+    return read_metrics(f)
 
 
 def _first_layer(norms: dict) -> str:
-    for k in ("patch_embed", "embeddings", "block0"):
-        if k in norms:
-            return k
-    return next(iter(norms))
+    """The first trainable layer group of the monitor's norms (they are ordered input to output)."""
+    return next(k for k in norms if k != "total")
+
+
+def first_layer_label(name: str) -> str:
+    """A legend label that says which layer the first trainable group is."""
+    if name == "patch_embed":
+        return "patch projection (first layer)"
+    if name == "embeddings":
+        return "class token + position embedding (first trainable; patch projection frozen)"
+    if name == "stem":
+        return "stem (first layer)"
+    return f"{name} (first trainable layer)"
 
 
 def run_labels(runs: list[Path]) -> list[str]:
@@ -45,8 +52,6 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from .config import ConfigError
-
         raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
     output.mkdir(parents=True, exist_ok=True)
     data = {label: _load(Path(r)) for label, r in zip(run_labels(runs), runs)}
@@ -56,12 +61,19 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
     for name, lines in data.items():
         fine = [(l["epoch"], l["knn_fine_top1"]) for l in lines if "knn_fine_top1" in l]
         pts = [(l["epoch"], l["knn_top1"]) for l in lines if "knn_top1" in l]
+        init = [(l["epoch"], l["knn_init_top1"]) for l in lines if "knn_init_top1" in l]
+        color = None
         if fine:  # the fine curve (small bank) as a line, the full-bank points as markers of the same colour
             line, = ax.plot(*zip(*fine), lw=1.2, label=f"{name} (fine, small bank)")
+            color = line.get_color()
             if pts:
-                ax.plot(*zip(*pts), "o", ms=4, color=line.get_color())
+                ax.plot(*zip(*pts), "o", ms=4, color=color)
         elif pts:
-            ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            line, = ax.plot(*zip(*pts), marker="o", ms=3, label=name)
+            color = line.get_color()
+        if init:  # the random-init reference: a hollow marker at epoch 0
+            ax.plot(*zip(*init), "o", ms=6, mfc="none", color=color,
+                    label=None if color else f"{name} (random init only: no kNN point after training yet)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
     ax.grid(alpha=0.3)
@@ -80,7 +92,7 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
             first = _first_layer(grads[0]["grad_norm"])
             fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
             steps = [l["step"] for l in grads]
-            a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads], label=f"{first} (first layer)")
+            a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads], label=first_layer_label(first))
             names = list(grads[0]["grad_norm"])
             blocks = [k for k in names if k.startswith(("block", "layer"))]
             if blocks:  # the paper's figure: the first layer against the last one
@@ -116,9 +128,10 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
 
     rows = [{**summarize_run(Path(r)), "run": label} for label, r in zip(run_labels(runs), runs)]
     cols = ["run"] + SUMMARY_COLUMNS
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = ["# Run report", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    md = ["# Run report", "", "`epoch` is how far a run got (of `epochs` planned); `init_knn` is the random-init "
+          "reference point, `final_knn` the last kNN point after training started (- when there is none yet).", "",
+          "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(format_cell(r.get(c)) for c in cols) + " |" for r in rows]
     for title, f in figs:
         md += ["", f"## {title}", "", f"![{title}]({f})"]
     (output / "report.md").write_text("\n".join(md) + "\n")

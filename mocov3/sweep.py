@@ -1,4 +1,4 @@
-"""Grid sweeps of pretraining runs (PAPER.md §5's batch / lr / optimizer studies), resumable, with a
+"""Grid sweeps of pretraining runs (docs/paper.md §5's batch / lr / optimizer studies), resumable, with a
 summary of each run's kNN curve and gradient spikes."""
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from .config import load_config
+from .pretrain import pretrain
+from .runtime import ConfigError, DataError, read_metrics
+
 log = logging.getLogger(__name__)
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     """``["base_lr=1e-4,5e-4", "optim.name=adamw,lamb"]`` -> [(key, [values...]), ...]."""
-    from .config import ConfigError
-
     grid = []
     for it in items:
         if "=" not in it:
@@ -32,7 +36,7 @@ def run_name(combo: list[tuple[str, str]]) -> str:
 
 
 #: The summary table's columns (after the swept keys).
-SUMMARY_COLUMNS = ["final_knn", "best_knn", "final_fine_knn", "dips", "spikes", "spikes_first_in_patch_embed",
+SUMMARY_COLUMNS = ["epoch", "epochs", "init_knn", "final_knn", "best_knn", "final_fine_knn", "dips", "spikes", "spikes_first_in_patch_embed",
                    "final_loss"]
 
 
@@ -60,23 +64,46 @@ def count_dips(curve: list[float], threshold: float = 1.0) -> int:
 
 
 def summarize_run(run_dir: Path) -> dict:
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    knn = [l["knn_top1"] for l in lines if "knn_top1" in l]
+    """One row of the summary table from a run folder's ``metrics.jsonl`` (a run may be unfinished: its
+    ``epoch`` then falls short of the planned ``epochs``; a half-written last line is skipped).
+    ``init_knn`` is the random-init point, never counted as a final result."""
+    f = Path(run_dir) / "metrics.jsonl"
+    if not f.is_file():
+        raise DataError(f"{run_dir} has no metrics.jsonl (not a run folder?)")
+    lines = read_metrics(f)
+    knn = [l["knn_top1"] for l in lines if "knn_top1" in l and l.get("step", 0) > 0]
+    init = [l["knn_init_top1"] for l in lines if "knn_init_top1" in l]
     fine = [l["knn_fine_top1"] for l in lines if "knn_fine_top1" in l]
     spikes = [l for l in lines if "spike" in l]
     losses = [l["loss"] for l in lines if "loss" in l]
-    # Dips are counted on the fine-grained curve when the run has one (PAPER.md §5 needs that resolution).
-    return {"run": run_dir.name, "final_knn": knn[-1] if knn else None, "best_knn": max(knn) if knn else None,
-            "final_fine_knn": fine[-1] if fine else None, "dips": count_dips(fine or knn), "spikes": len(spikes),
+    planned = None
+    cfg_file = Path(run_dir) / "config.yaml"
+    if cfg_file.is_file():
+        try:
+            planned = (yaml.safe_load(cfg_file.read_text()) or {}).get("train", {}).get("epochs")
+        except yaml.YAMLError:
+            planned = None
+    epoch = max((l.get("epoch", 0.0) for l in lines), default=0.0)
+    # Dips are counted on the fine-grained curve when the run has one (docs/paper.md §5 needs that resolution).
+    return {"run": Path(run_dir).name, "epoch": float(epoch), "epochs": planned,
+            "init_knn": init[-1] if init else None, "final_knn": knn[-1] if knn else None,
+            "best_knn": max(knn) if knn else None, "final_fine_knn": fine[-1] if fine else None,
+            "dips": count_dips(fine or knn), "spikes": len(spikes),
             "spikes_first_in_patch_embed": sum(s["spike"]["first_layer"] == "patch_embed" for s in spikes),
             "final_loss": losses[-1] if losses else None}
 
 
+def format_cell(value) -> str:
+    """Table cell: floats with 2 decimals, a dash for a missing value."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
 def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir: Path, grid_items: list[str],
           overrides: list[str], progress: bool = False) -> list[dict]:
-    from .config import load_config
-    from .train.loop import pretrain
-
+    """Run every combination of ``grid_items`` (each into its own sub-folder; finished ones, marked by
+    ``done.json``, are skipped), then write ``summary.json`` and ``summary.md``."""
     grid = parse_grid(grid_items)
     keys = [k for k, _ in grid]
     combos = [list(zip(keys, vals)) for vals in itertools.product(*[v for _, v in grid])]
@@ -92,7 +119,8 @@ def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir
         else:
             log.info("sweep: running %s", run_dir.name)
             cfg = load_config(config, overrides + [f"{k}={v}" for k, v in combo])
-            res = pretrain(cfg, data, run_dir, eval_spec=eval_data, progress=progress)
+            cfg.data.path, cfg.data.eval_path = data, eval_data
+            res = pretrain(cfg, run_dir, progress=progress)
             if res.interrupted_by:
                 raise KeyboardInterrupt
             done.write_text(json.dumps({"step": res.step}) + "\n")
@@ -104,7 +132,6 @@ def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir
 
 def _table(rows: list[dict], keys: list[str]) -> str:
     cols = keys + SUMMARY_COLUMNS
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    out += ["| " + " | ".join(format_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(out) + "\n"

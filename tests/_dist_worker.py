@@ -32,15 +32,18 @@ def make_setup(seed: int = 0, name: str = "mocov3"):
 
 
 def one_step(model, method, x1, x2):
-    from mocov3.train.loop import train_step_for_test
+    """One step of the training loop's own step function (mocov3.train.step.train_step) on given views."""
+    from mocov3.train.step import TrainState, Views, train_step
 
     # SGD: parameters after the step are linear in the gradients. (Adam's first step is lr * sign(g),
     # which turns the ~1e-10 rounding noise of gradients that are exactly 0 in theory -- e.g. the key
     # bias of attention -- into +-lr, so it cannot be compared elementwise.)
     opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5, weight_decay=0.1)
-    loss = train_step_for_test(model, method, opt, x1, x2, m=0.9)
+    state = TrainState(module=method, model=model, optimizer=opt, device=torch.device("cpu"), precision="fp32",
+                       lr_at=lambda s: 0.5, momentum_at=lambda s: 0.9)
+    out = train_step(state, Views([x1, x2]))
     grads = {n: p.grad.detach().clone() for n, p in method.named_parameters() if p.grad is not None}
-    return loss, grads
+    return out["loss"].item(), grads
 
 
 def worker(rank: int, world: int, init_file: str, out_file: str, name: str = "mocov3") -> None:

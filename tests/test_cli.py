@@ -41,12 +41,15 @@ def test_pretrain_writes_run_folder_and_knn(folder, test_folder, tmp_path, capsy
     for key in ("step", "epoch", "loss", "lr", "momentum", "images_per_sec"):
         assert key in train[0]
     knn = [l for l in lines if "knn_top1" in l]
-    assert [l["step"] for l in knn] == [0, 4, 8]  # random init, then every epoch
+    assert [l["step"] for l in knn] == [4, 8]  # every epoch
+    init = [l for l in lines if "knn_init_top1" in l]
+    assert [l["step"] for l in init] == [0]  # the random-init reference, on the fine subsets by default
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["finished"] is True
     # the config saved is the resolved one
     import yaml
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["model"]["embed_dim"] == 32 and saved["train"]["batch_size"] == 16
+    assert saved["data"]["path"] == str(folder) and saved["data"]["eval_path"] == str(test_folder)
     # standalone kNN prints a JSON line last
     assert main(["knn", "--checkpoint", str(out / "checkpoint.pt"), "--train-data", str(folder),
                  "--test-data", str(test_folder)]) == 0
@@ -166,3 +169,41 @@ def test_knn_rejects_mismatched_classes(folder, tmp_path, capsys):
     assert main(["knn", "--checkpoint", str(out / "checkpoint.pt"), "--train-data", str(folder),
                  "--test-data", str(other)]) == 2
     assert "class folders differ" in capsys.readouterr().err
+
+
+def test_resume_needs_no_data_flag_and_overrides_stand_anywhere(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["pretrain", "train.max_steps=2", "--data", str(folder), "--output-dir", str(out)] + TINY[:6] \
+        + ["--no-progress"] + TINY[6:]
+    assert main(args) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    # resuming: the run folder's checkpoint knows the data and the recipe
+    assert main(["pretrain", "--output-dir", str(out), "--no-progress", "train.max_steps=3"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    capsys.readouterr()
+    assert main(["pretrain", "--output-dir", str(tmp_path / "new"), "--no-progress"] + TINY) == 2
+    assert "no training data" in capsys.readouterr().err
+
+
+def test_cache_command_lists_and_clears(folder, tmp_path, capsys):
+    cache = tmp_path / "cache"  # the fixture's MOCOV3_CACHE
+    assert _pretrain(folder, tmp_path / "run", "train.max_steps=1") == 0
+    capsys.readouterr()
+    assert main(["cache"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["cache_dir"] == str(cache) and info["mb"]["decoded"] >= 0 and (cache / "decoded").is_dir()
+    assert main(["cache", "--clear", "decoded"]) == 0
+    assert not (cache / "decoded").exists()
+
+
+def test_help_texts_describe_every_option():
+    import argparse
+
+    from mocov3.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) >= {"pretrain", "knn", "linear", "finetune", "sweep", "report", "export", "cache"}
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.dest != "help":
+                assert action.help, f"mocov3 {name} {action.option_strings or action.dest}: no help text"

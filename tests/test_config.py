@@ -10,7 +10,7 @@ def test_defaults_follow_the_paper():
     assert cfg.method.proj_layers == 3 and cfg.method.pred_layers == 2
     assert cfg.method.proj_hidden_dim == 4096 and cfg.method.out_dim == 256
     assert cfg.model.pos_embed == "sincos" and cfg.model.freeze_patch_embed and cfg.model.pooling == "cls"
-    assert cfg.data.blur_prob == [1.0, 0.1] and cfg.data.solarize_prob == [0.0, 0.2]
+    assert cfg.data.blur_prob == (1.0, 0.1) and cfg.data.solarize_prob == (0.0, 0.2)
 
 
 def test_short_keys_and_dotted_overrides(tmp_path):
@@ -20,7 +20,7 @@ def test_short_keys_and_dotted_overrides(tmp_path):
                           "patch_size=4", "base_lr=1e-3", "seed=3", "data.crop_scale=[0.2, 1.0]"])
     assert (cfg.train.epochs, cfg.train.batch_size, cfg.model.name, cfg.data.image_size) == (7, 512, "vit_small", 32)
     assert (cfg.model.patch_size, cfg.optim.base_lr, cfg.train.seed) == (4, 1e-3, 3)
-    assert cfg.data.crop_scale == [0.2, 1.0]
+    assert cfg.data.crop_scale == (0.2, 1.0)
 
 
 @pytest.mark.parametrize("override,msg", [
@@ -66,3 +66,103 @@ def test_recipes_load():
         seen.add((cfg.method.name, cfg.model.name.split("_")[0].rstrip("0123456789")))
     # every method x backbone family has a recipe (issue: SimCLR, BYOL, SwAV beside MoCo v3)
     assert {(m, b) for m in ("mocov3", "simclr", "byol", "swav") for b in ("vit", "resnet")} <= seen
+
+
+def test_recipe_extends_a_base_recipe(tmp_path):
+    (tmp_path / "a.yaml").write_text("model:\n  name: vit_base\ntrain:\n  epochs: 5\n  batch_size: 512\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yaml").write_text("base: ../a.yaml\ntrain:\n  epochs: 7\n")
+    cfg = load_config(tmp_path / "sub" / "b.yaml", ["batch_size=256"])
+    assert (cfg.model.name, cfg.train.epochs, cfg.train.batch_size) == ("vit_base", 7, 256)
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "e.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "e.yaml")
+
+
+def test_recipes_that_differ_by_a_few_keys_extend_a_base():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).parents[1] / "configs"
+    byol = yaml.safe_load((root / "imagenet_byol_vit_small.yaml").read_text())
+    assert byol["base"] == "imagenet_vit_small.yaml" and len(byol) <= 3
+    a = load_config(root / "imagenet_byol_vit_small.yaml")
+    b = load_config(root / "imagenet_vit_small.yaml", ["method=byol"])
+    from mocov3.config import to_dict
+
+    assert to_dict(a) == to_dict(b)
+
+
+def test_tuples_are_typed_and_saved_as_lists(tmp_path):
+    import yaml
+
+    from mocov3.config import save_config
+
+    cfg = load_config(None, ["data.mean=[0.5, 0.5, 0.5]", "train.save_epochs=[1, 3]"])
+    assert cfg.data.mean == (0.5, 0.5, 0.5) and cfg.train.save_epochs == (1, 3)
+    save_config(cfg, tmp_path / "c.yaml")
+    back = yaml.safe_load((tmp_path / "c.yaml").read_text())
+    assert back["data"]["mean"] == [0.5, 0.5, 0.5]
+    assert load_config(tmp_path / "c.yaml").data.mean == (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match="list of 3"):
+        load_config(None, ["data.mean=[0.5, 0.5]"])
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, ["train.save_epochs=[1.5]"])
+
+
+def test_validation_is_pure():
+    import copy
+
+    from mocov3.config import to_dict, validate
+
+    cfg = load_config(None, ["model=resnet18"])
+    before = copy.deepcopy(to_dict(cfg))
+    validate(cfg)
+    assert to_dict(cfg) == before  # the ViT default freeze_patch_embed is not rewritten for a ResNet
+
+
+def _out_of_range(low, high, low_incl, high_incl):
+    """Values just outside a RANGES entry (one below, one above where bounded)."""
+    out = []
+    if low is not None:
+        out.append(low - 1 if low_incl else low)
+    if high is not None:
+        out.append(high + 1 if high_incl else high)
+    return out
+
+
+def test_every_numeric_range_is_checked():
+    from mocov3.config import RANGES
+
+    assert len(RANGES) >= 60
+    for key, rng in RANGES.items():
+        section, name = key.split(".")
+        default = getattr(getattr(load_config(), section), name)
+        for bad in _out_of_range(*rng):
+            value = int(bad) if isinstance(default, int) or default is None and name != "mlp_ratio" else float(bad)
+            with pytest.raises(ConfigError, match="out of range") as e:
+                load_config(None, [f"{key}={value}"])
+            assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("base_lr=.nan", "finite"), ("train.device=tpu9", "not one of"), ("model.num_heads=5", "divisible"),
+    ("data.crop_ratio=[2.0, 1.0]", "min <= max"), ("eval.knn_k=0", "out of range"),
+    ("method.temperature=0", "out of range"), ("optim.warmup_epochs=-1", "out of range"),
+])
+def test_cross_field_and_special_values(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, [override])
+
+
+def test_model_names_match_the_presets():
+    from mocov3.config import ModelConfig
+    from mocov3.models import ALL_MODELS
+    import typing
+
+    assert list(typing.get_args(typing.get_type_hints(ModelConfig)["name"])) == ALL_MODELS

@@ -1,4 +1,4 @@
-"""SimCLR, BYOL, SwAV, MoCo's key queue, ResNets and LARS (PAPER.md §1, §4, §6): each loss against a
+"""SimCLR, BYOL, SwAV, MoCo's key queue, ResNets and LARS (docs/paper.md §1, §4, §6): each loss against a
 slow loop written here, Sinkhorn's marginals, LARS against a hand computation, torchvision names, and a
 training step plus an exact resume for every method x backbone."""
 import json

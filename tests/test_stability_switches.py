@@ -1,4 +1,4 @@
-"""The stability study's switches (PAPER.md §2, §5): patch-projection variants, conv stem, clipping of
+"""The stability study's switches (docs/paper.md §2, §5): patch-projection variants, conv stem, clipping of
 the patch projection alone, update-to-weight ratios, the fine kNN monitor, the spike history on resume."""
 import json
 

@@ -16,19 +16,50 @@ def small(**kw):
     return VisionTransformer(ViTSpec(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, **kw))
 
 
-def test_sincos_values_against_the_formula():
+@pytest.mark.parametrize("layout", ["row_first", "col_first"])
+def test_sincos_values_against_the_formula(layout):
     gh, gw, D = 3, 4, 16
-    pe = sincos_pos_embed_2d(gh, gw, D)
+    pe = sincos_pos_embed_2d(gh, gw, D, layout=layout)
     d = D // 4
-    assert pe.shape == (gh * gw, D)
+    assert pe.shape == (gh * gw, D) and pe.dtype == torch.float32
     for h in range(gh):
         for w in range(gw):
-            row = pe[h * gw + w]
+            row = pe[h * gw + w]  # raster order: row h, column w
+            a, b = (h, w) if layout == "row_first" else (w, h)
             for i in range(d):
                 om = 1.0 / 10000 ** (i / d)
-                exp = [math.sin(w * om), math.cos(w * om), math.sin(h * om), math.cos(h * om)]
+                exp = [math.sin(a * om), math.cos(a * om), math.sin(b * om), math.cos(b * om)]
                 got = [row[i], row[d + i], row[2 * d + i], row[3 * d + i]]
                 assert [float(g) for g in got] == pytest.approx(exp, abs=1e-6)
+
+
+def _reference_layout(h: int, w: int, dim: int) -> torch.Tensor:
+    """The reference code's construction as its paper section describes it (float32 throughout): a meshgrid
+    of (arange(w), arange(h)) in 'ij' order, so on the flattened grid the first coordinate advances slowest;
+    its half comes first in [sin, cos, sin, cos]."""
+    first, second = torch.meshgrid(torch.arange(w, dtype=torch.float32), torch.arange(h, dtype=torch.float32),
+                                   indexing="ij")
+    omega = torch.arange(dim // 4, dtype=torch.float32) / (dim // 4)
+    omega = 1.0 / (10000.0 ** omega)
+    o1 = torch.einsum("m,d->md", first.flatten(), omega)
+    o2 = torch.einsum("m,d->md", second.flatten(), omega)
+    return torch.cat([torch.sin(o1), torch.cos(o1), torch.sin(o2), torch.cos(o2)], dim=1)
+
+
+@pytest.mark.parametrize("grid,dim", [(14, 384), (14, 768), (4, 32)])
+def test_default_sincos_equals_the_reference_bit_for_bit(grid, dim):
+    assert torch.equal(sincos_pos_embed_2d(grid, grid, dim), _reference_layout(grid, grid, dim))
+    m = VisionTransformer(ViTSpec(img_size=grid * 4, patch_size=4, embed_dim=dim, depth=1, num_heads=4))
+    assert torch.equal(m.pos_embed[0, 1:], _reference_layout(grid, grid, dim))
+    # the old layout is the transpose of the grid
+    old = sincos_pos_embed_2d(grid, grid, dim, layout="col_first").view(grid, grid, dim).transpose(0, 1)
+    assert torch.equal(old.reshape(-1, dim), sincos_pos_embed_2d(grid, grid, dim))
+
+
+def test_old_checkpoints_keep_their_layout():
+    cfg = load_config(None, [], base={"model": {"name": "vit_small"}})
+    assert cfg.model.sincos_layout == "col_first"
+    assert load_config(None, []).model.sincos_layout == "row_first"
 
 
 def test_model_pos_embed_is_fixed_sincos_with_zero_cls():

@@ -1,4 +1,4 @@
-"""The two asymmetric views of PAPER.md §3, applied to whole batches on the training device.
+"""The two asymmetric views of docs/paper.md §3, applied to whole batches on the training device.
 
 Images arrive as uint8 [B, 3, H, W] (on the GPU when there is one) and leave as normalized float
 views [B, 3, S, S]. Every random draw comes from an explicit ``torch.Generator`` so a step's views
@@ -193,7 +193,7 @@ class ViewRecord:
 
 
 class TwoViewAugment:
-    """Batched MoCo v3 / BYOL augmentation producing the two asymmetric views (PAPER.md §3)."""
+    """Batched MoCo v3 / BYOL augmentation producing the two asymmetric views (docs/paper.md §3)."""
 
     def __init__(self, data_cfg):
         self.cfg = data_cfg

@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime import DataError
+from .cache import default_cache_dir, resolve_cache_dir  # noqa: F401 - re-exported
+
 log = logging.getLogger(__name__)
 
 CIFAR = {
@@ -40,19 +43,6 @@ CIFAR = {
         "label_key": b"fine_labels",
     },
 }
-
-
-class DataError(RuntimeError):
-    """A data problem the user can fix; the message is one line."""
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MOCOV3_CACHE", Path.home() / ".cache" / "mocov3")).expanduser()
-
-
-def resolve_cache_dir(data_cfg) -> Path:
-    """``data.cache_dir`` if set, else ``$MOCOV3_CACHE`` or ``~/.cache/mocov3``."""
-    return Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else default_cache_dir()
 
 
 class _SafeUnpickler(pickle.Unpickler):

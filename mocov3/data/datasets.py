@@ -17,7 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cifar import CIFAR, DataError, load_cifar, resolve_cache_dir
+from ..runtime import DataError, Stream, seed_for
+from .augment import eval_transform, sample_crop_boxes
+from .cache import resolve_cache_dir
+from .cifar import CIFAR, load_cifar
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +151,8 @@ def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
                 tmp = cache_file.with_suffix(".tmp")
                 torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
                 tmp.replace(cache_file)
+                log.info("decoded images cached in %s (%.0f MB; `mocov3 cache --clear decoded` removes them)",
+                         cache_file, cache_file.stat().st_size / 1e6)
             except OSError as e:
                 log.warning("could not write decode cache %s (%s)", cache_file, e)
             return ImageData(str(root), lab, classes, images=images, skipped=bad)
@@ -155,11 +160,6 @@ def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
             raise DataError(f"{root}: images differ in size, cannot hold them in memory (use data.in_memory=auto)")
         log.info("%s: images differ in size; streaming them from disk", root)
     return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths)
-
-
-def _seed_for(*parts: int) -> int:
-    h = hashlib.blake2b(np.asarray(parts, dtype=np.int64).tobytes(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
 class StreamingTrainSet(torch.utils.data.Dataset):
@@ -176,8 +176,6 @@ class StreamingTrainSet(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def _crop(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
-        from .augment import sample_crop_boxes
-
         W, H = im.size
         top, left, h, w = sample_crop_boxes(1, H, W, self.cfg.crop_scale, self.cfg.crop_ratio, g)[0].tolist()
         s = self.cfg.image_size
@@ -195,7 +193,7 @@ class StreamingTrainSet(torch.utils.data.Dataset):
                 log.warning("skipping unreadable image %s (%s)", self.data.paths[j], type(e).__name__)
         else:  # pragma: no cover
             raise DataError("no readable image left in the dataset")
-        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, idx))
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx))
         return self._crop(im, g), self._crop(im, g)
 
 
@@ -272,7 +270,7 @@ class TrainBatches(_GlobalBatches):
         self.stream = None if data.in_memory else StreamingTrainSet(data, data_cfg, seed)
 
     def _indices(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(_seed_for(self.seed, epoch, 7))
+        g = torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.ORDER))
         return self._slice(torch.randperm(len(self.data), generator=g))
 
     def epoch(self, epoch: int, start_step: int = 0):
@@ -301,14 +299,12 @@ class StreamingCropSet(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, idx: int):
-        from .augment import sample_crop_boxes
-
         try:
             im = load_rgb(self.data.paths[idx])
         except Exception as e:  # noqa: BLE001
             log.warning("unreadable image %s (%s); using a blank image", self.data.paths[idx], type(e).__name__)
             im = Image.new("RGB", (self.size, self.size))
-        g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, idx, 11))
+        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
         W, H = im.size
         top, left, h, w = sample_crop_boxes(1, H, W, self.scale, self.ratio, g)[0].tolist()
         out = im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
@@ -335,7 +331,7 @@ class LabelledBatches(_GlobalBatches):
 
     def _indices(self, epoch: int) -> torch.Tensor:
         return self._slice(torch.randperm(len(self.data),
-                                          generator=torch.Generator().manual_seed(self.seed * 1000 + epoch)))
+                                          generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.LABELLED_ORDER))))
 
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]
@@ -346,3 +342,23 @@ class LabelledBatches(_GlobalBatches):
             return
         for x, y in self._stream_batches(epoch, idx):
             yield x, y, True
+
+
+def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: int,
+                 order: Optional[torch.Tensor] = None, num_workers: int = 2):
+    """Evaluation inputs of ``data`` (rows ``order``, default all, in that order): resize + center crop +
+    normalize, float [b, 3, S, S] on ``device``, in memory or streamed through DataLoader workers."""
+    size = data_cfg.image_size
+    order = torch.arange(len(data)) if order is None else order
+    if data.in_memory:
+        for i in range(0, len(order), batch_size):
+            rows = order[i:i + batch_size]
+            x = data.images[rows.to(data.images.device)].to(device)
+            yield eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std)
+        return
+    ds = torch.utils.data.Subset(StreamingEvalSet(data, size, data_cfg.eval_crop_ratio), order.tolist())
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
+    for x, _ in loader:
+        yield (x.to(device).float() / 255.0 - m) / s

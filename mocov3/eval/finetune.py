@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (PAPER.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
+"""End-to-end fine-tuning (docs/paper.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
 label smoothing, RandAugment, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
 
 Runs in one process or under torchrun, on in-memory or streamed data; the run folder follows the
@@ -15,13 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as du
 from ..config import Config, save_config, scaled_lr, to_dict
 from ..data.augment import random_crop_flip
-from ..data.datasets import ImageData
+from ..data.datasets import ImageData, LabelledBatches, eval_batches
 from ..data.randaugment import rand_augment
-from ..train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..models.factory import backbone_spec, build_from_spec
+from ..models.vit import ViTSpec
+from ..runtime import MetricsWriter, Stream, autocast, seed_for
+from ..train.checkpoint import load_checkpoint, load_state_strict, rng_state, save_checkpoint, set_rng_state
+from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
-from .knn import autocast_ctx, topk_accuracy
+from ..train.step import TrainState, optimize
+from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,15 @@ def backbone_depth(backbone: nn.Module) -> int:
 
 def layer_decay_groups(model: Classifier, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (depth + 1 - layer_id)``; no decay on 1-D
-    parameters and tokens. Each group has a ``lr_scale`` the schedule multiplies in."""
+    parameters and the names the backbone lists in ``no_weight_decay()`` (a ViT's tokens). Each group has
+    a ``lr_scale`` the schedule multiplies in."""
     depth = backbone_depth(model.backbone)
+    skip = no_decay_names(model)
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim == 1 or name.endswith((".bias", "cls_token", "pos_embed"))
+        no_wd = p.ndim == 1 or name.endswith(".bias") or name in skip
         lid = layer_id(name, depth)
         key = (lid, no_wd)
         if key not in groups:
@@ -107,15 +115,18 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str, batch_size: int = 512) -> dict:
     """Top-1 / top-5 on ``data`` (resize + center crop), in memory or streamed."""
-    from .knn import eval_batches
-
     model.eval()
     logits = []
     for x in eval_batches(data, data_cfg, device, batch_size):
-        with autocast_ctx(device, precision):
+        with autocast(device, precision):
             logits.append(model(x).float())
     model.train()
     return topk_accuracy(torch.cat(logits), data.labels.to(device))
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets (mixup / cutmix / smoothing): [B, C], [B, C] -> scalar."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
@@ -124,13 +135,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
 
     Works in one process or under torchrun (DDP; the global batch ``finetune.batch_size`` is split over
     the processes, BatchNorm is synchronized, rank 0 evaluates and writes), on in-memory or streamed data.
+    Each step is :func:`mocov3.train.step.optimize` (autocast, non-finite guard, GradScaler for fp16).
     """
-    from .. import distributed as du
-    from ..data.datasets import LabelledBatches
-    from ..models.factory import backbone_spec, build_from_spec
-    from ..models.vit import ViTSpec
-    from ..train.loop import MetricsWriter
-
     du.init_from_env(device.type)
     world, rank, main = du.world_size(), du.rank(), du.is_main()
     ft = cfg.finetune
@@ -154,34 +160,37 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     steps_per_epoch = batches.steps_per_epoch
     total = ft.epochs * steps_per_epoch
     warmup = int(round(ft.warmup_epochs * steps_per_epoch))
+    state = TrainState(module=model, model=du.wrap_ddp(model, device), optimizer=opt, device=device,
+                       precision=precision, lr_at=lambda s: lr_at(s, total, warmup, peak), seed=cfg.train.seed,
+                       rank=rank)
     metrics = MetricsWriter(output_dir / "metrics.jsonl", main)
     ckpt_path = output_dir / "checkpoint.pt"
-    step, last = 0, None
+    last = None
     if ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ck["model"])
+        load_state_strict(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
-        step, last = int(ck["step"]), ck.get("last_eval")
+        if ck.get("scaler"):
+            state.scaler.load_state_dict(ck["scaler"])
+        state.step, last = int(ck["step"]), ck.get("last_eval")
         set_rng_state(ck["rng"])
-        metrics.truncate_after(step)
-        log.info("resumed fine-tuning at step %d", step)
+        metrics.truncate_after(state.step)
+        log.info("resumed fine-tuning at step %d", state.step)
     else:
         metrics.truncate_after(-1)
-    net = du.wrap_ddp(model, device)
     log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s, %d process(es)", peak,
              ft.base_lr, ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained",
              world)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    gd = torch.Generator(device=device)
     m = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
     model.train()
     t0 = time.time()
-    while step < total:
-        epoch = step // steps_per_epoch
-        for x, y, cropped in batches.epoch(epoch, step - epoch * steps_per_epoch):
-            g.manual_seed(cfg.train.seed * 1_000_003 + step + 7919 * rank)
-            gd.manual_seed(cfg.train.seed * 1_000_003 + step + 7919 * rank)
+    while state.step < total:
+        epoch = state.step // steps_per_epoch
+        for x, y, cropped in batches.epoch(epoch, state.step - epoch * steps_per_epoch):
+            seed = seed_for(cfg.train.seed, state.step, rank, Stream.SUPERVISED_AUG)
+            g = torch.Generator().manual_seed(seed)
+            gd = torch.Generator(device=device).manual_seed(seed)
             if cropped:  # streamed: workers cut the crop; flip here
                 x = random_crop_flip(x, cfg.data.image_size, (1.0, 1.0), (1.0, 1.0), gd)
             else:
@@ -189,30 +198,24 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
             if ft.randaugment:
                 x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
             x = (x - m) / s
-            x, target = mix_batch(x, y, len(train.classes), ft.mixup, ft.cutmix, ft.label_smoothing, step, g)
-            lr = lr_at(step, total, warmup, peak)
-            for grp in opt.param_groups:
-                grp["lr"] = lr * grp["lr_scale"]
-            with autocast_ctx(device, precision):
-                logits = net(x)
-            loss = torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step % cfg.train.log_every == 0:
-                metrics.write({"step": step, "epoch": step / steps_per_epoch,
-                               "loss": du.all_reduce_mean(loss.detach()).item(), "lr": lr})
-        ep = step // steps_per_epoch
-        if ep % ft.eval_every == 0 or step == total:
+            x, target = mix_batch(x, y, len(train.classes), ft.mixup, ft.cutmix, ft.label_smoothing, state.step, g)
+            out = optimize(state, lambda: soft_cross_entropy(state.model(x), target))
+            if state.step % cfg.train.log_every == 0:
+                metrics.write({"step": state.step, "epoch": state.step / steps_per_epoch,
+                               "loss": du.all_reduce_mean(out["loss"]).item(), "lr": out["lr"]})
+        ep = state.step // steps_per_epoch
+        if ep % ft.eval_every == 0 or state.step == total:
             if main:
                 last = evaluate(model, test, cfg.data, device, precision)
-                metrics.write({"step": step, "epoch": float(ep), "test_top1": last["top1"], "test_top5": last["top5"]})
+                metrics.write({"step": state.step, "epoch": float(ep), "test_top1": last["top1"],
+                               "test_top5": last["top5"]})
                 log.info("epoch %d: test top-1 %.2f (%.0f s)", ep, last["top1"], time.time() - t0)
             du.barrier()
         if main:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                                        "config": to_dict(cfg), "rng": rng_state(), "last_eval": last})
+            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
+                                        "step": state.step, "config": to_dict(cfg), "rng": rng_state(),
+                                        "last_eval": last})
     if last is None and main:
         last = evaluate(model, test, cfg.data, device, precision)
     du.barrier()

@@ -1,4 +1,4 @@
-"""Linear probe (PAPER.md §8): frozen backbone, a linear classifier on its representation.
+"""Linear probe (docs/paper.md §8): frozen backbone, a linear classifier on its representation.
 
 Two modes:
 * **full**: the backbone in eval mode under RandomResizedCrop + flip each epoch (the paper's protocol);
@@ -10,17 +10,21 @@ BatchNorm before the classifier, and both check afterwards that no backbone weig
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import distributed as du
 from ..config import scaled_lr
-from ..distributed import GlobalBatchNorm
 from ..data.augment import random_crop_flip
-from ..data.datasets import ImageData
-from .knn import autocast_ctx, topk_accuracy
+from ..data.datasets import ImageData, LabelledBatches
+from ..distributed import GlobalBatchNorm
+from ..runtime import Stream, autocast, seed_for
+from ..train.schedules import lr_at
+from ..train.step import TrainState, optimize
+from .features import extract_features
+from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +44,27 @@ class LinearProbe(nn.Module):
         return self.head(self.norm(x))
 
 
-def _cosine(step: int, total: int, lr: float) -> float:
-    return lr * 0.5 * (1 + math.cos(math.pi * step / max(1, total)))
-
-
 def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float,
                             epochs: int, batch_size: int, weight_decay: float = 0.0, bn: bool = True,
                             seed: int = 0) -> LinearProbe:
-    """SGD (momentum 0.9) + cosine on fixed features [N, D] (not L2-normalized)."""
-    g = torch.Generator().manual_seed(seed)
+    """SGD (momentum 0.9) + cosine on fixed features [N, D] (not L2-normalized), through the generic
+    training step (:func:`mocov3.train.step.optimize`)."""
     torch.manual_seed(seed)
     probe = LinearProbe(feats.shape[1], num_classes, bn).to(feats.device)
     bs = min(batch_size, feats.shape[0])
     lr = scaled_lr(base_lr, bs)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     steps_per_epoch = max(1, feats.shape[0] // bs)
-    total, step = epochs * steps_per_epoch, 0
+    total = epochs * steps_per_epoch
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    state = TrainState(module=probe, model=probe, optimizer=opt, device=feats.device, precision="fp32",
+                       lr_at=lambda s: lr_at(s, total, 0, lr), seed=seed)
     probe.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(seed_for(seed, epoch, Stream.LABELLED_ORDER))
         perm = torch.randperm(feats.shape[0], generator=g).to(feats.device)
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
-            for group in opt.param_groups:
-                group["lr"] = _cosine(step, total, lr)
-            loss = F.cross_entropy(probe(feats[idx]), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+            optimize(state, lambda: F.cross_entropy(probe(feats[idx]), labels[idx]))
     return probe.eval()
 
 
@@ -106,46 +103,37 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
     """The paper's protocol: frozen backbone (eval mode), RandomResizedCrop + flip each epoch.
 
     In memory or streamed; under torchrun the global batch ``linear.batch_size`` is split over the
-    processes and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates.
+    processes and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates. Each
+    step is :func:`mocov3.train.step.optimize` on the probe's cross-entropy.
     """
-    from .. import distributed as du
-    from ..data.datasets import LabelledBatches
-    from .knn import extract_features
-
     du.init_from_env(device.type)
     world, rank = du.world_size(), du.rank()
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    num_classes = len(train.classes)
     torch.manual_seed(seed)
-    probe = LinearProbe(backbone.num_features, num_classes, cfg.bn).to(device)
-    net = du.wrap_ddp(probe, device)
+    probe = LinearProbe(backbone.num_features, len(train.classes), cfg.bn).to(device)
     bs = min(cfg.batch_size, len(train))
     bs -= bs % world
     lr = scaled_lr(cfg.base_lr, bs)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     batches = LabelledBatches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
                               (3 / 4, 4 / 3), data_cfg.num_workers)
-    total, step = cfg.epochs * batches.steps_per_epoch, 0
-    g = torch.Generator(device=device)
+    total = cfg.epochs * batches.steps_per_epoch
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    # fp32 for the probe itself: its input features are computed under autocast below
+    state = TrainState(module=probe, model=du.wrap_ddp(probe, device), optimizer=opt, device=device,
+                       precision="fp32", lr_at=lambda s: lr_at(s, total, 0, lr), seed=seed, rank=rank)
     m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
     for epoch in range(cfg.epochs):
         for x, y, cropped in batches.epoch(epoch):
-            g.manual_seed(seed * 1_000_003 + step + 7919 * rank)
+            g = torch.Generator(device=device).manual_seed(seed_for(seed, state.step, rank, Stream.SUPERVISED_AUG))
             scale = (1.0, 1.0) if cropped else (0.08, 1.0)
             ratio = (1.0, 1.0) if cropped else (3 / 4, 4 / 3)
             x = (random_crop_flip(x, data_cfg.image_size, scale, ratio, g) - m) / s
-            with torch.no_grad(), autocast_ctx(device, precision):
+            with torch.no_grad(), autocast(device, precision):
                 feats = backbone(x).float()
-            for group in opt.param_groups:
-                group["lr"] = _cosine(step, total, lr)
-            loss = F.cross_entropy(net(feats), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
+            optimize(state, lambda: F.cross_entropy(state.model(feats), y))
     res = {}
     if du.is_main():
         ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)

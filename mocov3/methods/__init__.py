@@ -1,4 +1,5 @@
 """Self-supervised methods: each one small module with the contract of :class:`base.Method`."""
-from .base import Method, build_method
+from .base import Method, MomentumMethod
+from .factory import METHODS, build_method
 
-__all__ = ["Method", "build_method"]
+__all__ = ["Method", "MomentumMethod", "METHODS", "build_method"]

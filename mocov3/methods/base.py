@@ -1,4 +1,4 @@
-"""The contract every method follows, the momentum-encoder helper, and the factory the loop uses."""
+"""The contract every method follows, and the momentum-encoder helper."""
 from __future__ import annotations
 
 import copy
@@ -32,7 +32,7 @@ class MomentumMethod(Method):
     """A method with a momentum (target) copy of ``backbone`` + ``projector`` (MoCo v3, BYOL).
 
     The copy receives no gradient and follows ``p_k = m * p_k + (1 - m) * p_q`` (parameters only; its
-    BN buffers follow its own forward passes, PAPER.md §1)."""
+    BN buffers follow its own forward passes, docs/paper.md §1)."""
 
     def _make_momentum_encoder(self) -> None:
         self.momentum_backbone = copy.deepcopy(self.backbone)
@@ -63,28 +63,3 @@ class MomentumMethod(Method):
     def momentum_embed(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.momentum_projector(self.momentum_backbone(x))
-
-
-def build_method(cfg) -> Method:
-    """Build the method named by ``cfg.method.name`` on the backbone of ``cfg.model``."""
-    from ..models.factory import build_backbone
-
-    backbone = build_backbone(cfg.model, cfg.data.image_size)
-    name = cfg.method.name
-    if name == "mocov3":
-        from .mocov3 import MoCoV3
-
-        return MoCoV3(backbone, cfg.method)
-    if name == "simclr":
-        from .simclr import SimCLR
-
-        return SimCLR(backbone, cfg.method)
-    if name == "byol":
-        from .byol import BYOL
-
-        return BYOL(backbone, cfg.method)
-    if name == "swav":
-        from .swav import SwAV
-
-        return SwAV(backbone, cfg.method)
-    raise ValueError(f"unknown method {name!r}")  # pragma: no cover - config validates

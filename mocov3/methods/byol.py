@@ -1,4 +1,4 @@
-"""BYOL (Grill et al. 2020) as PAPER.md §6 compares it: online backbone + projector + predictor, a
+"""BYOL (Grill et al. 2020) as docs/paper.md §6 compares it: online backbone + projector + predictor, a
 momentum target (backbone + projector), normalized regression ``2 - 2 cos(p, z')``, symmetrized. No
 negatives: the predictor is essential (§7)."""
 from __future__ import annotations

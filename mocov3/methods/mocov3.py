@@ -1,4 +1,4 @@
-"""MoCo v3 (PAPER.md §1): query encoder with projector and predictor, momentum key encoder,
+"""MoCo v3 (docs/paper.md §1): query encoder with projector and predictor, momentum key encoder,
 symmetrized contrastive loss over the global batch; no queue by default (an optional key queue, MoCo v2
 style, helps small batches)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SimCLR (Chen et al. 2020) as PAPER.md §6 compares it: one encoder (backbone + projector), NT-Xent
+"""SimCLR (Chen et al. 2020) as docs/paper.md §6 compares it: one encoder (backbone + projector), NT-Xent
 over the global batch with 2N - 2 negatives gathered with gradient; no momentum encoder, no predictor."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SwAV (Caron et al. 2020) as PAPER.md §6 compares it: backbone + projector, L2-normalized embeddings
+"""SwAV (Caron et al. 2020) as docs/paper.md §6 compares it: backbone + projector, L2-normalized embeddings
 scored against normalized prototypes, codes from Sinkhorn-Knopp over the global batch, swapped
 prediction; optional multi-crop (extra small views) and a feature queue for small batches."""
 from __future__ import annotations

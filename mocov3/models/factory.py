@@ -3,12 +3,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ..config import RESNET_NAMES, VIT_NAMES, is_resnet
 from .resnet import RESNET_PRESETS, ResNet, ResNetSpec
 from .vit import VIT_PRESETS, VisionTransformer, ViTSpec, vit_spec_from_config
-
-
-def is_resnet(name: str) -> bool:
-    return name in RESNET_PRESETS
 
 
 def backbone_spec(model_cfg, image_size: int) -> ViTSpec | ResNetSpec:
@@ -41,3 +38,4 @@ def monitor_groups(backbone: nn.Module) -> list[tuple[str, list]]:
 
 
 ALL_MODELS = list(VIT_PRESETS) + list(RESNET_PRESETS)
+assert tuple(VIT_PRESETS) == VIT_NAMES and tuple(RESNET_PRESETS) == RESNET_NAMES, "config and presets disagree"

@@ -1,4 +1,4 @@
-"""MLP heads (projector and predictor) with the BN layout of PAPER.md §1."""
+"""MLP heads (projector and predictor) with the BN layout of docs/paper.md §1."""
 from __future__ import annotations
 
 import torch.nn as nn
@@ -10,7 +10,7 @@ def build_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int,
               last_bn: bool = True, use_bn: bool = True) -> nn.Sequential:
     """MLP head, [N, in_dim] -> [N, out_dim].
 
-    PAPER.md §1: every Linear has no bias; each hidden layer is Linear -> BatchNorm1d -> ReLU; the
+    docs/paper.md §1: every Linear has no bias; each hidden layer is Linear -> BatchNorm1d -> ReLU; the
     last layer is Linear -> BatchNorm1d *without affine parameters* (no ReLU). ``last_bn=False`` gives
     the ResNet predictor's plain last layer. With ``use_bn=False`` (the §7 ablation) the Linear layers
     get biases instead, since no BN follows to absorb them. BatchNorm is synchronized across

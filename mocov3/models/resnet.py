@@ -5,7 +5,7 @@
 self-supervised method or the classifier of an evaluation sit on top). ``cifar_stem=True`` replaces the
 7x7 stride-2 conv and the max-pool by one 3x3 stride-1 conv, the usual stem for 32-pixel images.
 BatchNorm layers are synchronized across processes (:class:`mocov3.distributed.GlobalBatchNorm2d`),
-as PAPER.md §1 asks for ResNets under distributed training.
+as docs/paper.md §1 asks for ResNets under distributed training.
 """
 from __future__ import annotations
 
@@ -122,6 +122,10 @@ class ResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_(m.last_bn().weight)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay by name (none: 1-D exclusion is by shape)."""
+        return set()
 
     def stages(self) -> list[tuple[str, nn.Module]]:
         """The stem and the four stages, input to output (for monitors and layer-wise lr decay)."""

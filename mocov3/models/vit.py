@@ -1,4 +1,4 @@
-"""Vision Transformer as MoCo v3 uses it (PAPER.md §2).
+"""Vision Transformer as MoCo v3 uses it (docs/paper.md §2).
 
 Parameter names follow timm's ``VisionTransformer`` (``patch_embed.proj``, ``cls_token``,
 ``pos_embed``, ``blocks.N.norm1``, ``blocks.N.attn.qkv``, ``blocks.N.attn.proj``, ``blocks.N.norm2``,
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..distributed import batch_norm_1d, batch_norm_2d
+from ..runtime import ConfigError
 
 #: name -> (embed_dim, depth, num_heads, default patch size). ViT-S uses 12 heads, not DeiT's 6 (§2).
 VIT_PRESETS = {
@@ -25,32 +26,35 @@ VIT_PRESETS = {
 }
 
 
-def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (PAPER.md §2), [grid_h * grid_w, dim].
+def sincos_pos_embed_2d(grid_h: int, grid_w: int, dim: int, temperature: float = 10000.0,
+                        layout: str = "row_first") -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (docs/paper.md §2), [grid_h * grid_w, dim] float32.
 
-    With d = dim / 4 frequencies omega_i = 1 / temperature^(i / d), the token in row h and column w
-    (row-major, the order of the flattened patch grid) gets
-    ``[sin(w * omega), cos(w * omega), sin(h * omega), cos(h * omega)]``. (The reference code's
-    ``meshgrid`` order puts the row index in the first half; on a square grid the two differ only by
-    a transpose of the grid, which a model with a fixed embedding cannot tell apart.)
+    With d = dim / 4 frequencies omega_i = 1 / temperature^(i / d), the token in row h and column w of
+    the patch grid (row-major, the order of the flattened grid) gets
+    ``[sin(h * omega), cos(h * omega), sin(w * omega), cos(w * omega)]`` with ``layout="row_first"``,
+    the reference code's layout (its meshgrid puts the row index in the first half), computed in float32
+    with the same operations so a fresh model equals the reference's bit for bit. ``layout="col_first"``
+    swaps the halves (the layout of mocov3 0.1; on a square grid a transpose of the grid).
     """
     if dim % 4 != 0:
         raise ValueError(f"embed_dim {dim} must be divisible by 4 for the 2-D sin-cos embedding")
     d = dim // 4
-    omega = 1.0 / temperature ** (torch.arange(d, dtype=torch.float64) / d)
-    hh, ww = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
-                            torch.arange(grid_w, dtype=torch.float64), indexing="ij")
-    out_w = ww.reshape(-1, 1) * omega[None]
-    out_h = hh.reshape(-1, 1) * omega[None]
-    emb = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
-    return emb.float()
+    omega = torch.arange(d, dtype=torch.float32) / d
+    omega = 1.0 / (temperature ** omega)
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
+                                torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    out_h = torch.einsum("m,d->md", rows.flatten(), omega)
+    out_w = torch.einsum("m,d->md", cols.flatten(), omega)
+    first, second = (out_h, out_w) if layout == "row_first" else (out_w, out_h)
+    return torch.cat([first.sin(), first.cos(), second.sin(), second.cos()], dim=1)
 
 
 class PatchEmbed(nn.Module):
     """Non-overlapping p x p patches -> D, as one strided conv. [B, 3, H, W] -> [B, L, D].
 
     ``norm`` is one of the patch-projection variants the paper tried against the instability
-    (PAPER.md §2; neither helped there): ``"bn"`` puts a (synchronized) BatchNorm over the D channels
+    (docs/paper.md §2; neither helped there): ``"bn"`` puts a (synchronized) BatchNorm over the D channels
     of the projected tokens, ``"wn"`` reparametrizes the conv weight by weight normalization
     (``w = g * v / ||v||`` per output channel).
     """
@@ -74,7 +78,7 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """Convolutional stem (PAPER.md §2, after Xiao et al. 2021): log2(p) x [3x3 conv stride 2, BN, ReLU]
+    """Convolutional stem (docs/paper.md §2, after Xiao et al. 2021): log2(p) x [3x3 conv stride 2, BN, ReLU]
     then a 1x1 conv to D. The widths double from D / 2^(n-1) to D (for p = 16: D/8, D/4, D/2, D), so the
     output grid equals the p x p patch grid. [B, 3, H, W] -> [B, L, D]. Meant to be trained (no freezing);
     the paper removes one transformer block to keep the FLOPs equal (set ``model.depth`` for that)."""
@@ -168,6 +172,7 @@ class ViTSpec:
     drop_path_rate: float = 0.0
     patch_norm: str = "none"
     stem: str = "patch"
+    sincos_layout: str = "row_first"
 
 
 class VisionTransformer(nn.Module):
@@ -237,12 +242,13 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             if self.spec.pos_embed == "sincos":
                 gh, gw = self.patch_embed.grid_size
-                pe = sincos_pos_embed_2d(gh, gw, self.embed_dim)
+                pe = sincos_pos_embed_2d(gh, gw, self.embed_dim, layout=self.spec.sincos_layout)
                 self.pos_embed.copy_(torch.cat([torch.zeros(self.num_prefix_tokens, self.embed_dim), pe])[None])
             else:
                 nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
+        """Parameter names exempt from weight decay where 1-D parameters are exempt (timm's interface)."""
         return {"pos_embed", "cls_token"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +274,8 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         pre = self.pos_embed[:, : self.num_prefix_tokens]
         if self.spec.pos_embed == "sincos":
-            grid = sincos_pos_embed_2d(gh, gw, self.embed_dim).to(self.pos_embed.device)[None]
+            grid = sincos_pos_embed_2d(gh, gw, self.embed_dim, layout=self.spec.sincos_layout)
+            grid = grid.to(self.pos_embed.device)[None]
         else:
             H0, W0 = self.patch_embed.grid_size
             g = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, H0, W0, -1).permute(0, 3, 1, 2)
@@ -284,17 +291,10 @@ class VisionTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def layer_groups(self) -> dict[str, list[str]]:
-        """Parameter-name prefixes grouped as patch projection / blocks / final norm (for monitors)."""
-        return {"patch_embed": ["patch_embed."], **{f"block{i}": [f"blocks.{i}."] for i in range(len(self.blocks))},
-                "norm": ["norm."]}
-
 
 def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
     """Resolve a preset name plus overrides into a ViTSpec."""
     if model_cfg.name not in VIT_PRESETS:
-        from ..config import ConfigError
-
         raise ConfigError(f"model.name {model_cfg.name!r} is not one of {', '.join(VIT_PRESETS)}, resnet18, resnet50")
     dim, depth, heads, _ = VIT_PRESETS[model_cfg.name]
     return ViTSpec(
@@ -311,6 +311,7 @@ def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
         mlp_norm=model_cfg.mlp_norm,
         patch_norm=model_cfg.patch_norm,
         stem=model_cfg.stem,
+        sincos_layout=model_cfg.sincos_layout,
     )
 
 
@@ -318,9 +319,5 @@ def build_backbone(model_cfg, image_size: int) -> VisionTransformer:
     return VisionTransformer(vit_spec_from_config(model_cfg, image_size))
 
 
-def count_params(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 __all__ = ["VisionTransformer", "ViTSpec", "build_backbone", "sincos_pos_embed_2d", "VIT_PRESETS",
-           "vit_spec_from_config", "count_params"]
+           "vit_spec_from_config"]

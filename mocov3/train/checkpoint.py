@@ -8,11 +8,16 @@ from typing import Any
 
 import torch
 
+from ..config import load_config
+from ..models.factory import backbone_spec
+from ..models.resnet import ResNetSpec
+from ..models.vit import ViTSpec
+from ..runtime import CheckpointError
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
+           "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config"]
+
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used here; the message is one line."""
 
 
 def rng_state() -> dict:
@@ -76,3 +81,21 @@ def load_state_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first[:200]}") from None
+
+
+def backbone_state_from_checkpoint(ckpt: dict) -> dict:
+    """The query encoder's backbone weights, ``backbone.`` prefix (and any DDP ``module.``) removed."""
+    out = {}
+    for k, v in ckpt["model"].items():
+        k = k.removeprefix("module.")
+        if k.startswith("backbone."):
+            out[k[len("backbone."):]] = v
+    if not out:
+        raise CheckpointError("checkpoint has no backbone.* weights")
+    return out
+
+
+def spec_from_config(cfg: dict) -> ViTSpec | ResNetSpec:
+    """The backbone architecture of a checkpoint's config dict."""
+    c = load_config(None, [], base=cfg)
+    return backbone_spec(c.model, c.data.image_size)

@@ -1,4 +1,4 @@
-"""LAMB (You et al. 2020) as PAPER.md §4 describes it: the AdamW update scaled per parameter tensor by
+"""LAMB (You et al. 2020) as docs/paper.md §4 describes it: the AdamW update scaled per parameter tensor by
 the trust ratio ``||w|| / ||update||``."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LARS (You et al. 2017) as the MoCo v3 ResNet recipe uses it (PAPER.md §4): SGD with momentum where
+"""LARS (You et al. 2017) as the MoCo v3 ResNet recipe uses it (docs/paper.md §4): SGD with momentum where
 each parameter tensor's step is scaled by a layer-wise trust ratio; 1-D parameters (biases, BN) get
 neither weight decay nor the trust ratio."""
 from __future__ import annotations

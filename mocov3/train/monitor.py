@@ -1,4 +1,4 @@
-"""Per-layer gradient norms and a gradient-spike detector (PAPER.md §5: the kNN dips follow gradient
+"""Per-layer gradient norms and a gradient-spike detector (docs/paper.md §5: the kNN dips follow gradient
 spikes that appear first in the patch projection and reach the last layers a few iterations later)."""
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..models.factory import monitor_groups
+
 
 def layer_groups(method: nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     """Trainable parameters of the online encoder, grouped from the input to the output: for a ViT
     ``patch_embed``, ``embeddings``, ``block0`` .. ``blockN``, ``final_norm``; for a ResNet ``stem``,
     ``layer1`` .. ``layer4``; then the method's heads (``projector``, ``predictor``, ``prototypes``)."""
-    from ..models.factory import monitor_groups
-
     groups: dict[str, list] = {}
     for name, params in monitor_groups(method.backbone):
         ps = [p for p in params if p.requires_grad]

@@ -1,18 +1,34 @@
-"""Optimizer construction (PAPER.md §4)."""
+"""Optimizer construction (docs/paper.md §4)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from .lamb import Lamb
+from .lars import LARS
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that the modules themselves exempt from weight decay (timm's
+    ``no_weight_decay()`` interface: a ViT's ``cls_token`` and ``pos_embed``)."""
+    out = set()
+    for prefix, mod in model.named_modules():
+        fn = getattr(mod, "no_weight_decay", None)
+        if callable(fn):
+            out |= {f"{prefix}.{n}" if prefix else n for n in fn()}
+    return out
+
 
 def param_groups(model: nn.Module, weight_decay: float, exclude_1d: bool) -> list[dict]:
     """Trainable parameters in groups. The reference code decays every parameter (§4); with
-    ``exclude_1d`` biases, norm weights and 1-D tensors (and ``cls_token`` / ``pos_embed``) get none."""
+    ``exclude_1d`` biases, norm weights and 1-D tensors (and the names a module lists in its
+    ``no_weight_decay()``, e.g. ``cls_token``) get none."""
     decay, no_decay = [], []
+    skip = no_decay_names(model) if exclude_1d else set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if exclude_1d and (p.ndim <= 1 or name.endswith(".bias") or "cls_token" in name or "pos_embed" in name):
+        if exclude_1d and (p.ndim <= 1 or name.endswith(".bias") or name in skip):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -27,12 +43,8 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     if optim_cfg.name == "lamb":
-        from .lamb import Lamb
-
         return Lamb(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=optim_cfg.weight_decay)
     if optim_cfg.name == "lars":
-        from .lars import LARS
-
         # §4: 1-D parameters (biases, BN) excluded from weight decay and from the trust ratio, always.
         groups = param_groups(model, optim_cfg.weight_decay, exclude_1d=True)
         for i, g in enumerate(groups):
@@ -45,15 +57,16 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.Optim
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr to ``lr`` times its ``lr_scale`` (layer-wise decay; 1 when absent)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def clip_gradients(method: nn.Module, patch_params: list, patch_clip: float, global_clip: float) -> None:
     """Gradient clipping, applied to unscaled gradients.
 
     ``patch_clip > 0`` clips the norm of the patch projection's gradient alone (``patch_params``) to
-    ``patch_clip`` (PAPER.md §2: helps when small enough; the frozen projection is its limit at 0);
+    ``patch_clip`` (docs/paper.md §2: helps when small enough; the frozen projection is its limit at 0);
     then ``global_clip > 0`` clips the norm of all gradients together.
     """
     if patch_clip > 0 and patch_params:

@@ -1,4 +1,4 @@
-"""Schedules as pure functions of the iteration (PAPER.md §1, §4)."""
+"""Schedules as pure functions of the iteration (docs/paper.md §1, §4)."""
 from __future__ import annotations
 
 import math

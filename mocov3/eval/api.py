@@ -1,0 +1,138 @@
+"""The evaluation API the CLI calls: a checkpoint and two labelled sets in, a result dict out.
+
+``load_for_eval`` -> ``run_knn`` / ``run_linear`` / ``run_finetune``. Each works in one process; the
+full linear probe and fine-tuning also under torchrun (rank 0 returns the result, the others ``{}``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import distributed as du
+from ..config import Config, load_config, save_config
+from ..data.cache import resolve_cache_dir
+from ..data.datasets import ImageData, load_dataset
+from ..methods import build_method
+from ..runtime import ConfigError, DataError, resolve_device, resolve_precision
+from ..train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, load_state_strict
+from .features import cached_features, feature_cache_key
+from .finetune import finetune
+from .knn import knn_grid
+from .linear import assert_unchanged, fast_linear_probe, full_linear_probe, snapshot
+
+
+@dataclass
+class EvalSetup:
+    """A checkpoint's backbone on its device with the labelled sets it is evaluated on."""
+
+    cfg: Config
+    checkpoint: Path
+    step: Optional[int]
+    backbone: nn.Module
+    device: torch.device
+    precision: str
+    train: ImageData
+    test: ImageData
+
+
+def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str = "auto",
+                  overrides: Sequence[str] = ()) -> EvalSetup:
+    """Checkpoint -> config (its own, with ``overrides``), query backbone on ``device``, both sets loaded
+    and their classes checked."""
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    cfg = load_config(None, list(overrides), base=ckpt["config"])
+    dev = resolve_device(device)
+    method = build_method(cfg)
+    load_state_strict(method, ckpt["model"], checkpoint)
+    train = load_dataset(train_data, cfg.data, split="train").to(dev)
+    test = load_dataset(test_data, cfg.data, split="test").to(dev)
+    if train.classes != test.classes:
+        raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
+                        f"--test-data ({len(test.classes)} classes)")
+    return EvalSetup(cfg, checkpoint, ckpt.get("step"), method.backbone.to(dev), dev,
+                     resolve_precision(cfg.train.precision, dev), train, test)
+
+
+def _features(setup: EvalSetup, sets, use_cache: bool) -> list:
+    """Raw features of each (dataset, limit) in ``sets``, through the on-disk feature cache
+    (``<cache>/features``) unless ``use_cache`` is false: [(features [N, D], labels [N]), ...]."""
+    cfg = setup.cfg
+    cache = resolve_cache_dir(cfg.data) / "features"
+    out = []
+    for data, limit in sets:
+        key = cache / (feature_cache_key(setup.checkpoint, data, cfg.data, setup.precision, limit) + ".pt") \
+            if use_cache else None
+        out.append(cached_features(setup.backbone, data, cfg.data, setup.device, cfg.eval.batch_size,
+                                   setup.precision, limit, key))
+    return out
+
+
+def run_knn(setup: EvalSetup, ks: Optional[Sequence[int]] = None, temperatures: Optional[Sequence[float]] = None,
+            use_cache: bool = True) -> dict:
+    """Weighted kNN for every (k, temperature); ``top1`` / ``top5`` of the first pair, and the ``grid``."""
+    cfg = setup.cfg
+    ks = list(ks or [cfg.eval.knn_k])
+    temperatures = list(temperatures or [cfg.eval.knn_temperature])
+    if any(k < 1 for k in ks) or any(not t > 0 for t in temperatures):
+        raise ConfigError("k must be >= 1 and temperatures > 0")
+    (fb, lb), (ft, lt) = _features(setup, ((setup.train, cfg.eval.knn_bank_size), (setup.test, 0)), use_cache)
+    grid = knn_grid(F.normalize(fb, dim=1), lb, F.normalize(ft, dim=1), lt, len(setup.train.classes), ks,
+                    temperatures)
+    best = grid[0]
+    return {"top1": best["top1"], "top5": best["top5"], "k": best["k"], "temperature": best["temperature"],
+            "step": setup.step, "grid": grid}
+
+
+def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
+               output_dir: Optional[Path] = None) -> dict:
+    """Linear probe (fast: on cached features with an lr sweep; else the paper's protocol). Checks that the
+    backbone is bit-identical afterwards; writes ``config.yaml`` and ``result.json`` into ``output_dir``."""
+    cfg = setup.cfg
+    du.init_from_env(setup.device.type)
+    if fast and not du.is_main():
+        return {}  # the fast probe is cheap: rank 0 does it alone
+    before = snapshot(setup.backbone)
+    if fast:
+        (fa, la), (fb, lb) = _features(setup, ((setup.train, 0), (setup.test, 0)), use_cache)
+        res = fast_linear_probe(fa, la, fb, lb, len(setup.train.classes), cfg.linear)
+    else:
+        res = full_linear_probe(setup.backbone, setup.train, setup.test, cfg.data, cfg.linear, setup.device,
+                                setup.precision)
+    assert_unchanged(setup.backbone, before)
+    if not du.is_main():
+        return {}
+    out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast" if fast else "full",
+           "epochs": cfg.linear.epochs, "step": setup.step}
+    if "sweep" in res:
+        out["sweep"] = res["sweep"]
+    if output_dir is not None:
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False, progress: bool = False) -> dict:
+    """End-to-end fine-tuning of the checkpoint's backbone (or the same architecture from random init);
+    writes ``result.json`` into ``output_dir`` beside the run's own files."""
+    ckpt = load_checkpoint(setup.checkpoint)
+    state = None if from_scratch else backbone_state_from_checkpoint(ckpt)
+    output_dir = Path(output_dir)
+    res = finetune(setup.cfg, state, setup.train, setup.test, output_dir, setup.device, setup.precision, progress)
+    if not du.is_main():
+        return {}
+    out = {"top1": res["top1"], "top5": res["top5"], "from_scratch": from_scratch,
+           "epochs": setup.cfg.finetune.epochs, "output_dir": str(output_dir)}
+    (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+__all__ = ["EvalSetup", "load_for_eval", "run_knn", "run_linear", "run_finetune"]

@@ -1,0 +1,70 @@
+"""Backbone features of a dataset, with an on-disk cache keyed by checkpoint file and preprocessing."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.datasets import ImageData, eval_batches
+from ..runtime import autocast
+
+
+def subset_order(n: int, limit: int) -> torch.Tensor:
+    """Rows of a fixed random subset of ``limit`` of ``n`` items (sorted), or all rows when ``limit`` is 0
+    or >= n. The same subset every time (seed 0), so monitor points are comparable."""
+    if limit and limit < n:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return torch.arange(n)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device,
+                     batch_size: int = 512, precision: str = "fp32", limit: int = 0,
+                     num_workers: int = 2, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features of a dataset: (features [N, D] float32, L2-normalized unless
+    ``normalize=False``; labels [N]) on ``device``.
+
+    The backbone runs in eval mode (restored afterwards); ``limit`` keeps a fixed random subset of
+    ``limit`` images (:func:`subset_order`; 0 = all).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    order = subset_order(len(data), limit)
+    feats, labels = [], data.labels[order]
+    try:
+        for x in eval_batches(data, data_cfg, device, batch_size, order, num_workers):
+            with autocast(device, precision):
+                feats.append(backbone(x).float())
+    finally:
+        backbone.train(was_training)
+    out = torch.cat(feats)
+    return (F.normalize(out, dim=1) if normalize else out), labels.to(device)
+
+
+def feature_cache_key(checkpoint: Path, data: ImageData, data_cfg, precision: str, limit: int) -> str:
+    """Identifies one checkpoint file's features of one dataset under one preprocessing."""
+    st = Path(checkpoint).stat()
+    parts = [str(Path(checkpoint).resolve()), st.st_size, st.st_mtime_ns, data.name, len(data), data_cfg.image_size,
+             data_cfg.eval_crop_ratio, tuple(data_cfg.mean), tuple(data_cfg.std), precision, limit]
+    return hashlib.sha1(repr(parts).encode()).hexdigest()[:24]
+
+
+def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torch.device, batch_size: int,
+                    precision: str, limit: int, cache_file: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw (unnormalized) :func:`extract_features`, stored in / reused from ``cache_file`` if given."""
+    if cache_file is not None and Path(cache_file).is_file():
+        blob = torch.load(cache_file, map_location=device, weights_only=True)
+        return blob["features"], blob["labels"]
+    feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit,
+                                     normalize=False)
+    if cache_file is not None:
+        path = Path(cache_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
+        tmp.replace(path)
+    return feats, labels

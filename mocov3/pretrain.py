@@ -1,0 +1,297 @@
+"""Pretraining, as a table of contents.
+
+``pretrain`` = runtime -> run folder -> data -> method, optimizer and schedules -> resume -> hooks
+(kNN monitor, metrics, checkpoints) -> fit. Each step is one ``build_*`` function below; the loop
+itself is :func:`mocov3.train.loop.fit` and one step is :func:`mocov3.train.step.train_step`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import distributed as du
+from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
+from .data.augment import TwoViewAugment
+from .data.datasets import ImageData, TrainBatches, load_dataset
+from .eval.knn import knn_evaluate
+from .methods import build_method
+from .runtime import (CheckpointError, DataError, MetricsWriter, TrainingError, resolve_device,
+                      resolve_precision)
+from .train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, rng_state, save_checkpoint,
+                               set_rng_state)
+from .train.loop import Hook, MetricsHook, Progress, fit
+from .train.monitor import GradMonitor
+from .train.optim import build_optimizer
+from .train.schedules import lr_at, momentum_at
+from .train.step import TrainState
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    step: int
+    finished: bool
+    interrupted_by: int
+    last_knn: Optional[dict]
+    output_dir: Path
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str
+    world: int
+    rank: int
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    checkpoint: Path  # the checkpoint to resume from (may not exist)
+    metrics: MetricsWriter
+
+    @property
+    def resuming(self) -> bool:
+        return self.checkpoint.is_file()
+
+
+@dataclass
+class RunData:
+    train: ImageData
+    batches: TrainBatches
+    bank: Optional[ImageData]  # the kNN bank (the training data) when there is a test set
+    test: Optional[ImageData]
+
+
+def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progress: bool = True) -> RunResult:
+    """Pretrain ``cfg`` on ``cfg.data.path`` (kNN monitor on ``cfg.data.eval_path``) into ``output_dir``,
+    resuming its checkpoint (or ``resume``) if present."""
+    rt = build_runtime(cfg)
+    run = open_run_folder(cfg, Path(output_dir), resume)
+    data = build_data(cfg, rt)
+    state = build_train_state(cfg, rt, data.batches.steps_per_epoch)
+    ckpt = resume_run(run, state, cfg) if run.resuming else start_run(run, cfg, rt, data)
+    plan = build_progress(cfg, state.step, data.batches.steps_per_epoch)
+    knn = KnnMonitor(cfg, rt, data, state.module, run.metrics, ckpt.get("last_knn"))
+    if not run.resuming:
+        knn.initial_point()
+    hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps),
+             CheckpointHook(cfg, run, state, knn)]
+    stopped = fit(state, data.batches, plan, hooks)
+    return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
+
+
+def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: Path, data: Optional[str] = None,
+                   eval_data: Optional[str] = None, resume: Optional[Path] = None) -> Config:
+    """The run's config: the recipe, or (resuming without one) the checkpoint's own config, then the
+    overrides, then the data paths given on the command line. ``train.max_steps`` is a per-invocation
+    limit: a resumed run does not inherit it."""
+    ckpt = Path(resume) if resume else Path(output_dir) / CHECKPOINT_NAME
+    base = None
+    if recipe is None and ckpt.is_file():
+        base = load_checkpoint(ckpt)["config"]
+        base["train"]["max_steps"] = 0
+    cfg = load_config(recipe, list(overrides), base=base)
+    if data is not None:
+        cfg.data.path = str(data)
+    if eval_data is not None:
+        cfg.data.eval_path = str(eval_data)
+    return cfg
+
+
+def build_runtime(cfg: Config) -> Runtime:
+    """Device (this rank's GPU under torchrun), process group, threads, precision."""
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL initializes, so each rank owns its GPU
+    du.init_from_env(device.type)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    world, rank = du.world_size(), du.rank()
+    if cfg.train.batch_size % world != 0:
+        raise TrainingError(f"batch_size {cfg.train.batch_size} is not divisible by the {world} processes")
+    return Runtime(device, resolve_precision(cfg.train.precision, device), world, rank)
+
+
+def open_run_folder(cfg: Config, output_dir: Path, resume: Optional[Path]) -> RunFolder:
+    """The run folder: ``config.yaml`` (resolved, data paths included), ``metrics.jsonl``, checkpoints."""
+    ckpt = Path(resume) if resume else output_dir / CHECKPOINT_NAME
+    if resume and not ckpt.is_file():
+        raise CheckpointError(f"checkpoint not found: {resume}")
+    if cfg.data.path is None:
+        raise DataError("no training data: give --data (or data.path in the recipe)")
+    if du.is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", du.is_main(),
+                            output_dir / "tensorboard" if cfg.train.tensorboard else None)
+    return RunFolder(output_dir, ckpt, metrics)
+
+
+def build_data(cfg: Config, rt: Runtime) -> RunData:
+    """Training set (in memory on the device, or streamed), its global batches, the kNN bank and test set."""
+    train = load_dataset(cfg.data.path, cfg.data, split="train")
+    if train.skipped:
+        log.warning("%d unreadable images were skipped in %s", len(train.skipped), train.name)
+    train.to(rt.device)
+    batches = TrainBatches(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
+                           cfg.data.num_workers)
+    bank = test = None
+    if cfg.data.eval_path:
+        test = load_dataset(cfg.data.eval_path, cfg.data, split="test").to(rt.device)
+        if test.classes != train.classes:
+            raise DataError(f"--eval-data classes ({len(test.classes)}) differ from the training data's "
+                            f"class folders ({len(train.classes)}); the kNN bank needs the same classes")
+        bank = train
+    return RunData(train, batches, bank, test)
+
+
+def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainState:
+    """Method (seeded), DDP wrapper, optimizer, schedules, gradient monitor, augmentation."""
+    torch.manual_seed(cfg.train.seed)
+    method = build_method(cfg).to(rt.device)
+    channels_last = rt.device.type == "cuda" and is_resnet(cfg.model.name)
+    if channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
+    total = cfg.train.epochs * steps_per_epoch
+    warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    log.info("lr = base_lr %.3g x batch %d / 256 = %.4g; %d steps/epoch, %d steps, warmup %d; "
+             "%d trainable parameters; %d process(es) on %s, %s", cfg.optim.base_lr, cfg.train.batch_size,
+             peak_lr, steps_per_epoch, total, warmup, n_train, rt.world, rt.device, rt.precision)
+    patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
+        if cfg.optim.patch_clip_grad > 0 else []
+    return TrainState(
+        module=method, model=du.wrap_ddp(method, rt.device), optimizer=build_optimizer(method, cfg.optim, peak_lr),
+        device=rt.device, precision=rt.precision,
+        lr_at=lambda s: lr_at(s, total, warmup, peak_lr),
+        momentum_at=lambda s: momentum_at(s, total, cfg.method.momentum, cfg.method.momentum_schedule),
+        augment=TwoViewAugment(cfg.data), seed=cfg.train.seed, rank=rt.rank, clip_grad=cfg.optim.clip_grad,
+        patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
+        monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
+
+
+def build_progress(cfg: Config, step: int, steps_per_epoch: int) -> Progress:
+    total = cfg.train.epochs * steps_per_epoch
+    max_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
+    return Progress(step, steps_per_epoch, total, max_steps, cfg.train.log_every)
+
+
+def start_run(run: RunFolder, cfg: Config, rt: Runtime, data: RunData) -> dict:
+    """A new run: an empty metrics file starting with a ``start`` record."""
+    run.metrics.truncate_after(-1)
+    run.metrics.write({"step": 0, "epoch": 0.0, "event": "start",
+                       "lr_peak": scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
+                       "batch_size": cfg.train.batch_size, "world_size": rt.world,
+                       "steps_per_epoch": data.batches.steps_per_epoch, "data": cfg.data.path,
+                       "eval_data": cfg.data.eval_path})
+    return {}
+
+
+def resume_run(run: RunFolder, state: TrainState, cfg: Config) -> dict:
+    """Load model, optimizer, scaler, step, RNG and monitor state; drop metrics logged after the checkpoint."""
+    ckpt = load_checkpoint(run.checkpoint, map_location=state.device)
+    check_same_model(ckpt["config"], to_dict(cfg), run.checkpoint)
+    load_state_strict(state.module, ckpt["model"], run.checkpoint)
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.step = int(ckpt["step"])
+    set_rng_state(ckpt["rng"])
+    if state.monitor is not None and ckpt.get("monitor"):
+        state.monitor.load_state_dict(ckpt["monitor"])
+    run.metrics.truncate_after(state.step)
+    log.info("resumed from %s at step %d", run.checkpoint, state.step)
+    return ckpt
+
+
+class KnnMonitor(Hook):
+    """The kNN monitor (docs/paper.md §5, §8): the random-init point (``knn_init_top1``), a fine point every
+    ``eval.knn_every_steps`` iterations on fixed small subsets (``knn_fine_top1``) and the full bank
+    every ``eval.knn_every`` epochs (``knn_top1``). Rank 0 evaluates; the others wait."""
+
+    def __init__(self, cfg: Config, rt: Runtime, data: RunData, method, metrics: MetricsWriter,
+                 last: Optional[dict] = None):
+        self.cfg, self.rt, self.data, self.method, self.metrics, self.last = cfg, rt, data, method, metrics, last
+        self.enabled = data.bank is not None
+        self.fine_every = cfg.eval.knn_every_steps if self.enabled else 0
+
+    def _evaluate(self, step: int, fine: bool, key: str) -> Optional[dict]:
+        res = None
+        if du.is_main():
+            t0 = time.time()
+            e = self.cfg.eval
+            limits = dict(bank_limit=e.knn_fine_bank, test_limit=e.knn_fine_test) if fine else {}
+            res = knn_evaluate(self.method.backbone, self.data.bank, self.data.test, self.cfg.data, e,
+                               self.rt.device, self.rt.precision, **limits)
+            rec = {"step": step, "epoch": step / self.data.batches.steps_per_epoch, f"{key}_top1": res["top1"]}
+            if not fine:
+                rec[f"{key}_top5"] = res["top5"]
+            self.metrics.write(rec)
+            log.info("kNN (%s) at step %d: top1 %.2f (%.0f s)", key, step, res["top1"], time.time() - t0)
+        du.barrier()
+        return res
+
+    def initial_point(self) -> None:
+        """Step 0: the random-init reference (on the fine subsets unless ``eval.knn_init=full``)."""
+        if not self.enabled:
+            return
+        mode = self.cfg.eval.knn_init if (self.cfg.eval.knn_every > 0 or self.fine_every) else "off"
+        if mode != "off":
+            res = self._evaluate(0, fine=mode == "subset", key="knn_init")
+            if mode == "subset" and self.fine_every and du.is_main():  # the same computation
+                self.metrics.write({"step": 0, "epoch": 0.0, "knn_fine_top1": res["top1"]})
+        if self.fine_every and mode != "subset":
+            self._evaluate(0, fine=True, key="knn_fine")
+
+    def after_step(self, p: Progress, out: dict) -> None:
+        if not self.enabled:
+            return
+        t0 = time.time()
+        if self.fine_every and p.step % self.fine_every == 0:
+            self._evaluate(p.step, fine=True, key="knn_fine")
+        ep = p.step // p.steps_per_epoch
+        if p.end_of_epoch and self.cfg.eval.knn_every > 0 and (ep % self.cfg.eval.knn_every == 0
+                                                               or p.step == p.total_steps):
+            self.last = self._evaluate(p.step, fine=False, key="knn")
+        p.eval_seconds += time.time() - t0
+
+
+class CheckpointHook(Hook):
+    """An atomic ``checkpoint.pt`` at each epoch end (plus numbered copies for ``train.save_epochs``),
+    every ``train.checkpoint_every_steps`` steps, at the last step and when a stop signal arrives."""
+
+    def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor):
+        self.cfg, self.run, self.state, self.knn = cfg, run, state, knn
+
+    def payload(self, p: Progress) -> dict:
+        s = self.state
+        return {"model": s.module.state_dict(), "optimizer": s.optimizer.state_dict(),
+                "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+                "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
+                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {}}
+
+    def after_step(self, p: Progress, out: dict) -> None:
+        every = self.cfg.train.checkpoint_every_steps
+        if not (p.end_of_epoch or p.stop_signal or p.last_step or (every and p.step % every == 0)):
+            return
+        if not du.is_main():
+            return
+        payload = self.payload(p)
+        save_checkpoint(self.run.path / CHECKPOINT_NAME, payload)
+        ep = p.step // p.steps_per_epoch
+        if p.end_of_epoch and ep in self.cfg.train.save_epochs:
+            save_checkpoint(self.run.path / f"checkpoint_epoch{ep:04d}.pt", payload)
+
+
+__all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "build_runtime", "open_run_folder", "build_data",
+           "build_train_state", "KnnMonitor", "CheckpointHook"]

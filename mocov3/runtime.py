@@ -1,0 +1,202 @@
+"""What every command needs at run time, in one place: error classes, device and precision, autocast,
+the one seeding rule, the metrics writer and the stop flag.
+
+This module imports nothing else of the package (it is the bottom layer of the import graph, see
+docs/architecture.md), so every other module may use it.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- errors
+class MocoError(RuntimeError):
+    """Base of the errors a user can act on; the CLI prints the message (one line) and exits 2."""
+
+
+class ConfigError(MocoError, ValueError):
+    """A configuration problem the user can fix (unknown key, wrong type, value out of range)."""
+
+
+class DataError(MocoError):
+    """A data problem the user can fix (missing path, no images, too few images, class mismatch)."""
+
+
+class CheckpointError(MocoError):
+    """A checkpoint that cannot be used here (missing, unreadable, from another model)."""
+
+
+class TrainingError(MocoError):
+    """Training cannot go on (e.g. the loss became NaN, no CUDA device)."""
+
+
+# ----------------------------------------------------------------------------------- device, precision
+def local_rank() -> int:
+    """This process's GPU index on its node as torchrun announces it (0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launch_rank() -> int:
+    """This process's global rank as torchrun announces it (before any process group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> this process's CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainingError("device cuda was asked for but no CUDA device is available")
+        return torch.device("cuda", local_rank())
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)") from None
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 (AVX512-BF16 / AMX); without it bf16 autocast is emulated
+    and several times slower than fp32 (measured on an AVX2-only EPYC: docs/results.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs (fp16 where bf16 is missing) and on CPUs with native bf16, else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        log.warning("bf16 is not supported on this GPU; using fp16 with a gradient scaler")
+        return "fp16"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of ``precision`` (``fp32``: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------- seeding
+def seed_for(*parts: int) -> int:
+    """The one seeding rule: a 63-bit seed hashed from integers, e.g. ``seed_for(seed, Stream.VIEWS,
+    step, rank)``. Every random stream of a run (data order, augmentation, worker crops, mixing) is
+    seeded by it from the run's seed and the stream's coordinates, so each is a pure function of them
+    and resuming reproduces it exactly."""
+    h = hashlib.blake2b(np.asarray(parts, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class Stream:
+    """Stream ids for :func:`seed_for` (kept stable: changing one changes every run's randomness)."""
+
+    ORDER = 7  # per-epoch permutation of the training set: seed_for(seed, epoch, ORDER)
+    WORKER_CROP = 11  # streamed crops: seed_for(seed, epoch, index, WORKER_CROP)
+    LABELLED_ORDER = 13  # fine-tuning / linear probe data order: seed_for(seed, epoch, LABELLED_ORDER)
+    SUPERVISED_AUG = 17  # fine-tuning / probe augmentation: seed_for(seed, step, rank, SUPERVISED_AUG)
+
+
+def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), optionally mirrored to
+    TensorBoard."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Optional[Path] = None):
+        self.path, self.enabled, self.tb = Path(path), enabled, None
+        if enabled and tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") \
+                    from None
+            self.tb = SummaryWriter(str(tensorboard_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after ``step`` (they came after the checkpoint being resumed)."""
+        if not self.enabled or not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line of a killed run
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+            self.tb.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a half-written last line (a killed run) is skipped."""
+    out = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------- stop flag
+class StopFlag:
+    """Set by SIGINT / SIGTERM; the loop then checkpoints after the current step and exits. A second
+    signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("signal %d received: saving a checkpoint after this step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)

@@ -1,0 +1,145 @@
+"""One training step, one implementation.
+
+:func:`optimize` is the generic core every trainer calls (pretraining, fine-tuning, both linear
+probes): learning rate from the schedule -> forward under autocast -> non-finite guard -> (scaled)
+backward -> the module's after-backward hook -> gradient monitor -> unscale and clip -> optimizer step
+-> scaler update. :func:`train_step` is the pretraining step built on it: the two views are made from
+the batch (or taken as given), the momentum encoder is updated, and the method's loss is optimized.
+
+The pretraining loop, the distributed-equivalence tests and ``bench/`` all call :func:`train_step`;
+fine-tuning and the linear probe call :func:`optimize` with their own loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..data.augment import TwoViewAugment
+from ..runtime import TrainingError, autocast, seed_for
+from .monitor import GradMonitor
+from .optim import clip_gradients, set_lr
+
+
+@dataclass
+class TrainState:
+    """Everything a step needs besides the batch; ``step`` counts the optimizer steps taken.
+
+    ``model`` is what the forward pass calls (the DDP wrapper under torchrun); ``module`` the bare
+    module (parameters, momentum update, clipping, checkpoints). ``lr_at(step)`` and
+    ``momentum_at(step)`` are the schedules (pure functions of the step, :mod:`.schedules`).
+    """
+
+    module: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: str
+    lr_at: Callable[[int], float]
+    momentum_at: Optional[Callable[[int], float]] = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    augment: Optional[TwoViewAugment] = None
+    seed: int = 0
+    rank: int = 0
+    clip_grad: float = 0.0
+    patch_clip_grad: float = 0.0
+    patch_params: list = field(default_factory=list)
+    monitor: Optional[GradMonitor] = None
+    channels_last: bool = False
+    step: int = 0
+
+    def __post_init__(self):
+        if self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+
+@dataclass
+class RawBatch:
+    """uint8 images on the device: ``a`` and ``b`` [B, 3, H, W] the sources of view 1 and view 2 (the
+    same tensor in memory, where both views are cut on the device: ``crop=True``; the two worker crops
+    when streaming: ``crop=False``)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    crop: bool = True
+
+
+@dataclass
+class Views:
+    """Views already made, float [B, 3, S, S] each (view 1, view 2, then any small views)."""
+
+    views: list
+
+
+Batch = Union[RawBatch, Views]
+
+
+def optimize(state: TrainState, compute_loss: Callable[[], torch.Tensor], log: bool = False) -> dict:
+    """One optimizer step on the loss that ``compute_loss()`` returns (called under autocast).
+
+    Returns ``{"loss": detached scalar tensor, "lr": float}`` plus, with a monitor, ``"grad_norm"`` (per
+    layer group, every step: the spike detector needs each one), ``"spike"`` (or None) and, when ``log``,
+    ``"update_ratio"``. Raises :class:`TrainingError` on a non-finite loss, before anything is updated.
+    """
+    lr = state.lr_at(state.step)
+    set_lr(state.optimizer, lr)
+    with autocast(state.device, state.precision):
+        loss = compute_loss()
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingError(f"loss is {loss.item()} at step {state.step}; lower the learning rate, set "
+                            f"optim.clip_grad or use train.precision=fp32")
+    scaler = state.scaler
+    state.optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    after_backward = getattr(state.module, "after_backward", None)
+    if after_backward is not None:
+        after_backward(state.step)
+    out = {"loss": loss.detach(), "lr": lr}
+    if state.monitor is not None:
+        norms = state.monitor.norms(scaler.get_scale() if scaler.is_enabled() else 1.0)
+        out["grad_norm"] = norms
+        out["spike"] = state.monitor.observe(norms)
+    if state.clip_grad > 0 or state.patch_clip_grad > 0:
+        scaler.unscale_(state.optimizer)
+        clip_gradients(state.module, state.patch_params, state.patch_clip_grad, state.clip_grad)
+    if state.monitor is not None and log:
+        state.monitor.snapshot()
+    scaler.step(state.optimizer)
+    scaler.update()
+    if state.monitor is not None and log:
+        out["update_ratio"] = state.monitor.update_ratios()
+    state.step += 1
+    return out
+
+
+def make_views(state: TrainState, batch: Batch) -> list:
+    """The views of a batch: given ones as they are; raw images augmented on the device with a
+    generator seeded by ``seed_for(seed, step, rank)`` (the views are a pure function of them)."""
+    if isinstance(batch, Views):
+        views = list(batch.views)
+    else:
+        if state.augment is None:
+            raise ValueError("a RawBatch needs TrainState.augment")
+        g = torch.Generator(device=batch.a.device).manual_seed(seed_for(state.seed, state.step, state.rank))
+        with torch.no_grad():
+            views = [state.augment.view(batch.a, 0, g, batch.crop), state.augment.view(batch.b, 1, g, batch.crop)]
+            if state.augment.cfg.small_crops:
+                views += state.augment.small_views(batch.b, g)
+    if state.channels_last:  # convolutions in NHWC are faster on tensor cores
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+    return views
+
+
+def train_step(state: TrainState, batch: Batch, log: bool = False) -> dict:
+    """One pretraining step: views -> momentum update -> ``model(*views)["loss"]`` -> :func:`optimize`.
+
+    Returns :func:`optimize`'s metrics plus ``"momentum"``."""
+    views = make_views(state, batch)
+    m = state.momentum_at(state.step) if state.momentum_at is not None else None
+    if m is not None:
+        state.module.update_momentum(m)
+    out = optimize(state, lambda: state.model(*views)["loss"], log=log)
+    out["momentum"] = m
+    return out
