@@ -33,6 +33,7 @@ def main() -> None:
     from mocov3.methods import build_method
     from mocov3.train.monitor import GradMonitor
     from mocov3.train.optim import build_optimizer
+    from mocov3.train.step import RawBatch, TrainState, train_step
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -67,29 +68,20 @@ def main() -> None:
         monitor.snapshot()
         monitor.update_ratios()
     ratios_ms = (time.perf_counter() - t0) / 10 * 1000
-    monitor = GradMonitor(method, cfg.train.spike_factor)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    # the training loop's own step (mocov3.train.step.train_step), with and without the monitor
+    states = {on: TrainState(module=method, model=method, optimizer=opt, device=dev, precision="fp32",
+                             lr_at=lambda s: 1e-4, momentum_at=lambda s: 0.99, augment=aug,
+                             monitor=GradMonitor(method, cfg.train.spike_factor) if on else None)
+              for on in (False, True)}
     step_no = [0]
 
     def step(with_monitor: bool) -> float:
         sync()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            v1, v2 = aug(images, g)
-        method.update_momentum(0.99)
-        loss = method(v1, v2)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
         step_no[0] += 1
-        log_now = step_no[0] % K == 0
-        if with_monitor:
-            monitor.observe(monitor.norms())
-            if log_now:
-                monitor.snapshot()
-        opt.step()
-        if with_monitor and log_now:
-            monitor.update_ratios()
-        loss.item()  # the loop reads the loss on log steps; here on every step, in both settings
+        out = train_step(states[with_monitor], RawBatch(images, images, True), log=step_no[0] % K == 0)
+        out["loss"].item()  # the loop reads the loss on log steps; here on every step, in both settings
         sync()
         return time.perf_counter() - t0
 

@@ -33,9 +33,9 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
 
     from mocov3.config import load_config
     from mocov3.data.augment import TwoViewAugment
-    from mocov3.eval.knn import autocast_ctx
     from mocov3.methods import build_method
     from mocov3.train.optim import build_optimizer
+    from mocov3.train.step import RawBatch, TrainState, train_step
 
     case = CASES[name]
     bs = batch or case["batch"]
@@ -47,20 +47,12 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     aug = TwoViewAugment(cfg.data)
     size = cfg.data.image_size
     images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    # the training loop's own step (augmentation, EMA, autocast, loss, guard, scaler, optimizer)
+    state = TrainState(module=method, model=method, optimizer=opt, device=dev, precision=precision,
+                       lr_at=lambda s: 1e-4, momentum_at=lambda s: 0.99, augment=aug)
 
     def step():
-        with torch.no_grad():
-            v1, v2 = aug(images, g)
-        method.update_momentum(0.99)
-        with autocast_ctx(dev, precision):
-            loss = method(v1, v2)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss
+        return train_step(state, RawBatch(images, images, True))["loss"]
 
     step()  # warm-up
     if dev.type == "cuda":

@@ -67,7 +67,7 @@ def summarize(run: Path) -> dict:
         "frozen_patch": cfg["model"]["freeze_patch_embed"], "optimizer": cfg["optim"]["name"],
         "base_lr": cfg["optim"]["base_lr"], "weight_decay": cfg["optim"]["weight_decay"],
         "steps": max((l["step"] for l in train), default=0), "steps_per_epoch": steps_per_epoch,
-        "knn_init": knn.get(0), "knn_epoch1": knn.get(steps_per_epoch), "knn_epoch2": knn.get(2 * steps_per_epoch),
+        "knn_init": knn.get(0, next((l["knn_init_top1"] for l in lines if "knn_init_top1" in l), None)), "knn_epoch1": knn.get(steps_per_epoch), "knn_epoch2": knn.get(2 * steps_per_epoch),
         "fine_points": len(fine), "fine_final": fine[-1][1] if fine else None,
         "fine_best": max(v for _, v in fine) if fine else None,
         "dips_1pt": len(dips_with_steps(fine, 1.0)), "dips": len(dips), "max_dip_depth": max((d["depth"] for d in dips), default=0.0), "dip_list": dips,

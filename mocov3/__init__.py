@@ -1,12 +1,9 @@
-"""mocov3: MoCo v3 self-supervised pretraining of Vision Transformers (Chen, Xie, He, ICCV 2021)."""
-__version__ = "0.1.0"
+"""mocov3: MoCo v3 self-supervised pretraining of Vision Transformers (Chen, Xie, He, ICCV 2021).
 
-
-def load_backbone(path, map_location: str = "cpu"):
-    """A ready backbone (eval mode) from an export folder or a training checkpoint."""
-    from .export import load_backbone as _load
-
-    return _load(path, map_location)
-
+``mocov3.load_backbone(path)`` gives a ready backbone from an export folder or a training checkpoint;
+the command line is ``mocov3`` (:mod:`mocov3.cli`). docs/architecture.md maps the package.
+"""
+from .export import load_backbone
+from .version import __version__
 
 __all__ = ["load_backbone", "__version__"]

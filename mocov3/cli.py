@@ -11,7 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-from . import __version__
 from .config import describe_keys
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
@@ -20,6 +19,7 @@ from .pretrain import pretrain, resolve_config
 from .report import make_report
 from .runtime import ConfigError, MocoError, launch_rank
 from .sweep import sweep
+from .version import __version__
 
 log = logging.getLogger("mocov3")
 

@@ -14,6 +14,14 @@ if [ ! -x .venv/bin/mocov3 ]; then
 fi
 if [ -n "$ROOT" ]; then TRAIN="$ROOT/train"; TEST="$ROOT/test"; else TRAIN=cifar10; TEST=cifar10:test; fi
 OUT="${MOCOV3_RUN_DIR:-runs/quickstart}"
+# Ctrl-C (once) stops pretraining after the current step with a checkpoint; the kNN below then still runs
+# on that checkpoint, and re-running this script resumes the run.
+rc=0
 .venv/bin/mocov3 pretrain --config configs/quickstart_cpu.yaml --data "$TRAIN" --eval-data "$TEST" \
-  --output-dir "$OUT" "$@"
+  --output-dir "$OUT" "$@" || rc=$?
+if [ ! -f "$OUT/checkpoint.pt" ]; then exit "$rc"; fi
+if [ "$rc" -ne 0 ]; then
+  echo "quickstart: pretraining stopped (exit $rc); kNN of the checkpoint it saved (run the script again to resume):" >&2
+fi
 .venv/bin/mocov3 knn --checkpoint "$OUT/checkpoint.pt" --train-data "$TRAIN" --test-data "$TEST"
+exit "$rc"

@@ -1,0 +1,142 @@
+"""The package's import graph is layered and acyclic, with internal imports at module top.
+
+Layers, bottom to top (docs/architecture.md): runtime < config < distributed < data, models < losses <
+methods < train < eval < pretrain, export < sweep < report < cli, the package's __init__ < __main__. A module imports only from lower layers
+or from its own package; two packages of one layer (data, models) do not import each other.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1] / "mocov3"
+
+LAYERS = [
+    ["runtime", "version"], ["config"], ["distributed"], ["data", "models"], ["losses"], ["methods"], ["train"],
+    ["eval"], ["pretrain", "export"], ["sweep"], ["report"], ["cli", "__init__"], ["__main__"],
+]
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_package(path: Path) -> bool:
+    return path.name == "__init__.py"
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """Internal modules imported by ``path``: (module, at_module_top)."""
+    tree = ast.parse(path.read_text())
+    me = _module_name(path).split(".") if _module_name(path) != "__init__" else []
+    pkg = me if _is_package(path) else me[:-1]
+    top_level = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[: len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+                mod = base + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.startswith("mocov3"):
+                mod = node.module.split(".")[1:]
+            else:
+                continue
+            for alias in node.names:  # ``from . import distributed`` names a module
+                cand = ROOT.joinpath(*mod, alias.name)
+                targets.append(mod + [alias.name] if cand.with_suffix(".py").is_file() or cand.is_dir() else mod)
+        elif isinstance(node, ast.Import):
+            targets = [a.name.split(".")[1:] for a in node.names if a.name.startswith("mocov3")]
+        for t in targets:
+            out.append((".".join(t) or "__init__", id(node) in top_level))
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    g = {}
+    for path in ROOT.rglob("*.py"):
+        g.setdefault(_module_name(path), set())
+        for mod, _ in _imports(path):
+            g[_module_name(path)].add(mod)
+    return g
+
+
+def _layer(module: str) -> int:
+    head = module.split(".")[0]
+    for i, names in enumerate(LAYERS):
+        if head in names:
+            return i
+    raise AssertionError(f"module {module} has no layer: add it to LAYERS and docs/architecture.md")
+
+
+def test_every_module_has_a_layer():
+    for m in _graph():
+        _layer(m)
+
+
+def test_imports_respect_the_layers():
+    bad = []
+    for m, deps in _graph().items():
+        for d in deps:
+            same_package = m.split(".")[0] == d.split(".")[0]
+            if not same_package and _layer(d) >= _layer(m) and m not in ("__init__",):
+                bad.append(f"{m} -> {d}")
+    assert not bad, "imports against the layering: " + ", ".join(sorted(bad))
+
+
+def _find_cycle(g: dict[str, set[str]]):
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for d in sorted(g.get(n, ())):
+            if d == n or d not in g:
+                continue
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in state:
+                c = visit(d)
+                if c:
+                    return c
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state:
+            c = visit(n)
+            if c:
+                return c
+    return None
+
+
+def test_no_import_cycles():
+    g = _graph()
+    # a package's __init__ re-exports its modules: an edge into a package means into its __init__
+    cycle = _find_cycle(g)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_internal_imports_sit_at_module_top():
+    inner = [f"{_module_name(p)} imports {m} inside a function"
+             for p in ROOT.rglob("*.py") for m, top in _imports(p) if not top]
+    assert not inner, "; ".join(inner)
+
+
+@pytest.mark.parametrize("name", ["layer_groups", "count_params"])
+def test_dead_code_stays_gone(name):
+    from mocov3.models import vit
+
+    assert not hasattr(vit, name) and not hasattr(vit.VisionTransformer, name)
