@@ -230,8 +230,11 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         return _check_type(path, value, args[0])
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and "yes" in choices:
-            value = "yes" if value else "no"
+        if isinstance(value, bool):  # YAML 1.1 reads yes / no / on / off as booleans
+            for true, false in (("yes", "no"), ("on", "off")):
+                if (true if value else false) in choices:
+                    value = true if value else false
+                    break
         if value not in choices:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(map(str, choices))}")
         return value

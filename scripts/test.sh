@@ -6,4 +6,5 @@ if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mocov3, pytest" 2>
   python3 -m venv .venv
   .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
 fi
-exec .venv/bin/python -m pytest "$@"
+# Every test, the slow ones (several processes, subprocess runs) included; plain `pytest` runs the fast ones.
+exec .venv/bin/python -m pytest -m "slow or not slow" "$@"

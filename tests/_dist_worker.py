@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -61,9 +63,14 @@ def worker(rank: int, world: int, init_file: str, out_file: str, name: str = "mo
         if rank == 0:
             torch.save({"loss": loss_mean, "state": copy.deepcopy(method.state_dict()), "grads": grads,
                         "gathered": gathered}, out_file)
-        # Tear down in order: no rank leaves while another still communicates, and DDP (its reducer holds
-        # the process group) goes before the group. Without this, gloo occasionally aborted a rank at exit.
+        # Leave without tearing gloo down: its destructors occasionally abort a rank at exit ("terminate called
+        # without an active exception", SIGABRT) after the results are written. A barrier first, so no rank
+        # leaves while another still communicates; then os._exit skips the C++ teardown (exit code 0).
         dist.barrier()
-        del model
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)

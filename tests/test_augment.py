@@ -95,3 +95,117 @@ def test_eval_transform_resize_and_center_crop():
     assert y.shape == (2, 3, 16, 16)
     same = eval_transform(x[..., :16, :16], 16, 1.0, [0.0] * 3, [1.0] * 3)
     assert torch.allclose(same, x[..., :16, :16].float() / 255)
+
+
+# ---- each op's effect on pixels: fixed parameters against a hand computation (and torchvision if present)
+from mocov3.data.augment import adjust_brightness, adjust_contrast, adjust_saturation, grayscale, solarize  # noqa: E402
+
+
+def _luma(px):
+    r, g, b = px
+    return 0.299 * r + 0.587 * g + 0.114 * b
+
+
+def test_photometric_ops_against_hand_computation():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 3, 4, generator=g)
+    f = torch.tensor([0.6, 1.4]).view(2, 1, 1, 1)
+    bright, contrast, sat, sol = adjust_brightness(x, f), adjust_contrast(x, f), adjust_saturation(x, f), solarize(x)
+    for b in range(2):
+        fb = float(f[b])
+        mean = sum(_luma(x[b, :, i, j].tolist()) for i in range(3) for j in range(4)) / 12
+        for i in range(3):
+            for j in range(4):
+                px = x[b, :, i, j].tolist()
+                gray = _luma(px)
+                clamp = lambda v: min(1.0, max(0.0, v))  # noqa: E731
+                assert bright[b, :, i, j].tolist() == pytest.approx([clamp(fb * v) for v in px], abs=1e-6)
+                assert contrast[b, :, i, j].tolist() == pytest.approx(
+                    [clamp(fb * v + (1 - fb) * mean) for v in px], abs=1e-6)
+                assert sat[b, :, i, j].tolist() == pytest.approx([clamp(fb * v + (1 - fb) * gray) for v in px],
+                                                                 abs=1e-6)
+                assert sol[b, :, i, j].tolist() == pytest.approx([1 - v if v >= 128 / 255 else v for v in px],
+                                                                 abs=1e-7)
+                assert float(grayscale(x)[b, 0, i, j]) == pytest.approx(gray, abs=1e-6)
+
+
+def test_blur_against_a_loop_with_reflect_padding():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 1, 7, 7, generator=g)
+    sigma, k = 1.3, 5
+    y = gaussian_blur(x, torch.tensor([sigma]), k)
+    w = torch.exp(-torch.arange(-2, 3, dtype=torch.float64) ** 2 / (2 * sigma ** 2))
+    w = (w / w.sum()).tolist()
+
+    def refl(i, n):  # reflect padding without repeating the edge
+        return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
+
+    xs = x[0, 0].double()
+    for i in range(7):
+        for j in range(7):
+            exp = sum(w[a + 2] * w[b + 2] * float(xs[refl(i + a, 7), refl(j + b, 7)])
+                      for a in range(-2, 3) for b in range(-2, 3))
+            assert float(y[0, 0, i, j]) == pytest.approx(exp, abs=1e-5)
+
+
+def _only(op: str, **extra):
+    """A view config where exactly one op is on (probability 1) and the crop is the whole image."""
+    over = {"crop_scale": "[1.0,1.0]", "crop_ratio": "[1.0,1.0]", "flip_prob": 0.0, "jitter_prob": "[0.0,0.0]",
+            "grayscale_prob": "[0.0,0.0]", "blur_prob": "[0.0,0.0]", "solarize_prob": "[0.0,0.0]",
+            "mean": "[0.0,0.0,0.0]", "std": "[1.0,1.0,1.0]"}
+    over.update(extra)
+    if op != "none":
+        over[op] = over.get(op) if op in extra else ("[1.0,1.0]" if op != "flip_prob" else 1.0)
+    return _aug(**over)[0]
+
+
+@pytest.mark.parametrize("op", ["none", "grayscale_prob", "solarize_prob", "flip_prob", "blur_prob"])
+def test_a_view_applies_exactly_its_ops(op):
+    """A view that skipped an op it drew (or applied one it did not) fails here, pixel for pixel."""
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    extra = {"blur_sigma": "[30.0,30.0]"} if op == "blur_prob" else {}  # at 224 px: ~2.1 px at 16 px
+    aug = _only(op, **extra)
+    v = aug.view(x, 1, torch.Generator().manual_seed(0))
+    src = x.float() / 255
+    if op == "blur_prob":  # sigma is given at 224 px and scaled to the image size
+        assert aug.sigma_range[0] == pytest.approx(30 * 16 / 224)
+        expected = gaussian_blur(src, torch.full((3,), aug.sigma_range[0]), aug.kernel_size)
+    else:
+        expected = {"none": src, "grayscale_prob": grayscale(src).expand_as(src), "solarize_prob": solarize(src),
+                    "flip_prob": src.flip(-1)}[op]
+    assert torch.allclose(v, expected, atol=1e-5), (v - expected).abs().max()
+    if op != "none":
+        assert not torch.allclose(v, src, atol=1e-3)
+
+
+def test_normalization_and_jitter_in_a_view():
+    x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    aug = _only("none", mean="[0.5,0.4,0.3]", std="[0.2,0.25,0.5]")
+    v = aug.view(x, 0, torch.Generator().manual_seed(0))
+    exp = (x.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    assert torch.allclose(v, exp, atol=1e-5)
+    # brightness only, strength 0.4: every pixel ratio out / in is one factor per image in [0.6, 1.4]
+    aug = _only("jitter_prob", jitter_strength="[0.4,0.0,0.0,0.0]")
+    src = x.float() / 255
+    v = aug.view(x, 0, torch.Generator().manual_seed(0))
+    unclipped = (v < 0.999) & (src > 0.05)
+    for b in range(4):
+        r = (v[b] / src[b])[unclipped[b]]
+        assert r.std() < 1e-4 and 0.6 <= r.mean() <= 1.4 and abs(float(r.mean()) - 1) > 1e-3
+
+
+
+
+def test_ops_match_torchvision_functional():
+    F = pytest.importorskip("torchvision.transforms.functional")
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    f = torch.tensor([0.7, 1.3]).view(2, 1, 1, 1)
+    for b in range(2):
+        fb = float(f[b])
+        assert torch.allclose(adjust_brightness(x[b:b + 1], f[b:b + 1])[0], F.adjust_brightness(x[b], fb), atol=1e-5)
+        assert torch.allclose(adjust_contrast(x[b:b + 1], f[b:b + 1])[0], F.adjust_contrast(x[b], fb), atol=1e-3)
+        assert torch.allclose(adjust_saturation(x[b:b + 1], f[b:b + 1])[0], F.adjust_saturation(x[b], fb), atol=1e-3)
+        assert torch.allclose(adjust_hue(x[b:b + 1], torch.tensor([0.1]))[0], F.adjust_hue(x[b], 0.1), atol=1e-3)
+        assert torch.allclose(solarize(x[b]), F.solarize(x[b], 128 / 255), atol=1e-6)
+        assert torch.allclose(grayscale(x[b:b + 1])[0], F.rgb_to_grayscale(x[b]), atol=1e-3)

@@ -115,6 +115,7 @@ def test_bad_inputs_exit_2_with_one_line(folder, tmp_path, capsys, args, msg):
     assert err and err[-1].startswith("mocov3 pretrain: error:") and msg in err[-1]
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(folder, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -207,3 +208,29 @@ def test_help_texts_describe_every_option():
         for action in parser._actions:
             if action.dest != "help":
                 assert action.help, f"mocov3 {name} {action.option_strings or action.dest}: no help text"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(__file__).parents[1] / ".venv" / "bin" / "mocov3").exists(),
+                    reason="scripts/quickstart.sh runs the repository's .venv (scripts/test.sh makes it)")
+def test_quickstart_stopped_early_still_reports_knn(tmp_path):
+    """A new user's Ctrl-C: the script stops pretraining with a checkpoint, then prints its kNN."""
+    repo = Path(__file__).parents[1]
+    make_folder(tmp_path / "root" / "train", n_per_class=200, size=(32, 32))
+    make_folder(tmp_path / "root" / "test", n_per_class=10, size=(32, 32), seed=1)
+    env = {**os.environ, "MOCOV3_RUN_DIR": str(tmp_path / "run")}
+    proc = subprocess.Popen(["bash", "scripts/quickstart.sh", str(tmp_path / "root"), "batch_size=32", "epochs=50",
+                             "--no-progress", "data.num_workers=0", "eval.knn_init=off"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not ((tmp_path / "run" / "metrics.jsonl").is_file()
+                                          and len(_metrics(tmp_path / "run")) >= 4):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground group
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-2000:]
+    assert "pretraining stopped" in err
+    last = json.loads(out.strip().splitlines()[-1])
+    step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
+    assert last["step"] == step > 0 and 0 <= last["top1"] <= 100

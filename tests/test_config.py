@@ -166,3 +166,8 @@ def test_model_names_match_the_presets():
     import typing
 
     assert list(typing.get_args(typing.get_type_hints(ModelConfig)["name"])) == ALL_MODELS
+
+
+def test_yaml_booleans_read_as_choice_words():
+    assert load_config(None, ["eval.knn_init=off"]).eval.knn_init == "off"
+    assert load_config(None, ["data.in_memory=no"]).data.in_memory == "no"

@@ -107,3 +107,26 @@ def test_streaming_finetune_and_full_probe(folder, tmp_path, capsys):
     assert main(["linear"] + common + ["linear.epochs=1", "linear.batch_size=16"] + stream) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["mode"] == "full" and 0 <= res["top1"] <= 100
+
+
+def test_evaluations_learn_a_separable_set(folder, tmp_path, capsys):
+    """On classes told apart by colour, every evaluation must reach > 90 % (a broken trainer would not):
+    kNN, the full and the fast linear probe of the (briefly pretrained) backbone, fine-tuning from scratch."""
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"]) == 0
+    test = make_folder(tmp_path / "test", n_per_class=10, seed=5)
+    common = ["--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data", str(test)]
+    results = {}
+    for name, args in {
+        "knn": ["knn"] + common,
+        "linear_full": ["linear"] + common + ["linear.epochs=10", "linear.batch_size=16", "linear.base_lr=1.0"],
+        "linear_fast": ["linear", "--fast"] + common + ["linear.epochs=20", "linear.batch_size=16"],
+        "finetune": ["finetune", "--from-scratch", "--output-dir", str(tmp_path / "ft")] + common
+        + ["finetune.epochs=8", "finetune.batch_size=16", "finetune.mixup=0", "finetune.cutmix=0",
+           "finetune.randaugment=false", "finetune.label_smoothing=0", "finetune.warmup_epochs=1",
+           "finetune.base_lr=2e-3", "finetune.eval_every=8"],
+    }.items():
+        assert main(args) == 0, name
+        results[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["top1"]
+    assert all(v > 90 for v in results.values()), results

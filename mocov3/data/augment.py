@@ -126,6 +126,27 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(h, s, v)
 
 
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``clamp(factor * x)``; x [B, 3, H, W] in [0, 1], factor [B, 1, 1, 1] (torchvision's semantics)."""
+    return (x * factor).clamp(0, 1)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the image's mean luma: ``clamp(f * x + (1 - f) * mean(gray(x)))``."""
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (factor * x + (1 - factor) * mean).clamp(0, 1)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the per-pixel luma: ``clamp(f * x + (1 - f) * gray(x))``."""
+    return (factor * x + (1 - factor) * grayscale(x)).clamp(0, 1)
+
+
+def solarize(x: torch.Tensor, threshold: float = 128.0 / 255.0) -> torch.Tensor:
+    """Invert the pixels at or above ``threshold`` (x in [0, 1])."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
 def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
     """torchvision-style ColorJitter on the images where ``apply`` [B] is true.
 
@@ -139,24 +160,16 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Genera
     fs = _rand(B, g, dev, max(0.0, 1 - s), 1 + s)[:, None, None, None]
     fh = _rand(B, g, dev, -hue, hue)
     order = torch.argsort(torch.rand(B, 4, generator=g, device=dev), dim=1)  # [B, 4] random permutations
+    ops = (lambda y: adjust_brightness(y, fb), lambda y: adjust_contrast(y, fc),
+           lambda y: adjust_saturation(y, fs), lambda y: adjust_hue(y, fh))
     out = x
     for slot in range(4):
         op = order[:, slot]
         y = out
-        m = (op == 0) & apply
-        if m.any():
-            y = torch.where(m[:, None, None, None], (out * fb).clamp(0, 1), y)
-        m = (op == 1) & apply
-        if m.any():
-            mean = grayscale(out).mean(dim=(1, 2, 3), keepdim=True)
-            y = torch.where(m[:, None, None, None], (fc * out + (1 - fc) * mean).clamp(0, 1), y)
-        m = (op == 2) & apply
-        if m.any():
-            gray = grayscale(out)
-            y = torch.where(m[:, None, None, None], (fs * out + (1 - fs) * gray).clamp(0, 1), y)
-        m = (op == 3) & apply
-        if m.any() and hue > 0:
-            y = torch.where(m[:, None, None, None], adjust_hue(out, fh), y)
+        for k, fn in enumerate(ops):
+            m = (op == k) & apply
+            if m.any() and (k < 3 or hue > 0):
+                y = torch.where(m[:, None, None, None], fn(out), y)
         out = y
     return out
 
@@ -233,7 +246,7 @@ class TwoViewAugment:
         if blur.any():
             x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
         sol = torch.rand(B, generator=g, device=dev) < cfg.solarize_prob[index]
-        x = torch.where(sol[:, None, None, None] & (x >= 128.0 / 255.0), 1.0 - x, x)
+        x = torch.where(sol[:, None, None, None], solarize(x), x)
         x = (x - self.mean.to(dev)) / self.std.to(dev)
         if record:
             return x, ViewRecord(jitter, gray, blur, sol, flip, boxes)
