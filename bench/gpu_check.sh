@@ -13,9 +13,9 @@ import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.
   "device": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported()}))
 PY
 # interop first (timm and torchvision exist only there): the export loads into timm, ResNets into torchvision
-timeout 120 python -m pytest -q -rs tests/test_export.py tests/test_methods.py -k "timm or torchvision" \
+timeout 120 python -m pytest -q -rs tests/test_gpu.py tests/test_export.py tests/test_methods.py -k "gpu or cuda or timm or torchvision" \
   > "$OUT/pytest_interop.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_interop.txt"
-timeout 200 python -m pytest -q -x tests > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
+timeout 200 python -m pytest -q -x -m "slow or not slow" tests > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 timeout 150 python bench/step_throughput.py --device cuda --steps 10 \
   --pairs quickstart:fp32,quickstart:bf16,vit_small_224:bf16,resnet50_224:bf16 --out "$OUT/step_throughput_gpu.json" \
   > "$OUT/throughput.txt" 2>&1

@@ -65,3 +65,25 @@ def test_report_labels_runs_that_share_a_folder_name(tmp_path):
 
     runs = [tmp_path / "simclr" / "frozen", tmp_path / "byol" / "frozen", tmp_path / "x" / "other"]
     assert run_labels(runs) == ["simclr/frozen", "byol/frozen", "other"]
+
+
+def test_report_on_an_unfinished_run(folder, tmp_path, capsys):
+    """A run stopped before its first epoch's kNN (and killed mid-line): the random-init point is not
+    reported as its result, missing values show as '-', and the run says how far it got."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "early"
+    assert main(["pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+                 "--no-progress"] + TINY + ["train.max_steps=2"]) == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')  # the half line a kill -9 leaves
+    capsys.readouterr()
+    assert main(["report", str(out), "--output", str(tmp_path / "rep")]) == 0
+    page = (tmp_path / "rep" / "report.md").read_text()
+    row = next(l for l in page.splitlines() if l.startswith("| early |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    from mocov3.sweep import SUMMARY_COLUMNS
+
+    r = dict(zip(["run"] + SUMMARY_COLUMNS, cells))
+    assert r["final_knn"] == "-" and r["best_knn"] == "-" and float(r["init_knn"]) >= 0
+    assert float(r["epoch"]) == pytest.approx(0.5) and r["epochs"] == "2"
+    assert "None" not in page
