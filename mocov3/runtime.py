@@ -42,6 +42,75 @@ class TrainingError(MocoError):
     """Training cannot go on (e.g. the loss became NaN, no CUDA device)."""
 
 
+class RunLockedError(MocoError):
+    """Another live process holds the run folder."""
+
+
+class StorageError(MocoError):
+    """The environment refused a write or a read (disk full, permissions, a file where a folder should be);
+    nothing the run had written before was lost. Exit code 1 rather than 2: the input was fine."""
+
+    exit_code = 1
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(e).strip()
+    return (text.splitlines()[0][:limit] if text else type(e).__name__)
+
+
+def storage_error(action: str, path, e: BaseException) -> StorageError:
+    """A one-line :class:`StorageError` for an OSError (or torch's RuntimeError wrapping one)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    if isinstance(e, OSError) and e.errno == 28 or "No space" in str(e) or "enforce fail" in str(e):
+        reason += " (is the disk full?)"
+    return StorageError(f"could not {action} {path}: {reason}")
+
+
+# ------------------------------------------------------------------------------------------ run lock
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on POSIX: no lock
+    fcntl = None
+
+
+class RunLock:
+    """An OS lock on ``FOLDER/.lock`` held for the life of a run (pretrain, fine-tune, probe, sweep).
+
+    ``flock`` is released by the kernel when the holder exits, however it exits, so a lock left by a
+    killed run is never stale. A second run on the same folder gets a one-line :class:`RunLockedError`
+    naming the process that holds it."""
+
+    def __init__(self, folder: Path, enabled: bool = True):
+        self.folder, self.enabled, self.fd = Path(folder), enabled and fcntl is not None, None
+
+    def __enter__(self) -> "RunLock":
+        if not self.enabled:
+            return self
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise storage_error("create the run folder", self.folder, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 500, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunLockedError(f"{self.folder} is in use by another run ({holder}); wait for it to end or "
+                                 f"choose another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {os.uname().nodename}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 # ----------------------------------------------------------------------------------- device, precision
 def local_rank() -> int:
     """This process's GPU index on its node as torchrun announces it (0 without torchrun)."""
@@ -146,14 +215,21 @@ class MetricsWriter:
             except json.JSONDecodeError:
                 continue  # a half-written last line of a killed run
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise storage_error("rewrite", self.path, e) from None
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as e:
+            raise storage_error("append to", self.path, e) from None
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch") and isinstance(v, (int, float)):

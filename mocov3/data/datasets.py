@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..runtime import DataError, Stream, seed_for
+from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform, sample_crop_boxes
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
@@ -38,6 +39,7 @@ class ImageData:
     images: Optional[torch.Tensor] = None
     paths: Optional[list[str]] = None
     skipped: list[str] = field(default_factory=list)
+    fingerprint: str = ""  # identifies the set (file names or labels), not where it lies: see data_identity
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -58,7 +60,22 @@ def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
         raise DataError(f"data path does not exist: {root}")
     if not root.is_dir():
         raise DataError(f"data path is not a folder: {root}")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        entries = sorted(root.iterdir())
+    except PermissionError:
+        raise DataError(f"data folder is not readable: {root}") from None
+    subdirs, seen = [], {root.resolve()}
+    for d in entries:
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        real = d.resolve()
+        if real in seen or real in root.resolve().parents:  # a link back into the data (a loop) or a duplicate
+            log.warning("%s: skipping class folder %s, a link to a folder already scanned", root, d.name)
+            continue
+        if not os.access(d, os.R_OK | os.X_OK):
+            raise DataError(f"class folder is not readable: {d}")
+        seen.add(real)
+        subdirs.append(d)
     paths, labels, classes = [], [], []
     if subdirs:
         for c, d in enumerate(subdirs):
@@ -66,7 +83,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
             classes.append(d.name)
             paths += [str(p) for p in files]
             labels += [c] * len(files)
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    files = sorted(p for p in entries if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
     if files:
         if subdirs:
             log.warning("%s: %d images directly in the folder are ignored (class subfolders present)", root, len(files))
@@ -115,29 +132,71 @@ def _folder_key(root: Path, paths: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
-    """Resolve a data spec into an :class:`ImageData` (see module docstring)."""
+def folder_fingerprint(root: Path, paths: list[str], classes: list[str]) -> str:
+    """The set's identity: its class names and file names relative to the root (not where it lies)."""
+    h = hashlib.sha1("\n".join(classes).encode())
+    for p in paths:
+        h.update(os.path.relpath(p, root).encode() + b"\n")
+    return h.hexdigest()[:20]
+
+
+def data_identity(data: ImageData, spec: Optional[str]) -> dict:
+    """What a checkpoint records of its training data, compared on resume."""
+    return {"path": spec, "count": len(data), "fingerprint": data.fingerprint}
+
+
+def _image_size(paths: list[str]) -> tuple[int, int]:
+    """Width and height of the first readable image (unreadable ones are skipped later, and counted)."""
+    for p in paths[:1000]:
+        try:
+            with Image.open(p) as im:
+                return im.size
+        except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
+            log.warning("skipping unreadable image %s (%s)", p, type(e).__name__)
+    raise DataError(f"none of the first {min(len(paths), 1000)} images of {Path(paths[0]).parent.parent} is readable")
+
+
+def _read_decode_cache(cache_file: Path, n_paths: int) -> Optional[dict]:
+    """The decode cache's blob if it is whole and consistent; a corrupt one is deleted (and rebuilt)."""
+    try:
+        blob = torch.load(cache_file, weights_only=True)
+        ok = (isinstance(blob, dict) and {"images", "labels", "bad"} <= set(blob)
+              and blob["images"].dtype == torch.uint8 and blob["images"].ndim == 4
+              and len(blob["images"]) == len(blob["labels"]) == n_paths - len(blob["bad"]))
+    except Exception:  # noqa: BLE001 - truncated or foreign file
+        ok = False
+    if not ok:
+        log.warning("decode cache %s is corrupt; rebuilding it", cache_file)
+        cache_file.unlink(missing_ok=True)
+        return None
+    return blob
+
+
+def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:
+    """Resolve a data spec into an :class:`ImageData` (see module docstring). ``use_cache=False`` neither
+    reads nor writes the decode cache."""
     cache_dir = resolve_cache_dir(data_cfg)
     name, _, sp = spec.partition(":")
     if name.lower() in CIFAR and not Path(spec).exists():
         x, y, classes = load_cifar(name.lower(), sp or split, cache_dir)
-        return ImageData(spec, torch.from_numpy(y), classes, images=torch.from_numpy(x))
+        fp = hashlib.sha1(f"{name.lower()}:{sp or split}".encode() + y.tobytes()).hexdigest()[:20]
+        return ImageData(spec, torch.from_numpy(y), classes, images=torch.from_numpy(x), fingerprint=fp)
     root = Path(spec).expanduser()
     paths, labels, classes = scan_folder(root)
+    fp = folder_fingerprint(root, paths, classes)
     mode = data_cfg.in_memory
     if mode == "auto":
-        with Image.open(paths[0]) as im:
-            w, h = im.size
+        w, h = _image_size(paths)
         est = len(paths) * 3 * w * h / 1e9
         mode = "yes" if est <= data_cfg.memory_limit_gb else "no"
     if mode == "yes":
         key = _folder_key(root, paths)
         cache_file = cache_dir / "decoded" / f"{key}.pt"
-        if cache_file.is_file():
-            blob = torch.load(cache_file, weights_only=True)
+        blob = _read_decode_cache(cache_file, len(paths)) if use_cache and cache_file.is_file() else None
+        if blob is not None:
             log.info("loaded %d decoded images of %s from cache %s", len(blob["labels"]), root, cache_file)
             return ImageData(str(root), blob["labels"], classes, images=blob["images"],
-                             skipped=[paths[i] for i in blob["bad"].tolist()])
+                             skipped=[paths[i] for i in blob["bad"].tolist()], fingerprint=fp)
         log.info("decoding %d images of %s into memory", len(paths), root)
         arr, keep, bad = _decode_all(paths)
         if arr is not None:
@@ -146,20 +205,34 @@ def load_dataset(spec: str, data_cfg, split: str = "train") -> ImageData:
             images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
             lab = torch.tensor([labels[i] for i in keep], dtype=torch.long)
             bad_idx = torch.tensor([paths.index(b) for b in bad], dtype=torch.long)
-            try:
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
+            if use_cache:
                 tmp = cache_file.with_suffix(".tmp")
-                torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
-                tmp.replace(cache_file)
-                log.info("decoded images cached in %s (%.0f MB; `mocov3 cache --clear decoded` removes them)",
-                         cache_file, cache_file.stat().st_size / 1e6)
-            except OSError as e:
-                log.warning("could not write decode cache %s (%s)", cache_file, e)
-            return ImageData(str(root), lab, classes, images=images, skipped=bad)
+                try:
+                    cache_file.parent.mkdir(parents=True, exist_ok=True)
+                    torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
+                    tmp.replace(cache_file)
+                    log.info("decoded images cached in %s (%.0f MB; `mocov3 cache --clear decoded` removes them)",
+                             cache_file, cache_file.stat().st_size / 1e6)
+                except (OSError, RuntimeError) as e:
+                    tmp.unlink(missing_ok=True)
+                    log.warning("could not write decode cache %s (%s)", cache_file, first_line(e))
+            return ImageData(str(root), lab, classes, images=images, skipped=bad, fingerprint=fp)
         if data_cfg.in_memory == "yes":
             raise DataError(f"{root}: images differ in size, cannot hold them in memory (use data.in_memory=auto)")
         log.info("%s: images differ in size; streaming them from disk", root)
-    return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths)
+    return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths, fingerprint=fp)
+
+
+def _first_readable(data: ImageData, idx: int) -> tuple[int, Image.Image, int]:
+    """The image at ``idx`` or, if it cannot be read, the next readable one: (index, RGB image, skipped)."""
+    n = len(data)
+    for attempt in range(n):
+        j = (idx + attempt) % n
+        try:
+            return j, load_rgb(data.paths[j]), attempt
+        except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
+            log.warning("skipping unreadable image %s (%s)", data.paths[j], type(e).__name__)
+    raise DataError("no readable image left in the dataset")
 
 
 class StreamingTrainSet(torch.utils.data.Dataset):
@@ -183,22 +256,16 @@ class StreamingTrainSet(torch.utils.data.Dataset):
         return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
 
     def __getitem__(self, idx: int):
-        n = len(self.data)
-        for attempt in range(n):
-            j = (idx + attempt) % n
-            try:
-                im = load_rgb(self.data.paths[j])
-                break
-            except Exception as e:  # noqa: BLE001
-                log.warning("skipping unreadable image %s (%s)", self.data.paths[j], type(e).__name__)
-        else:  # pragma: no cover
-            raise DataError("no readable image left in the dataset")
+        """-> (crop 1, crop 2, number of unreadable files skipped to get here). An unreadable file is
+        replaced by the next readable one (logged by the worker, counted by :class:`TrainBatches`)."""
+        j, im, skipped = _first_readable(self.data, idx)
         g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx))
-        return self._crop(im, g), self._crop(im, g)
+        return self._crop(im, g), self._crop(im, g), skipped
 
 
 class StreamingEvalSet(torch.utils.data.Dataset):
-    """Files decoded by workers; resize short side to size / crop_ratio, center crop; uint8 [3, S, S]."""
+    """Files decoded by workers; resize short side to size / crop_ratio, center crop; uint8 [3, S, S], the
+    label and whether the file was readable (an unreadable one gives a blank image that callers drop)."""
 
     def __init__(self, data: ImageData, size: int, crop_ratio: float):
         self.data, self.size, self.crop_ratio = data, size, crop_ratio
@@ -208,10 +275,11 @@ class StreamingEvalSet(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int):
         try:
-            im = load_rgb(self.data.paths[idx])
+            im, ok = load_rgb(self.data.paths[idx]), True
         except Exception as e:  # noqa: BLE001
-            log.warning("unreadable image %s (%s); using a blank image", self.data.paths[idx], type(e).__name__)
-            im = Image.new("RGB", (self.size, self.size))
+            log.warning("unreadable image %s (%s); left out of the evaluation", self.data.paths[idx],
+                        type(e).__name__)
+            im, ok = Image.new("RGB", (self.size, self.size)), False
         short = int(round(self.size / self.crop_ratio))
         W, H = im.size
         scale = short / min(W, H)
@@ -219,7 +287,7 @@ class StreamingEvalSet(torch.utils.data.Dataset):
         W, H = im.size
         left, top = (W - self.size) // 2, (H - self.size) // 2
         im = im.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), int(self.data.labels[idx])
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), int(self.data.labels[idx]), ok
 
 
 class _GlobalBatches:
@@ -227,6 +295,7 @@ class _GlobalBatches:
     batch of a per-epoch permutation, and the DataLoader over streamed items."""
 
     stream: Optional[torch.utils.data.Dataset] = None
+    unreadable: int = 0  # streamed files that could not be read (each replaced by the next readable one)
 
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
                  num_workers: int):
@@ -247,7 +316,11 @@ class _GlobalBatches:
         self.stream.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for a, b in loader:
+        for a, b, skipped in loader:  # (crop, crop) or (crop, label), and the unreadable files skipped
+            n = int(skipped.sum())
+            if n:
+                self.unreadable += n
+                log.warning("%d unreadable images replaced so far in %s", self.unreadable, self.data.name)
             yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
 
 
@@ -299,16 +372,12 @@ class StreamingCropSet(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, idx: int):
-        try:
-            im = load_rgb(self.data.paths[idx])
-        except Exception as e:  # noqa: BLE001
-            log.warning("unreadable image %s (%s); using a blank image", self.data.paths[idx], type(e).__name__)
-            im = Image.new("RGB", (self.size, self.size))
+        j, im, skipped = _first_readable(self.data, idx)  # an unreadable file: the next one, with its label
         g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
         W, H = im.size
         top, left, h, w = sample_crop_boxes(1, H, W, self.scale, self.ratio, g)[0].tolist()
         out = im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), int(self.data.labels[idx])
+        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), int(self.data.labels[j]), skipped
 
 
 class LabelledBatches(_GlobalBatches):
@@ -347,18 +416,20 @@ class LabelledBatches(_GlobalBatches):
 def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: int,
                  order: Optional[torch.Tensor] = None, num_workers: int = 2):
     """Evaluation inputs of ``data`` (rows ``order``, default all, in that order): resize + center crop +
-    normalize, float [b, 3, S, S] on ``device``, in memory or streamed through DataLoader workers."""
+    normalize, float [b, 3, S, S] on ``device``, in memory or streamed through DataLoader workers; with
+    each batch a bool mask [b] of the rows that were readable (callers drop the others)."""
     size = data_cfg.image_size
     order = torch.arange(len(data)) if order is None else order
     if data.in_memory:
         for i in range(0, len(order), batch_size):
             rows = order[i:i + batch_size]
             x = data.images[rows.to(data.images.device)].to(device)
-            yield eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std)
+            yield (eval_transform(x, size, data_cfg.eval_crop_ratio, data_cfg.mean, data_cfg.std),
+                   torch.ones(len(rows), dtype=torch.bool, device=device))
         return
     ds = torch.utils.data.Subset(StreamingEvalSet(data, size, data_cfg.eval_crop_ratio), order.tolist())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
-    for x, _ in loader:
-        yield (x.to(device).float() / 255.0 - m) / s
+    for x, _, ok in loader:
+        yield (x.to(device).float() / 255.0 - m) / s, ok.to(device)

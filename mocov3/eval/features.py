@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from ..data.datasets import ImageData, eval_batches
 from ..runtime import autocast
+
+log = logging.getLogger(__name__)
 
 
 def subset_order(n: int, limit: int) -> torch.Tensor:
@@ -34,15 +37,19 @@ def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: tor
     was_training = backbone.training
     backbone.eval()
     order = subset_order(len(data), limit)
-    feats, labels = [], data.labels[order]
+    feats, oks = [], []
     try:
-        for x in eval_batches(data, data_cfg, device, batch_size, order, num_workers):
+        for x, ok in eval_batches(data, data_cfg, device, batch_size, order, num_workers):
             with autocast(device, precision):
                 feats.append(backbone(x).float())
+            oks.append(ok)
     finally:
         backbone.train(was_training)
-    out = torch.cat(feats)
-    return (F.normalize(out, dim=1) if normalize else out), labels.to(device)
+    ok = torch.cat(oks)
+    out, labels = torch.cat(feats)[ok], data.labels[order].to(device)[ok]
+    if not ok.all():
+        log.warning("%d unreadable images of %s left out of the features", int((~ok).sum()), data.name)
+    return (F.normalize(out, dim=1) if normalize else out), labels
 
 
 def feature_cache_key(checkpoint: Path, data: ImageData, data_cfg, precision: str, limit: int) -> str:

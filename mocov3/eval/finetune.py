@@ -116,12 +116,14 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, 
 def evaluate(model: nn.Module, data: ImageData, data_cfg, device, precision: str, batch_size: int = 512) -> dict:
     """Top-1 / top-5 on ``data`` (resize + center crop), in memory or streamed."""
     model.eval()
-    logits = []
-    for x in eval_batches(data, data_cfg, device, batch_size):
+    logits, oks = [], []
+    for x, ok in eval_batches(data, data_cfg, device, batch_size):
         with autocast(device, precision):
             logits.append(model(x).float())
+        oks.append(ok)
     model.train()
-    return topk_accuracy(torch.cat(logits), data.labels.to(device))
+    ok = torch.cat(oks)  # unreadable test images (streamed) are left out
+    return topk_accuracy(torch.cat(logits)[ok], data.labels.to(device)[ok])
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

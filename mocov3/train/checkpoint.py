@@ -1,6 +1,7 @@
 """Checkpoints: written atomically, read with ``weights_only=True`` (never full pickle)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -12,12 +13,13 @@ from ..config import load_config
 from ..models.factory import backbone_spec
 from ..models.resnet import ResNetSpec
 from ..models.vit import ViTSpec
-from ..runtime import CheckpointError
+from ..runtime import CheckpointError, first_line, storage_error
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
-           "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config"]
+           "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config", "payload_checksum",
+           "remove_stale_tmp"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with a checksum of the payload
 
 
 def rng_state() -> dict:
@@ -40,29 +42,98 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def payload_checksum(payload: Any) -> str:
+    """A digest of everything a checkpoint holds (tensor bytes, dtypes and shapes, and the other values), in
+    a fixed traversal order; written into the checkpoint and verified on load, so flipped bits are caught."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def visit(obj):
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            h.update(b"{")
+            for k in sorted(obj, key=repr):
+                h.update(repr(k).encode())
+                visit(obj[k])
+            h.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(b"[")
+            for v in obj:
+                visit(v)
+            h.update(b"]")
+        else:
+            h.update(repr(obj).encode())
+
+    visit(payload)
+    return h.hexdigest()
+
+
+def tmp_path_for(path: Path) -> Path:
+    return Path(path).with_name(f".{Path(path).name}.tmp")
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Temporary files a killed or failed save left in ``folder`` (the checkpoint they were for is intact)."""
+    for tmp in Path(folder).glob(".*.pt.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``. A failed write
+    (disk full, permissions) removes its temporary file and raises :class:`StorageError`; the previous
+    checkpoint stays as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = tmp_path_for(path)
     payload = {"format_version": FORMAT_VERSION, **payload}
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    payload["checksum"] = payload_checksum(payload)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        raise storage_error("write checkpoint", path, e) from None
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> dict:
+#: What each use of a checkpoint needs, with the type of each entry.
+_REQUIRED = {"model": dict, "config": dict}
+_FOR_RESUME = {"optimizer": dict, "step": int, "rng": dict}
+
+
+def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False) -> dict:
+    """Read a checkpoint with ``weights_only=True``, verify its checksum and the entries (and their types)
+    that loading it needs; every problem is a one-line :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - truncated files, foreign pickles, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - truncated files, foreign pickles, empty files ...
+        raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model' / 'config' entries)")
+    need = {**_REQUIRED, **(_FOR_RESUME if for_resume else {})}
+    for key, tp in need.items():
+        if key not in ckpt:
+            raise CheckpointError(f"checkpoint {path} has no '{key}' entry (cannot resume from it)")
+        if not isinstance(ckpt[key], tp) or isinstance(ckpt[key], bool):
+            raise CheckpointError(f"checkpoint {path}: '{key}' is a {type(ckpt[key]).__name__}, not a {tp.__name__}")
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        raise CheckpointError(f"checkpoint {path}: 'model' holds values that are not tensors")
+    if for_resume and (ckpt["step"] < 0 or not {"state", "param_groups"} <= set(ckpt["optimizer"])
+                       or not {"torch", "python"} <= set(ckpt["rng"])):
+        raise CheckpointError(f"checkpoint {path}: malformed step, optimizer or rng entry")
+    stored = ckpt.get("checksum")
+    if stored is not None:
+        body = {k: v for k, v in ckpt.items() if k != "checksum"}
+        if payload_checksum(body) != stored:
+            raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
+                                  f"(checkpoint_epochNNNN.pt) or start the run again")
     return ckpt
 
 
@@ -78,9 +149,8 @@ def check_same_model(ckpt_cfg: dict, cfg: dict, path: Path) -> None:
 def load_state_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model: {first[:200]}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(e)}") from None
 
 
 def backbone_state_from_checkpoint(ckpt: dict) -> dict:
