@@ -17,7 +17,7 @@ from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
 from .export import export_backbone
 from .pretrain import pretrain, resolve_config
 from .report import make_report
-from .runtime import ConfigError, MocoError, launch_rank
+from .runtime import ConfigError, MocoError, first_line, launch_rank
 from .sweep import sweep
 from .version import __version__
 
@@ -52,6 +52,9 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints")
     p.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pt if present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-changed", default="", metavar="KEY[,KEY]",
+                   help="resume although these run-defining settings differ from the checkpoint's (only changes "
+                        "the run can go on through, e.g. train.epochs, optim.base_lr, data; docs/reliability.md)")
     _overrides(p, "epochs=10 base_lr=1e-4")
 
 
@@ -62,7 +65,7 @@ def _eval_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentPa
     p.add_argument("--train-data", required=True, help="labelled training set / kNN bank (folder or cifar10 ...)")
     p.add_argument("--test-data", required=True, help="labelled test set (image folder or cifar10:test ...)")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature and decode caches")
     _overrides(p, example)
     return p
 
@@ -83,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="folder for config.yaml and result.json")
     p = _eval_parser(sub, "finetune", "end-to-end fine-tuning of a checkpoint's backbone (or from scratch)",
                      "finetune.epochs=10 finetune.batch_size=256 finetune.layer_decay=0.65")
+    p.add_argument("--allow-changed", default="", metavar="KEY[,KEY]",
+                   help="resume the fine-tuning folder although its source (checkpoint, from scratch) or "
+                        "finetune.epochs differ: source, finetune.epochs")
     p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoint.pt")
     p.add_argument("--from-scratch", action="store_true",
                    help="same architecture from random init (the checkpoint only supplies the architecture)")
@@ -128,7 +134,8 @@ def cmd_pretrain(args) -> int:
     out = Path(args.output_dir)
     cfg = resolve_config(args.config, args.overrides, out, args.data, args.eval_data, args.resume)
     _setup_logging(out)
-    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress)
+    allow = [k.strip() for k in args.allow_changed.split(",") if k.strip()]
+    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=allow)
     if res.interrupted_by:
         log.warning("stopped at step %d; run the same command again to resume", res.step)
         return 128 + res.interrupted_by
@@ -141,7 +148,8 @@ def cmd_pretrain(args) -> int:
 
 def cmd_knn(args) -> int:
     _setup_logging()
-    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides)
+    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
+                          use_cache=not args.no_cache)
     res = run_knn(setup, _number_list(args.k, int), _number_list(args.temperature, float), not args.no_cache)
     for r in res["grid"]:
         print(f"kNN (k={r['k']}, T={r['temperature']}) of {args.checkpoint} at step {res['step']}: "
@@ -152,7 +160,8 @@ def cmd_knn(args) -> int:
 
 def cmd_linear(args) -> int:
     _setup_logging(Path(args.output_dir) if args.output_dir else None)
-    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides)
+    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
+                          use_cache=not args.no_cache)
     out = run_linear(setup, args.fast, not args.no_cache, Path(args.output_dir) if args.output_dir else None)
     if out:
         print(f"linear probe ({out['mode']}) of {args.checkpoint}: top-1 {out['top1']:.2f}  "
@@ -163,8 +172,10 @@ def cmd_linear(args) -> int:
 
 def cmd_finetune(args) -> int:
     _setup_logging(Path(args.output_dir))
-    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides)
-    _print_json(run_finetune(setup, Path(args.output_dir), args.from_scratch))
+    setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
+                          use_cache=not args.no_cache)
+    allow = [k.strip() for k in args.allow_changed.split(",") if k.strip()]
+    _print_json(run_finetune(setup, Path(args.output_dir), args.from_scratch, allow_changed=allow))
     return 0
 
 
@@ -218,7 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except (MocoError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # the environment (permissions, a file where a folder should be, disk full)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mocov3 {args.command}: error: {e.strerror or first_line(e)}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mocov3 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -5,12 +5,16 @@ never branches on whether it runs under ``torchrun``.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from .runtime import MocoError, RunLock, RunLockedError
 
 
 def is_dist() -> bool:
@@ -44,6 +48,34 @@ def init_from_env(device_type: str) -> bool:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def agree(ok: bool) -> bool:
+    """True when ``ok`` holds on every process (one all-reduce; just ``ok`` without a process group), so
+    that a failure on one rank stops all of them instead of leaving the others waiting."""
+    if world_size() == 1:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+@contextlib.contextmanager
+def locked_folder(folder: Path):
+    """Hold ``folder``'s :class:`~mocov3.runtime.RunLock` (rank 0) for the ``with`` block; when it is taken,
+    every rank raises the one-line :class:`~mocov3.runtime.RunLockedError`."""
+    lock = RunLock(folder, enabled=is_main())
+    error = None
+    try:
+        lock.__enter__()
+    except MocoError as e:
+        error = e
+    if not agree(error is None):
+        raise error or RunLockedError(f"{folder} is in use by another run")
+    try:
+        yield
+    finally:
+        lock.__exit__()
 
 
 @torch.no_grad()

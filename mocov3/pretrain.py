@@ -17,13 +17,13 @@ import torch
 from . import distributed as du
 from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
 from .data.augment import TwoViewAugment
-from .data.datasets import ImageData, TrainBatches, load_dataset
+from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset
 from .eval.knn import knn_evaluate
 from .methods import build_method
-from .runtime import (CheckpointError, DataError, MetricsWriter, TrainingError, resolve_device,
-                      resolve_precision)
-from .train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, rng_state, save_checkpoint,
-                               set_rng_state)
+from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
+                      resolve_device, resolve_precision, storage_error)
+from .train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, remove_stale_tmp, rng_state,
+                               save_checkpoint, set_rng_state)
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
@@ -71,21 +71,28 @@ class RunData:
     test: Optional[ImageData]
 
 
-def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progress: bool = True) -> RunResult:
+def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progress: bool = True,
+             allow_changed: Sequence[str] = ()) -> RunResult:
     """Pretrain ``cfg`` on ``cfg.data.path`` (kNN monitor on ``cfg.data.eval_path``) into ``output_dir``,
-    resuming its checkpoint (or ``resume``) if present."""
+    resuming its checkpoint (or ``resume``) if present. A resume whose settings or data differ from the
+    checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``."""
     rt = build_runtime(cfg)
-    run = open_run_folder(cfg, Path(output_dir), resume)
-    data = build_data(cfg, rt)
-    state = build_train_state(cfg, rt, data.batches.steps_per_epoch)
-    ckpt = resume_run(run, state, cfg) if run.resuming else start_run(run, cfg, rt, data)
-    plan = build_progress(cfg, state.step, data.batches.steps_per_epoch)
-    knn = KnnMonitor(cfg, rt, data, state.module, run.metrics, ckpt.get("last_knn"))
-    if not run.resuming:
-        knn.initial_point()
-    hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps),
-             CheckpointHook(cfg, run, state, knn)]
-    stopped = fit(state, data.batches, plan, hooks)
+    with du.locked_folder(Path(output_dir)):
+        run = open_run_folder(cfg, Path(output_dir), resume)
+        data = build_data(cfg, rt)
+        ckpt = check_resume(run, cfg, data, rt, allow_changed) if run.resuming else {}
+        write_run_config(run, cfg)
+        state = build_train_state(cfg, rt, data.batches.steps_per_epoch)
+        resume_run(run, state, ckpt) if run.resuming else start_run(run, cfg, rt, data)
+        plan = build_progress(cfg, state.step, data.batches.steps_per_epoch)
+        knn = KnnMonitor(cfg, rt, data, state.module, run.metrics, ckpt.get("last_knn"))
+        if not run.resuming:
+            knn.initial_point()
+        hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps,
+                                  extra=lambda: {"unreadable_images": data.batches.unreadable}
+                                  if data.batches.unreadable else {}),
+                 CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path))]
+        stopped = fit(state, data.batches, plan, hooks)
     return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
 
 
@@ -122,18 +129,28 @@ def build_runtime(cfg: Config) -> Runtime:
 
 
 def open_run_folder(cfg: Config, output_dir: Path, resume: Optional[Path]) -> RunFolder:
-    """The run folder: ``config.yaml`` (resolved, data paths included), ``metrics.jsonl``, checkpoints."""
+    """The run folder (``config.yaml``, ``metrics.jsonl``, checkpoints); temporary files of a save that a
+    kill interrupted are removed. Nothing else is written yet."""
     ckpt = Path(resume) if resume else output_dir / CHECKPOINT_NAME
     if resume and not ckpt.is_file():
         raise CheckpointError(f"checkpoint not found: {resume}")
     if cfg.data.path is None:
         raise DataError("no training data: give --data (or data.path in the recipe)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise StorageError(f"output folder {output_dir} is a file")
     if du.is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
+        remove_stale_tmp(output_dir)
     metrics = MetricsWriter(output_dir / "metrics.jsonl", du.is_main(),
                             output_dir / "tensorboard" if cfg.train.tensorboard else None)
     return RunFolder(output_dir, ckpt, metrics)
+
+
+def write_run_config(run: RunFolder, cfg: Config) -> None:
+    if du.is_main():
+        try:
+            save_config(cfg, run.path / "config.yaml")
+        except OSError as e:
+            raise storage_error("write", run.path / "config.yaml", e) from None
 
 
 def build_data(cfg: Config, rt: Runtime) -> RunData:
@@ -197,21 +214,78 @@ def start_run(run: RunFolder, cfg: Config, rt: Runtime, data: RunData) -> dict:
     return {}
 
 
-def resume_run(run: RunFolder, state: TrainState, cfg: Config) -> dict:
+#: Settings that define a run: a resume that changes one is refused (docs/reliability.md).
+RUN_KEYS = {
+    "model": None, "method": None,  # every key (the architecture: never allowed to change)
+    "optim": None,
+    "train": ("epochs", "batch_size", "seed"),
+    "data": ("image_size", "crop_scale", "crop_ratio", "jitter_prob", "jitter_strength", "grayscale_prob",
+             "blur_prob", "blur_sigma", "solarize_prob", "flip_prob", "small_crops", "small_crop_size",
+             "small_crop_scale", "mean", "std"),
+}
+#: The changes ``--allow-changed`` may accept: the run's state stays meaningful after them.
+SOUND_CHANGES = ("train.epochs", "optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad",
+                 "optim.patch_clip_grad", "optim.trust_coefficient", "optim.betas", "optim.sgd_momentum", "data")
+SOUND_CHANGES += tuple(f"data.{k}" for k in RUN_KEYS["data"] if k not in ("image_size", "small_crops"))
+
+
+def run_differences(old: dict, new: dict) -> list[str]:
+    """The run-defining keys (:data:`RUN_KEYS`) whose values differ between two config dicts."""
+    out = []
+    for sec, keys in RUN_KEYS.items():
+        for k in (keys or sorted(set(old.get(sec, {})) | set(new.get(sec, {})))):
+            if old.get(sec, {}).get(k) != new.get(sec, {}).get(k):
+                out.append(f"{sec}.{k}")
+    return out
+
+
+def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_changed: Sequence[str]) -> dict:
+    """Read the checkpoint to resume and compare what defines the run (:data:`RUN_KEYS` and the training
+    data's identity) with the current settings; refuse a difference not in ``allow_changed``."""
+    bad = [k for k in allow_changed if k not in SOUND_CHANGES]
+    if bad:
+        raise ConfigError(f"--allow-changed {', '.join(bad)}: not a change a run can resume through "
+                          f"(allowed: {', '.join(SOUND_CHANGES)})")
+    ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True)
+    now = to_dict(cfg)
+    check_same_model(ckpt["config"], now, run.checkpoint)
+    diffs = {k: (_get(ckpt["config"], k), _get(now, k)) for k in run_differences(ckpt["config"], now)}
+    ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path)
+    if ident and (ident.get("count"), ident.get("fingerprint")) != (cur["count"], cur["fingerprint"]):
+        diffs["data"] = (f"{ident.get('path')} ({ident.get('count')} images)", f"{cur['path']} ({cur['count']} images)")
+    refused = {k: v for k, v in diffs.items() if k not in allow_changed and not (
+        k.startswith("data.") and "data" in allow_changed)}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
+        raise CheckpointError(f"{run.checkpoint} was trained with other settings ({listed}); resume with the "
+                              f"same ones, use another --output-dir, or accept a sound change with "
+                              f"--allow-changed {','.join(refused)}")
+    if diffs:
+        log.warning("resuming with changed settings (allowed): %s", ", ".join(diffs))
+    return ckpt
+
+
+def _get(cfg: dict, dotted: str):
+    sec, key = dotted.split(".")
+    return cfg.get(sec, {}).get(key)
+
+
+def resume_run(run: RunFolder, state: TrainState, ckpt: dict) -> None:
     """Load model, optimizer, scaler, step, RNG and monitor state; drop metrics logged after the checkpoint."""
-    ckpt = load_checkpoint(run.checkpoint, map_location=state.device)
-    check_same_model(ckpt["config"], to_dict(cfg), run.checkpoint)
     load_state_strict(state.module, ckpt["model"], run.checkpoint)
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler"):
-        state.scaler.load_state_dict(ckpt["scaler"])
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            state.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        if state.monitor is not None and ckpt.get("monitor"):
+            state.monitor.load_state_dict(ckpt["monitor"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {run.checkpoint}: optimizer or RNG state does not fit ({first_line(e)})") \
+            from None
     state.step = int(ckpt["step"])
-    set_rng_state(ckpt["rng"])
-    if state.monitor is not None and ckpt.get("monitor"):
-        state.monitor.load_state_dict(ckpt["monitor"])
     run.metrics.truncate_after(state.step)
     log.info("resumed from %s at step %d", run.checkpoint, state.step)
-    return ckpt
 
 
 class KnnMonitor(Hook):
@@ -270,15 +344,16 @@ class CheckpointHook(Hook):
     """An atomic ``checkpoint.pt`` at each epoch end (plus numbered copies for ``train.save_epochs``),
     every ``train.checkpoint_every_steps`` steps, at the last step and when a stop signal arrives."""
 
-    def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor):
-        self.cfg, self.run, self.state, self.knn = cfg, run, state, knn
+    def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor, data_identity: dict):
+        self.cfg, self.run, self.state, self.knn, self.data_identity = cfg, run, state, knn, data_identity
 
     def payload(self, p: Progress) -> dict:
         s = self.state
         return {"model": s.module.state_dict(), "optimizer": s.optimizer.state_dict(),
                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
                 "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
-                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {}}
+                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
+                "data_identity": self.data_identity}
 
     def after_step(self, p: Progress, out: dict) -> None:
         every = self.cfg.train.checkpoint_every_steps

@@ -10,6 +10,7 @@ from typing import Optional
 
 import yaml
 
+from . import distributed as du
 from .config import load_config
 from .pretrain import pretrain
 from .runtime import ConfigError, DataError, read_metrics
@@ -109,7 +110,11 @@ def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir
     combos = [list(zip(keys, vals)) for vals in itertools.product(*[v for _, v in grid])]
     for combo in combos:  # validate every combination before running any
         load_config(config, overrides + [f"{k}={v}" for k, v in combo])
-    output_dir.mkdir(parents=True, exist_ok=True)
+    with du.locked_folder(output_dir):
+        return _run_grid(config, data, eval_data, output_dir, overrides, progress, keys, combos)
+
+
+def _run_grid(config, data, eval_data, output_dir: Path, overrides, progress, keys, combos) -> list[dict]:
     rows = []
     for combo in combos:
         run_dir = output_dir / run_name(combo)

@@ -42,17 +42,17 @@ class EvalSetup:
 
 
 def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str = "auto",
-                  overrides: Sequence[str] = ()) -> EvalSetup:
+                  overrides: Sequence[str] = (), use_cache: bool = True) -> EvalSetup:
     """Checkpoint -> config (its own, with ``overrides``), query backbone on ``device``, both sets loaded
-    and their classes checked."""
+    (through the decode cache unless ``use_cache`` is false) and their classes checked."""
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(None, list(overrides), base=ckpt["config"])
     dev = resolve_device(device)
     method = build_method(cfg)
     load_state_strict(method, ckpt["model"], checkpoint)
-    train = load_dataset(train_data, cfg.data, split="train").to(dev)
-    test = load_dataset(test_data, cfg.data, split="test").to(dev)
+    train = load_dataset(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
+    test = load_dataset(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
     if train.classes != test.classes:
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")
@@ -93,11 +93,24 @@ def run_knn(setup: EvalSetup, ks: Optional[Sequence[int]] = None, temperatures: 
 def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
                output_dir: Optional[Path] = None) -> dict:
     """Linear probe (fast: on cached features with an lr sweep; else the paper's protocol). Checks that the
-    backbone is bit-identical afterwards; writes ``config.yaml`` and ``result.json`` into ``output_dir``."""
-    cfg = setup.cfg
+    backbone is bit-identical afterwards; writes ``config.yaml`` and ``result.json`` into ``output_dir``
+    (locked for the run)."""
     du.init_from_env(setup.device.type)
     if fast and not du.is_main():
         return {}  # the fast probe is cheap: rank 0 does it alone
+    if output_dir is None:
+        return _linear(setup, fast, use_cache)
+    output_dir = Path(output_dir)
+    with du.locked_folder(output_dir):
+        out = _linear(setup, fast, use_cache)
+        if out:
+            save_config(setup.cfg, output_dir / "config.yaml")
+            (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _linear(setup: EvalSetup, fast: bool, use_cache: bool) -> dict:
+    cfg = setup.cfg
     before = snapshot(setup.backbone)
     if fast:
         (fa, la), (fb, lb) = _features(setup, ((setup.train, 0), (setup.test, 0)), use_cache)
@@ -112,21 +125,21 @@ def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
            "epochs": cfg.linear.epochs, "step": setup.step}
     if "sweep" in res:
         out["sweep"] = res["sweep"]
-    if output_dir is not None:
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
 
 
-def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False, progress: bool = False) -> dict:
+def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False, progress: bool = False,
+                 allow_changed: Sequence[str] = ()) -> dict:
     """End-to-end fine-tuning of the checkpoint's backbone (or the same architecture from random init);
-    writes ``result.json`` into ``output_dir`` beside the run's own files."""
+    writes ``result.json`` into ``output_dir`` beside the run's own files. The folder is locked for the run;
+    re-running on it resumes, if the source and settings are the same."""
     ckpt = load_checkpoint(setup.checkpoint)
     state = None if from_scratch else backbone_state_from_checkpoint(ckpt)
     output_dir = Path(output_dir)
-    res = finetune(setup.cfg, state, setup.train, setup.test, output_dir, setup.device, setup.precision, progress)
+    source = {"checkpoint": str(setup.checkpoint.resolve()), "step": setup.step, "from_scratch": from_scratch}
+    with du.locked_folder(output_dir):
+        res = finetune(setup.cfg, state, setup.train, setup.test, output_dir, setup.device, setup.precision,
+                       progress, source=source, allow_changed=allow_changed)
     if not du.is_main():
         return {}
     out = {"top1": res["top1"], "top5": res["top5"], "from_scratch": from_scratch,

@@ -22,8 +22,9 @@ from ..data.datasets import ImageData, LabelledBatches, eval_batches
 from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
-from ..runtime import MetricsWriter, Stream, autocast, seed_for
-from ..train.checkpoint import load_checkpoint, load_state_strict, rng_state, save_checkpoint, set_rng_state
+from ..runtime import CheckpointError, ConfigError, MetricsWriter, Stream, autocast, seed_for
+from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, remove_stale_tmp, rng_state,
+                                save_checkpoint, set_rng_state)
 from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
@@ -131,8 +132,36 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
+#: Fine-tuning settings that define a fine-tuning run (a resume that changes one is refused).
+FINETUNE_KEYS = ("batch_size", "base_lr", "weight_decay", "layer_decay", "drop_path", "label_smoothing",
+                 "warmup_epochs", "mixup", "cutmix", "crop_scale", "randaugment", "randaugment_magnitude", "epochs")
+FINETUNE_SOUND_CHANGES = ("source", "finetune.epochs")
+
+
+def check_finetune_resume(ck: dict, cfg: Config, source: dict, allow_changed, path: Path) -> None:
+    """Refuse to resume a fine-tuning folder with another source (checkpoint file, from scratch or not),
+    another architecture or other fine-tuning settings, unless ``allow_changed`` accepts it."""
+    bad = [k for k in allow_changed if k not in FINETUNE_SOUND_CHANGES]
+    if bad:
+        raise ConfigError(f"--allow-changed {', '.join(bad)}: a fine-tuning run can only go on through "
+                          f"{', '.join(FINETUNE_SOUND_CHANGES)}")
+    now = to_dict(cfg)
+    check_same_model(ck["config"], now, path)
+    diffs = {f"finetune.{k}": (ck["config"].get("finetune", {}).get(k), now["finetune"][k]) for k in FINETUNE_KEYS
+             if ck["config"].get("finetune", {}).get(k) != now["finetune"][k]}
+    old = ck.get("source")
+    if old is not None and old != source:
+        diffs["source"] = (old, source)
+    refused = {k: v for k, v in diffs.items() if k not in allow_changed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:3])
+        raise CheckpointError(f"{path} is a fine-tuning run with other settings ({listed}); use another "
+                              f"--output-dir, or --allow-changed {','.join(refused)}")
+
+
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
-             device: torch.device, precision: str, progress: bool = False) -> dict:
+             device: torch.device, precision: str, progress: bool = False, source: Optional[dict] = None,
+             allow_changed=()) -> dict:
     """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy.
 
     Works in one process or under torchrun (DDP; the global batch ``finetune.batch_size`` is split over
@@ -142,6 +171,14 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     du.init_from_env(device.type)
     world, rank, main = du.world_size(), du.rank(), du.is_main()
     ft = cfg.finetune
+    source = source or {"from_scratch": backbone_state is None}
+    ckpt_path = output_dir / "checkpoint.pt"
+    if main and output_dir.is_dir():
+        remove_stale_tmp(output_dir)
+    ck = None
+    if ckpt_path.is_file():  # checked before anything in the folder changes
+        ck = load_checkpoint(ckpt_path, map_location=device, for_resume=True)
+        check_finetune_resume(ck, cfg, source, allow_changed, ckpt_path)
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
@@ -166,10 +203,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
                        precision=precision, lr_at=lambda s: lr_at(s, total, warmup, peak), seed=cfg.train.seed,
                        rank=rank)
     metrics = MetricsWriter(output_dir / "metrics.jsonl", main)
-    ckpt_path = output_dir / "checkpoint.pt"
     last = None
-    if ckpt_path.is_file():
-        ck = load_checkpoint(ckpt_path, map_location=device)
+    if ck is not None:
         load_state_strict(model, ck["model"], ckpt_path)
         opt.load_state_dict(ck["optimizer"])
         if ck.get("scaler"):
@@ -217,7 +252,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
             save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                         "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
                                         "step": state.step, "config": to_dict(cfg), "rng": rng_state(),
-                                        "last_eval": last})
+                                        "last_eval": last, "source": source})
     if last is None and main:
         last = evaluate(model, test, cfg.data, device, precision)
     du.barrier()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -65,8 +65,8 @@ class MetricsHook(Hook):
     and a ``spike`` line whenever the gradient monitor flags one; an optional progress bar."""
 
     def __init__(self, metrics: MetricsWriter, batch_size: int, progress_bar: bool, initial_step: int,
-                 max_steps: int):
-        self.metrics, self.batch_size = metrics, batch_size
+                 max_steps: int, extra: Optional[Callable[[], dict]] = None):
+        self.metrics, self.batch_size, self.extra = metrics, batch_size, extra
         self.bar = None
         if progress_bar and du.is_main():
             from tqdm.auto import tqdm
@@ -87,6 +87,8 @@ class MetricsHook(Hook):
             if "grad_norm" in out:
                 rec["grad_norm"] = out["grad_norm"]
                 rec["update_ratio"] = out.get("update_ratio", {})
+            if self.extra is not None:
+                rec.update(self.extra())
             self.metrics.write(rec)
             if self.bar is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{out['lr']:.2e}", ips=f"{ips:.0f}")
