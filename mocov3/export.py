@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .models.factory import build_from_spec
 from .models.resnet import ResNetSpec
 from .models.vit import ViTSpec
-from .runtime import CheckpointError
+from .runtime import CheckpointError, StorageError, first_line, storage_error
 from .train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, spec_from_config
 
 EXPORT_FORMAT = "mocov3-backbone/1"
@@ -73,11 +74,11 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
     if isinstance(spec, ViTSpec) and spec.patch_norm == "wn":
         state, spec = fold_weight_norm(state), dataclasses.replace(spec, patch_norm="none")
     state = {k: v.detach().float().contiguous() for k, v in state.items()}
-    build_from_spec(spec).load_state_dict(state, strict=True)  # validates before writing anything
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(output / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
-    results = eval_results or {}
+    try:  # validates before anything is written
+        build_from_spec(spec).load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit its own config ({first_line(e)})") from None
+    results = dict(eval_results or {})
     if ckpt.get("last_knn"):
         results.setdefault("knn_top1_during_training", ckpt["last_knn"]["top1"])
     meta = {
@@ -93,10 +94,23 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         "method": cfg["method"]["name"],
         "pretrain_step": ckpt.get("step"),
         "pretrain_epoch": ckpt.get("epoch"),
+        "fine_tuned": "source" in ckpt,  # a fine-tuning run's checkpoint: its backbone after fine-tuning
         "eval_results": results,
     }
-    (output / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (output / "README.md").write_text(_model_card(meta, cfg, Path(checkpoint)))
+    card = _model_card(meta, cfg, Path(checkpoint))  # everything is prepared before the first write
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise StorageError(f"export folder {output} is a file")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(output / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(output / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
+        (output / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        (output / "README.md").write_text(card)
+    except OSError as e:
+        raise storage_error("write the export folder", output, e) from None
     return output
 
 
@@ -109,10 +123,12 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path) -> str:
     else:
         title = s["name"]
         arch = f"{s['name']} ({'CIFAR stem' if s['cifar_stem'] else 'ImageNet stem'}), image {s['img_size']} px"
+    epochs = f"{meta['pretrain_epoch']:.2f}" if isinstance(meta.get("pretrain_epoch"), (int, float)) else "?"
     lines = [
-        f"# {title} pretrained with {meta['method']} (mocov3)", "",
+        f"# {title} pretrained with {meta['method']} (mocov3)" + (", then fine-tuned" if meta.get("fine_tuned") else ""),
+        "",
         f"- backbone: {arch}",
-        f"- pretraining: {meta['method']}, {meta['pretrain_epoch']:.2f} epochs ({meta['pretrain_step']} steps) of "
+        f"- pretraining: {meta['method']}, {epochs} epochs ({meta['pretrain_step']} steps) of "
         f"{cfg['train']['epochs']} planned, batch {cfg['train']['batch_size']}, {cfg['optim']['name']} "
         f"base_lr {cfg['optim']['base_lr']}, weight decay {cfg['optim']['weight_decay']}, "
         f"temperature {cfg['method']['temperature']}, momentum {cfg['method']['momentum']}",
@@ -148,12 +164,20 @@ def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         if not cfg_file.is_file() or not weights.is_file():
             raise CheckpointError(f"{path} is not a mocov3 export (config.json and model.safetensors expected)")
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format") != EXPORT_FORMAT:
-            raise CheckpointError(f"{cfg_file}: unknown export format {meta.get('format')!r}")
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file} is not valid JSON ({first_line(e)})") from None
+        if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(f"{cfg_file}: unknown export format")
         spec_cls = ResNetSpec if meta.get("architecture") == "resnet" else ViTSpec
-        model = build_from_spec(spec_cls(**meta["spec"]))
-        state = load_file(str(weights), device=map_location)
+        try:
+            model = build_from_spec(spec_cls(**meta["spec"]))
+            state = load_file(str(weights), device=map_location)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: config.json does not describe a backbone ({first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own errors on a damaged file
+            raise CheckpointError(f"{weights} cannot be read ({first_line(e)})") from None
     else:
         ckpt = load_checkpoint(path, map_location=map_location)
         model = build_from_spec(spec_from_config(ckpt["config"]))
@@ -161,5 +185,5 @@ def load_backbone(path: str | Path, map_location: str = "cpu") -> nn.Module:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the architecture ({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: weights do not fit the architecture ({first_line(e)})") from None
     return model.eval()

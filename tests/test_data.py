@@ -130,7 +130,7 @@ def test_cifar_checksum_mismatch_is_an_error(tmp_path, http_server, monkeypatch)
 
 
 def test_cifar_refuses_code_in_pickles(tmp_path):
-    folder = tmp_path / "cifar-10-batches-py"
+    folder = tmp_path / "extracted-cifar10" / "cifar-10-batches-py"  
     folder.mkdir()
 
     class Evil:

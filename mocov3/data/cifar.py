@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtime import DataError
+from ..runtime import DataError, first_line
 from .cache import default_cache_dir, resolve_cache_dir  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
@@ -82,22 +82,28 @@ def _url_and_md5(name: str) -> tuple[str, str]:
 
 
 def download_cifar(name: str, cache_dir: Path) -> Path:
-    """Fetch (once) and extract the archive into ``cache_dir``; return the extracted folder.
+    """Fetch (once) and extract the archive into its own folder ``cache_dir/extracted-<name>``; return the
+    folder of batch files.
 
     The URL and checksum can be overridden with ``MOCOV3_CIFAR10_URL`` / ``MOCOV3_CIFAR10_MD5``
     (``CIFAR100`` likewise), e.g. to use a mirror or a local file (``file:///path/...tar.gz``).
-    An archive already in the cache (``cache_dir/<archive name>``) is used without downloading.
+    An archive already in the cache (``cache_dir/<archive name>``) is used without downloading. Members
+    are extracted with Python's ``data`` filter (no absolute paths, ``..``, links out of the folder or
+    device files); a refused member is a one-line :class:`DataError` and nothing extracted is kept.
     """
     info = CIFAR[name]
-    folder = cache_dir / info["folder"]
+    dest = cache_dir / f"extracted-{name}"
+    folder = dest / info["folder"]
     if all((folder / b).is_file() for b in info["train"] + info["test"]):
         return folder
     url, md5 = _url_and_md5(name)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    for stale in cache_dir.glob("tmp*.part"):  # downloads a kill interrupted
+        stale.unlink(missing_ok=True)
     archive = cache_dir / Path(info["url"]).name
     if not archive.is_file() or md5sum(archive) != md5:
         log.info("downloading %s from %s", name, url)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix="tmp", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
                 shutil.copyfileobj(resp, out)
@@ -110,10 +116,21 @@ def download_cifar(name: str, cache_dir: Path) -> Path:
             os.unlink(tmp)
             raise DataError(f"checksum mismatch for {name} from {url}: md5 {got}, expected {md5}")
         os.replace(tmp, archive)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(cache_dir, filter="data")
-    if not all((folder / b).is_file() for b in info["train"] + info["test"]):
-        raise DataError(f"{archive} does not contain the expected {info['folder']}/ batch files")
+    part = dest.with_name(dest.name + ".part")
+    shutil.rmtree(part, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(part, filter="data")
+        if not all((part / info["folder"] / b).is_file() for b in info["train"] + info["test"]):
+            raise DataError(f"{archive} does not contain the expected {info['folder']}/ batch files")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(part, ignore_errors=True)
+        raise DataError(f"cannot extract {archive}: {first_line(e)}") from None
+    except DataError:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(part, dest)
     return folder
 
 
@@ -125,9 +142,30 @@ def load_cifar(name: str, split: str, cache_dir: Path) -> tuple[np.ndarray, np.n
     folder = download_cifar(name, cache_dir)
     xs, ys = [], []
     for b in info[split]:
-        d = _load_batch(folder / b)
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[info["label_key"]], dtype=np.int64))
+        x, y = _batch_arrays(_load_batch(folder / b), info["label_key"], folder / b)
+        xs.append(x)
+        ys.append(y)
     meta = _load_batch(folder / info["meta"][0])
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[info["meta"][1]]]
-    return np.concatenate(xs), np.concatenate(ys), classes
+    names = meta.get(info["meta"][1]) if isinstance(meta, dict) else None
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{folder / info['meta'][0]} has no class names")
+    classes = [c.decode(errors="replace") if isinstance(c, bytes) else str(c) for c in names]
+    y = np.concatenate(ys)
+    if y.min() < 0 or y.max() >= len(classes):
+        raise DataError(f"{folder}: labels outside the {len(classes)} classes")
+    return np.concatenate(xs), y, classes
+
+
+def _batch_arrays(d, label_key: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images uint8 [N, 3, 32, 32] and labels [N] of one batch dict, checked before any conversion."""
+    data = d.get(b"data") if isinstance(d, dict) else None
+    labels = d.get(label_key) if isinstance(d, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{path} is not a CIFAR batch (expected uint8 data of shape [N, 3072])")
+    if not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]:
+        raise DataError(f"{path} is not a CIFAR batch (labels missing or not one per image)")
+    try:
+        y = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: labels are not integers") from None
+    return data.reshape(-1, 3, 32, 32), y
