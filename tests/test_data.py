@@ -130,8 +130,8 @@ def test_cifar_checksum_mismatch_is_an_error(tmp_path, http_server, monkeypatch)
 
 
 def test_cifar_refuses_code_in_pickles(tmp_path):
-    folder = tmp_path / "extracted-cifar10" / "cifar-10-batches-py"  
-    folder.mkdir()
+    folder = tmp_path / "extracted-cifar10" / "cifar-10-batches-py"  # where download_cifar extracts
+    folder.mkdir(parents=True)
 
     class Evil:
         def __reduce__(self):
