@@ -346,6 +346,7 @@ class CheckpointHook(Hook):
 
     def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor, data_identity: dict):
         self.cfg, self.run, self.state, self.knn, self.data_identity = cfg, run, state, knn, data_identity
+        self.saved_at = -1
 
     def payload(self, p: Progress) -> dict:
         s = self.state
@@ -357,8 +358,15 @@ class CheckpointHook(Hook):
 
     def after_step(self, p: Progress, out: dict) -> None:
         every = self.cfg.train.checkpoint_every_steps
-        if not (p.end_of_epoch or p.stop_signal or p.last_step or (every and p.step % every == 0)):
-            return
+        if p.end_of_epoch or p.stop_signal or p.last_step or (every and p.step % every == 0):
+            self.save(p)
+
+    def on_stop(self, p: Progress) -> None:
+        if self.saved_at != p.step:
+            self.save(p)
+
+    def save(self, p: Progress) -> None:
+        self.saved_at = p.step
         if not du.is_main():
             return
         payload = self.payload(p)

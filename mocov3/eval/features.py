@@ -64,14 +64,24 @@ def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torc
                     precision: str, limit: int, cache_file: Optional[Path] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw (unnormalized) :func:`extract_features`, stored in / reused from ``cache_file`` if given."""
     if cache_file is not None and Path(cache_file).is_file():
-        blob = torch.load(cache_file, map_location=device, weights_only=True)
-        return blob["features"], blob["labels"]
+        try:
+            blob = torch.load(cache_file, map_location=device, weights_only=True)
+            if isinstance(blob, dict) and blob["features"].shape[0] == blob["labels"].shape[0]:
+                return blob["features"], blob["labels"]
+        except Exception:  # noqa: BLE001 - a truncated or foreign file: rebuilt below
+            pass
+        log.warning("feature cache %s is corrupt; recomputing it", cache_file)
+        Path(cache_file).unlink(missing_ok=True)
     feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit,
                                      normalize=False)
     if cache_file is not None:
         path = Path(cache_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
-        tmp.replace(path)
+        try:
+            torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
+            tmp.replace(path)
+        except (OSError, RuntimeError) as e:  # a cache is optional: warn and go on
+            tmp.unlink(missing_ok=True)
+            log.warning("could not write feature cache %s (%s)", path, e)
     return feats, labels

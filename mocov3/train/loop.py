@@ -56,6 +56,9 @@ class Hook:
     def after_step(self, progress: Progress, out: dict) -> None:  # pragma: no cover - interface
         pass
 
+    def on_stop(self, progress: Progress) -> None:
+        """A stop signal arrived while the hooks of this step ran (e.g. during a kNN evaluation)."""
+
     def close(self) -> None:
         pass
 
@@ -125,8 +128,15 @@ def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook]) -
                     out = train_step(state, RawBatch(a, b, crop), log=progress.log_now)
                     progress.step = state.step
                     progress.stop_signal = _global_signal(stop, state.device)
+                    evaluated = progress.eval_seconds
                     for h in hooks:
                         h.after_step(progress, out)
+                    if not progress.stop_signal and progress.eval_seconds != evaluated:
+                        # a signal during an evaluation hook: stop here rather than after one more step
+                        progress.stop_signal = _global_signal(stop, state.device)
+                        if progress.stop_signal:
+                            for h in hooks:
+                                h.on_stop(progress)
                     if progress.stop_signal:
                         stopped = progress.stop_signal
                         break
