@@ -535,3 +535,37 @@ def test_kill_9_at_random_moments_never_loses_the_run(folder, tmp_path):
     rows = lambda d: [{k: l[k] for k in keys} for l in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                       if "loss" in l]
     assert rows(out) == rows(ref)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MB tmpfs (needs root and a kernel that lets this sandbox mount); skipped where that fails."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if not ROOT_USER or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                                       capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small filesystem here (the simulated disk-full test covers the path)")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_real_disk_full_keeps_the_previous_checkpoint(folder, small_fs, capsys):
+    out = small_fs / "run"
+    assert _pretrain(folder, out, "train.max_steps=1") == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    filler = small_fs / "filler"
+    with open(filler, "wb") as f:  # fill the disk, then give back a little: enough for log lines only
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - 64 * 1024))
+    capsys.readouterr()
+    assert _pretrain(folder, out, "train.max_steps=2") == 1
+    assert "disk full" in _err(capsys)
+    assert (out / "checkpoint.pt").read_bytes() == good and not list(out.glob(".*.tmp"))
+    filler.unlink()
+    assert _pretrain(folder, out, "train.max_steps=2") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
