@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .runtime import MocoError, RunLock, RunLockedError
+from .runtime import MocoError, RunLock, RunLockedError, launch_rank
 
 
 def is_dist() -> bool:
@@ -64,7 +64,7 @@ def agree(ok: bool) -> bool:
 def locked_folder(folder: Path):
     """Hold ``folder``'s :class:`~mocov3.runtime.RunLock` (rank 0) for the ``with`` block; when it is taken,
     every rank raises the one-line :class:`~mocov3.runtime.RunLockedError`."""
-    lock = RunLock(folder, enabled=is_main())
+    lock = RunLock(folder, enabled=is_main() if is_dist() else launch_rank() == 0)
     error = None
     try:
         lock.__enter__()

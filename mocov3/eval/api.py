@@ -49,6 +49,9 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     ckpt = load_checkpoint(checkpoint)
     cfg = load_config(None, list(overrides), base=ckpt["config"])
     dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    du.init_from_env(dev.type)  # under torchrun: the process group, before folders are locked
     method = build_method(cfg)
     load_state_strict(method, ckpt["model"], checkpoint)
     train = load_dataset(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
