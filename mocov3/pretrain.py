@@ -90,7 +90,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
             knn.initial_point()
         hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps,
                                   extra=lambda: {"unreadable_images": data.batches.unreadable}
-                                  if data.batches.unreadable else {}),
+                                  if data.batches.unreadable else {}, state=state),
                  CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path))]
         stopped = fit(state, data.batches, plan, hooks)
     return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
@@ -366,6 +366,7 @@ class CheckpointHook(Hook):
             self.save(p)
 
     def save(self, p: Progress) -> None:
+        self.state.raise_if_nonfinite()  # never a checkpoint of a step after a non-finite loss
         self.saved_at = p.step
         if not du.is_main():
             return

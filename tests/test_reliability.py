@@ -546,7 +546,13 @@ def small_fs(tmp_path):
                                        capture_output=True).returncode != 0:
         pytest.skip("cannot mount a small filesystem here (the simulated disk-full test covers the path)")
     yield mnt
-    subprocess.run(["umount", str(mnt)], capture_output=True)
+    import logging
+
+    for h in logging.getLogger().handlers[:]:  # the CLI's log.txt handler keeps a file open on the mount
+        logging.getLogger().removeHandler(h)
+        h.close()
+    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_real_disk_full_keeps_the_previous_checkpoint(folder, small_fs, capsys):

@@ -167,9 +167,10 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Genera
         op = order[:, slot]
         y = out
         for k, fn in enumerate(ops):
-            m = (op == k) & apply
-            if m.any() and (k < 3 or hue > 0):
-                y = torch.where(m[:, None, None, None], fn(out), y)
+            if k == 3 and hue <= 0:
+                continue
+            m = (op == k) & apply  # no `if m.any()`: a data-dependent branch would stall a GPU queue
+            y = torch.where(m[:, None, None, None], fn(out), y)
         out = y
     return out
 
@@ -235,7 +236,7 @@ class TwoViewAugment:
             boxes = sample_crop_boxes(B, H, W, scale or cfg.crop_scale, cfg.crop_ratio, g, dev)
         else:
             boxes = torch.tensor([0.0, 0.0, H, W], device=dev).expand(B, 4)
-        if crop or scale is not None or flip.any() or H != size or W != size:
+        if crop or scale is not None or cfg.flip_prob > 0 or H != size or W != size:
             x = crop_resize_flip(x, boxes, flip, size)
         jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
         x = color_jitter(x, jitter, cfg.jitter_strength, g)
@@ -243,7 +244,7 @@ class TwoViewAugment:
         x = torch.where(gray[:, None, None, None], grayscale(x).expand_as(x), x)
         blur = torch.rand(B, generator=g, device=dev) < cfg.blur_prob[index]
         sigma = _rand(B, g, dev, *sigma_range)
-        if blur.any():
+        if cfg.blur_prob[index] > 0:
             x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
         sol = torch.rand(B, generator=g, device=dev) < cfg.solarize_prob[index]
         x = torch.where(sol[:, None, None, None], solarize(x), x)

@@ -57,8 +57,7 @@ class MomentumMethod(Method):
             return
         online = [q for q, _ in pairs]
         target = [k for _, k in pairs]
-        torch._foreach_mul_(target, m)
-        torch._foreach_add_(target, online, alpha=1.0 - m)
+        torch._foreach_lerp_(target, online, 1.0 - m)  # k + (1 - m)(q - k) = m k + (1 - m) q, one fused kernel
 
     def momentum_embed(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -44,6 +44,6 @@ class Lamb(torch.optim.Optimizer):
                     update = update + group["weight_decay"] * p.float()
                 w_norm, u_norm = p.float().norm(), update.norm()
                 trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                st["trust_ratio"] = float(trust)
+                st["trust_ratio"] = trust  # a tensor: no host synchronization per parameter
                 p.add_((-group["lr"] * trust * update).to(p.dtype))
         return loss

@@ -68,8 +68,8 @@ class MetricsHook(Hook):
     and a ``spike`` line whenever the gradient monitor flags one; an optional progress bar."""
 
     def __init__(self, metrics: MetricsWriter, batch_size: int, progress_bar: bool, initial_step: int,
-                 max_steps: int, extra: Optional[Callable[[], dict]] = None):
-        self.metrics, self.batch_size, self.extra = metrics, batch_size, extra
+                 max_steps: int, extra: Optional[Callable[[], dict]] = None, state: Optional[TrainState] = None):
+        self.metrics, self.batch_size, self.extra, self.state = metrics, batch_size, extra, state
         self.bar = None
         if progress_bar and du.is_main():
             from tqdm.auto import tqdm
@@ -79,35 +79,47 @@ class MetricsHook(Hook):
 
     def after_step(self, p: Progress, out: dict) -> None:
         self.n_since += 1
-        if out.get("spike") is not None:
-            self.metrics.write({"step": p.step, "epoch": p.epoch, "spike": out["spike"]})
-        if p.step % p.log_every == 0 or p.last_step:
-            loss = du.all_reduce_mean(out["loss"].float()).item()
-            dt = time.time() - self.t_last - (p.eval_seconds - self.eval_at_last)
-            ips = self.n_since * self.batch_size / max(dt, 1e-9)
-            rec = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": out["lr"], "momentum": out.get("momentum"),
-                   "images_per_sec": ips}
-            if "grad_norm" in out:
-                rec["grad_norm"] = out["grad_norm"]
-                rec["update_ratio"] = out.get("update_ratio", {})
-            if self.extra is not None:
-                rec.update(self.extra())
-            self.metrics.write(rec)
-            if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{out['lr']:.2e}", ips=f"{ips:.0f}")
-            self.t_last, self.n_since, self.eval_at_last = time.time(), 0, p.eval_seconds
+        log_line = p.step % p.log_every == 0 or p.last_step
+        if log_line or p.stop_signal:  # the log points: the only places that wait for the device
+            self._write(p, out, log_line)
         if self.bar is not None:
             self.bar.update(1)
+
+    def _write(self, p: Progress, out: dict, log_line: bool) -> None:
+        monitor = self.state.monitor if self.state is not None else None
+        norms, spikes = monitor.flush() if monitor is not None else (None, [])
+        for step, spike in spikes:  # each spike line carries the step it happened at
+            self.metrics.write({"step": step, "epoch": step / p.steps_per_epoch, "spike": spike})
+        if not log_line:
+            return
+        loss = du.all_reduce_mean(out["loss"].float()).item()
+        dt = time.time() - self.t_last - (p.eval_seconds - self.eval_at_last)
+        ips = self.n_since * self.batch_size / max(dt, 1e-9)
+        rec = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": out["lr"], "momentum": out.get("momentum"),
+               "images_per_sec": ips}
+        if norms is not None:
+            rec["grad_norm"] = norms
+            rec["update_ratio"] = out.get("update_ratio", {})
+        if self.extra is not None:
+            rec.update(self.extra())
+        self.metrics.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{out['lr']:.2e}", ips=f"{ips:.0f}")
+        self.t_last, self.n_since, self.eval_at_last = time.time(), 0, p.eval_seconds
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def _global_signal(stop: StopFlag, device: torch.device) -> int:
-    """The stop signal as every process agrees on it (any process signalled -> all stop)."""
+def _global_signal(stop: StopFlag, device: torch.device, p: Optional[Progress] = None) -> int:
+    """The stop signal as every process agrees on it (any process signalled -> all stop). In one process a
+    flag read; under a process group an all-reduce, so only at the log points and epoch ends (``p``) to keep
+    the steps in between free of host synchronization."""
     sig = stop.signum
     if du.world_size() > 1:
+        if p is not None and not (p.step % p.log_every == 0 or p.end_of_epoch or p.last_step):
+            return 0
         flag = du.all_reduce_mean(torch.tensor(float(sig), device=device)).item() > 0
         sig = (sig or 15) if flag else 0
     return sig
@@ -127,7 +139,9 @@ def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook]) -
                 for a, b, crop in batches.epoch(epoch, start):
                     out = train_step(state, RawBatch(a, b, crop), log=progress.log_now)
                     progress.step = state.step
-                    progress.stop_signal = _global_signal(stop, state.device)
+                    progress.stop_signal = _global_signal(stop, state.device, progress)
+                    if progress.stop_signal or progress.end_of_epoch or progress.last_step:
+                        state.raise_if_nonfinite()  # (log steps checked inside the step)
                     evaluated = progress.eval_seconds
                     for h in hooks:
                         h.after_step(progress, out)

@@ -39,21 +39,49 @@ class GradMonitor:
         self.groups = layer_groups(method)
         self.spike_factor, self.min_history = spike_factor, min_history
         self.history = {k: deque(maxlen=window) for k in self.groups}
+        self._pending: list[tuple[int, torch.Tensor]] = []
 
     @torch.no_grad()
-    def norms(self, grad_scale: float = 1.0) -> dict[str, float]:
-        names, per_group = [], []
-        for name, params in self.groups.items():
+    def _group_norms(self, grad_scale=None) -> torch.Tensor:
+        """Per-group gradient norms as one float32 device tensor [G] (NaN for a group without gradients)."""
+        per_group = []
+        for params in self.groups.values():
             grads = [p.grad for p in params if p.grad is not None]
             if grads:
-                names.append(name)
-                per_group.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        if not names:
-            return {"total": 0.0}
-        values = (torch.stack(per_group).float() / grad_scale).tolist()  # one device-to-host copy per step
-        out = dict(zip(names, values))
-        out["total"] = sum(v * v for v in values) ** 0.5
+                per_group.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float())
+            else:
+                ref = next(iter(params))
+                per_group.append(torch.full((), float("nan"), device=ref.device))
+        out = torch.stack(per_group)
+        return out / grad_scale if grad_scale is not None else out
+
+    def _as_dict(self, values: list[float]) -> dict[str, float]:
+        out = {k: v for k, v in zip(self.groups, values) if v == v}  # NaN: no gradient this step
+        out["total"] = sum(v * v for v in out.values()) ** 0.5
         return out
+
+    def norms(self, grad_scale: float = 1.0) -> dict[str, float]:
+        """This step's norms, read at once (one device-to-host copy)."""
+        return self._as_dict(self._group_norms(grad_scale).tolist())
+
+    def record(self, step: int, grad_scale=None) -> None:
+        """Keep step ``step``'s norms on the device (no host synchronization); :meth:`flush` reads them."""
+        self._pending.append((step, self._group_norms(grad_scale)))
+
+    def flush(self) -> tuple[Optional[dict], list[tuple[int, dict]]]:
+        """Read the recorded steps in one copy, feed them to the spike detector in order. Returns the last
+        step's norms and the spikes ``[(step, spike), ...]``."""
+        if not self._pending:
+            return None, []
+        rows = torch.stack([n for _, n in self._pending]).tolist()
+        spikes, last = [], None
+        for (step, _), row in zip(self._pending, rows):
+            last = self._as_dict(row)
+            spike = self.observe(last)
+            if spike is not None:
+                spikes.append((step, spike))
+        self._pending.clear()
+        return last, spikes
 
     @torch.no_grad()
     def snapshot(self) -> None:

@@ -53,6 +53,17 @@ class TrainState:
     def __post_init__(self):
         if self.scaler is None:
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        # the first step whose loss was not finite (-1: none), kept on the device: no host sync per step
+        self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.nonfinite_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise :class:`TrainingError` naming the first step whose loss was not finite. One host sync;
+        called at log points and before every checkpoint (so a checkpoint never holds such a step)."""
+        step = int(self.first_nonfinite)
+        if step >= 0:
+            raise TrainingError(f"loss is {float(self.nonfinite_loss)} at step {step}; lower the learning rate, "
+                                f"set optim.clip_grad or use train.precision=fp32")
 
 
 @dataclass
@@ -79,17 +90,23 @@ Batch = Union[RawBatch, Views]
 def optimize(state: TrainState, compute_loss: Callable[[], torch.Tensor], log: bool = False) -> dict:
     """One optimizer step on the loss that ``compute_loss()`` returns (called under autocast).
 
-    Returns ``{"loss": detached scalar tensor, "lr": float}`` plus, with a monitor, ``"grad_norm"`` (per
-    layer group, every step: the spike detector needs each one), ``"spike"`` (or None) and, when ``log``,
-    ``"update_ratio"``. Raises :class:`TrainingError` on a non-finite loss, before anything is updated.
+    Returns ``{"loss": detached scalar tensor, "lr": float}`` plus, with a monitor, ``"grad_norms"`` (a
+    device tensor of per-group norms; :class:`~.monitor.GradMonitor` reads them at log points) and, when
+    ``log``, ``"update_ratio"``. Nothing here waits for the device except on ``log`` steps: a non-finite loss
+    is recorded on the device (:meth:`TrainState.raise_if_nonfinite` raises at the next log point or
+    checkpoint, naming the step).
     """
     lr = state.lr_at(state.step)
     set_lr(state.optimizer, lr)
     with autocast(state.device, state.precision):
         loss = compute_loss()
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingError(f"loss is {loss.item()} at step {state.step}; lower the learning rate, set "
-                            f"optim.clip_grad or use train.precision=fp32")
+    bad = ~torch.isfinite(loss.detach().float())
+    first = state.first_nonfinite < 0
+    state.nonfinite_loss = torch.where(bad & first, loss.detach().float(), state.nonfinite_loss)
+    state.first_nonfinite = torch.where(bad & first, torch.full_like(state.first_nonfinite, state.step),
+                                        state.first_nonfinite)
+    if log:
+        state.raise_if_nonfinite()
     scaler = state.scaler
     state.optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -97,10 +114,9 @@ def optimize(state: TrainState, compute_loss: Callable[[], torch.Tensor], log: b
     if after_backward is not None:
         after_backward(state.step)
     out = {"loss": loss.detach(), "lr": lr}
-    if state.monitor is not None:
-        norms = state.monitor.norms(scaler.get_scale() if scaler.is_enabled() else 1.0)
-        out["grad_norm"] = norms
-        out["spike"] = state.monitor.observe(norms)
+    if state.monitor is not None:  # kept on the device; read in one copy at the next log point
+        scale = scaler._get_scale_async() if scaler.is_enabled() else None  # a tensor: no sync
+        state.monitor.record(state.step + 1, scale)
     if state.clip_grad > 0 or state.patch_clip_grad > 0:
         scaler.unscale_(state.optimizer)
         clip_gradients(state.module, state.patch_params, state.patch_clip_grad, state.clip_grad)

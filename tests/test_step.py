@@ -1,0 +1,87 @@
+"""The one training step (mocov3/train/step.py): no host synchronization between log points, the
+non-finite guard, and the same step for every caller."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, tiny_cfg
+
+
+def _state(cfg, **kw):
+    from mocov3.data.augment import TwoViewAugment
+    from mocov3.methods import build_method
+    from mocov3.train.monitor import GradMonitor
+    from mocov3.train.optim import build_optimizer
+    from mocov3.train.step import TrainState
+
+    torch.manual_seed(0)
+    method = build_method(cfg)
+    return TrainState(module=method, model=method, optimizer=build_optimizer(method, cfg.optim, 1e-3),
+                      device=torch.device("cpu"), precision="fp32", lr_at=lambda s: 1e-3,
+                      momentum_at=lambda s: 0.99, augment=TwoViewAugment(cfg.data),
+                      monitor=GradMonitor(method), **kw)
+
+
+@pytest.mark.parametrize("extra", [[], ["optim.name=lamb"], ["method=swav", "method.num_prototypes=8",
+                                                             "method.freeze_prototypes_steps=1"]])
+def test_no_host_sync_in_the_step_outside_log_points(monkeypatch, extra):
+    """Every tensor -> Python conversion made by mocov3's own code (item, tolist, bool, float, int) is counted;
+    a step that is not a log step makes none (on a GPU each would stall the queue)."""
+    from mocov3.train.step import RawBatch, train_step
+
+    state = _state(tiny_cfg(*extra), clip_grad=1.0)
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
+    train_step(state, RawBatch(images, images))  # warm-up (lazy state)
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            f = sys._getframe(1)
+            if "/mocov3/" in f.f_code.co_filename.replace("\\\\", "/"):
+                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for _ in range(3):
+        train_step(state, RawBatch(images, images), log=False)
+    assert calls == [], calls
+    train_step(state, RawBatch(images, images), log=True)  # a log step may read (the guard, update ratios)
+    norms, _ = state.monitor.flush()
+    assert set(norms) >= {"block0", "projector", "total"}
+
+
+def test_a_non_finite_loss_stops_the_run_naming_its_step_and_no_checkpoint_holds_it(folder, tmp_path, capsys):
+    from mocov3.cli import main
+
+    out = tmp_path / "run"
+    code = main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"] + TINY
+                + ["base_lr=1e30", "optim.warmup_epochs=0", "train.log_every=4", "train.checkpoint_every_steps=1",
+                   "epochs=5"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is" in err and "at step" in err
+    bad_step = int(err.split("at step ")[1].split(";")[0])
+    if (out / "checkpoint.pt").exists():
+        assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] <= bad_step
+        from mocov3.train.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(out / "checkpoint.pt")
+        assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_deferred_guard_names_the_first_bad_step():
+    from mocov3.runtime import TrainingError
+    from mocov3.train.step import optimize
+
+    state = _state(tiny_cfg())
+    losses = iter([1.0, float("nan"), float("inf"), 2.0])
+    p = next(state.module.parameters())
+    for _ in range(4):
+        v = next(losses)
+        optimize(state, lambda: (p.sum() * 0 + v))
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        state.raise_if_nonfinite()
