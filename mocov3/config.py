@@ -62,6 +62,8 @@ class ModelConfig:
     patch_norm: Literal["none", "bn", "wn"] = _f(
         "none", "BatchNorm (bn) or WeightNorm (wn) on the patch projection, variants of §2 (did not help there)")
     cifar_stem: bool = _f(False, "ResNet: 3x3 stride-1 first conv and no max-pool, for 32-pixel images")
+    grad_checkpointing: bool = _f(False, "recompute each ViT block in the backward pass (activation checkpointing): "
+                                         "less memory for ViT-L/H at large per-GPU batches, ~30% more compute")
     stem: Literal["patch", "conv"] = _f(
         "patch", "patch = one strided conv; conv = conv stem of §2 (train it: freeze_patch_embed=false; "
                  "the paper also removes one block)")
@@ -147,6 +149,11 @@ class TrainConfig:
     spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs the tensorboard package)")
     threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
+    compile: Literal["auto", "true", "false"] = _f(
+        "auto", "torch.compile the training forward (backbones, heads, loss): auto = on CUDA, off on CPU "
+                "(a cold CPU compile takes tens of seconds)")
+    peak_tflops: float = _f(0.0, "the device's peak bf16 TFLOPS for the mfu on log lines; 0 = from the table of "
+                                 "known GPUs (A100, H100, H200), none on CPU")
 
 
 @dataclass
@@ -384,7 +391,7 @@ RANGES: dict[str, tuple] = {
     "train.epochs": (1, None, True, None), "train.batch_size": (1, None, True, None),
     "train.log_every": (1, None, True, None), "train.checkpoint_every_steps": (0, None, True, None),
     "train.max_steps": (0, None, True, None), "train.spike_factor": (1, None, False, None),
-    "train.threads": (0, None, True, None),
+    "train.threads": (0, None, True, None), "train.peak_tflops": (0, None, True, None),
     "eval.knn_every": (0, None, True, None), "eval.knn_k": (1, None, True, None),
     "eval.knn_temperature": (0, None, False, None), "eval.knn_bank_size": (0, None, True, None),
     "eval.knn_every_steps": (0, None, True, None), "eval.knn_fine_bank": (1, None, True, None),
@@ -475,6 +482,9 @@ def validate(cfg: Config) -> None:
         if cfg.model.stem == "conv" and cfg.model.freeze_patch_embed:
             raise ConfigError("model.stem=conv is the alternative to the frozen patch projection and is trained: "
                               "add model.freeze_patch_embed=false")
+        if cfg.model.grad_checkpointing and cfg.model.mlp_norm == "bn":
+            raise ConfigError("model.grad_checkpointing recomputes blocks, which would update ViT-BN's running "
+                              "statistics twice: use it with model.mlp_norm=ln")
         if cfg.model.stem == "conv" and cfg.model.patch_norm != "none":
             raise ConfigError("model.patch_norm applies to the patch projection, not to model.stem=conv")
         if o.patch_clip_grad > 0 and cfg.model.freeze_patch_embed:

@@ -24,6 +24,7 @@ from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, St
                       resolve_device, resolve_precision, storage_error)
 from .train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, remove_stale_tmp, rng_state,
                                save_checkpoint, set_rng_state)
+from .train.flops import peak_flops, step_flops_per_image
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
@@ -90,7 +91,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
             knn.initial_point()
         hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps,
                                   extra=lambda: {"unreadable_images": data.batches.unreadable}
-                                  if data.batches.unreadable else {}, state=state),
+                                  if data.batches.unreadable else {}, state=state, mfu=build_mfu(cfg, rt, state)),
                  CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path))]
         stopped = fit(state, data.batches, plan, hooks)
     return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
@@ -187,14 +188,33 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
              peak_lr, steps_per_epoch, total, warmup, n_train, rt.world, rt.device, rt.precision)
     patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
         if cfg.optim.patch_clip_grad > 0 else []
+    model = du.wrap_ddp(method, rt.device)
+    if use_compile(cfg, rt.device):
+        # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
+        model = torch.compile(model)
     return TrainState(
-        module=method, model=du.wrap_ddp(method, rt.device), optimizer=build_optimizer(method, cfg.optim, peak_lr),
+        module=method, model=model, optimizer=build_optimizer(method, cfg.optim, peak_lr),
         device=rt.device, precision=rt.precision,
         lr_at=lambda s: lr_at(s, total, warmup, peak_lr),
         momentum_at=lambda s: momentum_at(s, total, cfg.method.momentum, cfg.method.momentum_schedule),
         augment=TwoViewAugment(cfg.data), seed=cfg.train.seed, rank=rt.rank, clip_grad=cfg.optim.clip_grad,
         patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
         monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
+
+
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
+
+
+def build_mfu(cfg: Config, rt: Runtime, state: TrainState):
+    """images/s -> model FLOPs utilization of one device (None when the peak is unknown, e.g. on CPU)."""
+    peak = peak_flops(rt.device, cfg.train.peak_tflops)
+    per_image = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
+    log.info("%.3g GFLOPs per image per step%s", per_image / 1e9,
+             f"; peak {peak / 1e12:.0f} TFLOPS per device" if peak else "")
+    if not peak:
+        return None
+    return lambda images_per_sec: per_image * images_per_sec / rt.world / peak
 
 
 def build_progress(cfg: Config, step: int, steps_per_epoch: int) -> Progress:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..distributed import batch_norm_1d, batch_norm_2d
 from ..runtime import ConfigError
@@ -173,6 +174,7 @@ class ViTSpec:
     patch_norm: str = "none"
     stem: str = "patch"
     sincos_layout: str = "row_first"
+    grad_checkpointing: bool = False
 
 
 class VisionTransformer(nn.Module):
@@ -263,7 +265,10 @@ class VisionTransformer(nn.Module):
         if self.pos_embed is not None:
             x = x + self._pos_embed_for(H // p, W // p).to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            if self.spec.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)  # recomputed in backward (RNG state preserved)
+            else:
+                x = blk(x)
         return self.norm(x)
 
     def _pos_embed_for(self, gh: int, gw: int) -> torch.Tensor:
@@ -312,6 +317,7 @@ def vit_spec_from_config(model_cfg, image_size: int) -> ViTSpec:
         patch_norm=model_cfg.patch_norm,
         stem=model_cfg.stem,
         sincos_layout=model_cfg.sincos_layout,
+        grad_checkpointing=model_cfg.grad_checkpointing,
     )
 
 

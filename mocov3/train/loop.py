@@ -68,8 +68,9 @@ class MetricsHook(Hook):
     and a ``spike`` line whenever the gradient monitor flags one; an optional progress bar."""
 
     def __init__(self, metrics: MetricsWriter, batch_size: int, progress_bar: bool, initial_step: int,
-                 max_steps: int, extra: Optional[Callable[[], dict]] = None, state: Optional[TrainState] = None):
-        self.metrics, self.batch_size, self.extra, self.state = metrics, batch_size, extra, state
+                 max_steps: int, extra: Optional[Callable[[], dict]] = None, state: Optional[TrainState] = None,
+                 mfu: Optional[Callable[[float], float]] = None):
+        self.metrics, self.batch_size, self.extra, self.state, self.mfu = metrics, batch_size, extra, state, mfu
         self.bar = None
         if progress_bar and du.is_main():
             from tqdm.auto import tqdm
@@ -97,6 +98,8 @@ class MetricsHook(Hook):
         ips = self.n_since * self.batch_size / max(dt, 1e-9)
         rec = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": out["lr"], "momentum": out.get("momentum"),
                "images_per_sec": ips}
+        if self.mfu is not None:
+            rec["mfu"] = self.mfu(ips)
         if norms is not None:
             rec["grad_norm"] = norms
             rec["update_ratio"] = out.get("update_ratio", {})
