@@ -1,9 +1,13 @@
-"""Throughput (img/s) and peak memory of one MoCo v3 training step.
+"""Throughput (img/s), MFU and peak memory of one MoCo v3 training step, eager or compiled, and of the
+augmentation alone.
 
-Each (model, precision) case runs in its own subprocess so the peak resident memory (CPU) or the
-peak allocated memory (CUDA) belongs to that case alone. Writes bench/results/step_throughput_<dev>.json.
+Each case runs in its own subprocess so the peak resident memory (CPU) or the peak allocated memory
+(CUDA) belongs to that case alone. Writes bench/results/step_throughput_<dev>.json.
 
-Usage: python bench/step_throughput.py [--device cpu|cuda] [--steps 3] [--cases quickstart,vit_small_224]
+Usage: python bench/step_throughput.py [--device cpu|cuda] [--steps 3]
+       --pairs quickstart:fp32,quickstart:fp32:compiled,vit_small_224:bf16:compiled,aug_224:bf16:aug
+A pair is case:precision[:eager|compiled|aug]; ``aug`` times the two-view augmentation alone
+(uint8 images of the case's source size -> two normalized views).
 """
 from __future__ import annotations
 
@@ -21,14 +25,20 @@ from _env import machine_info  # noqa: E402
 CASES = {
     # the CPU quick-start recipe's model and heads, at its batch size
     "quickstart": {"config": "configs/quickstart_cpu.yaml", "batch": 256, "overrides": []},
-    # ViT-S/16 at 224 px with the paper's 4096-wide heads
-    "vit_small_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 32, "overrides": []},
+    # ViT-S/16 at 224 px with the paper's 4096-wide heads (GPU batch 256, CPU 32)
+    "vit_small_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 32, "gpu_batch": 256, "overrides": []},
+    "vit_base_224": {"config": "configs/imagenet_vit_base.yaml", "batch": 16, "gpu_batch": 128, "overrides": []},
     # ResNet-50 at 224 px with the MoCo v3 ResNet heads (LARS)
-    "resnet50_224": {"config": "configs/imagenet_resnet50.yaml", "batch": 32, "overrides": []},
+    "resnet50_224": {"config": "configs/imagenet_resnet50.yaml", "batch": 32, "gpu_batch": 256, "overrides": []},
+    # the CIFAR-10 GPU recipe: ViT-S with 4-pixel patches on 32 px
+    "cifar_vits4": {"config": "configs/cifar10_vit_small_gpu.yaml", "batch": 64, "gpu_batch": 512, "overrides": []},
+    # augmentation alone: 256-pixel sources -> two 224-pixel views
+    "aug_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 64, "gpu_batch": 256, "overrides": [],
+                "source": 256},
 }
 
 
-def run_case(name: str, precision: str, device: str, steps: int, batch: int | None) -> dict:
+def run_case(name: str, precision: str, device: str, steps: int, batch: int | None, mode: str = "eager") -> dict:
     import torch
 
     from mocov3.config import load_config
@@ -38,23 +48,36 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     from mocov3.train.step import RawBatch, TrainState, train_step
 
     case = CASES[name]
-    bs = batch or case["batch"]
-    cfg = load_config(case["config"], case["overrides"] + [f"batch_size={bs}"])
     dev = torch.device(device)
+    bs = batch or (case.get("gpu_batch", case["batch"]) if dev.type == "cuda" else case["batch"])
+    cfg = load_config(case["config"], case["overrides"] + [f"batch_size={bs}"])
     torch.manual_seed(0)
     method = build_method(cfg).to(dev).train()
+    if dev.type == "cuda" and cfg.model.name.startswith("resnet"):
+        method = method.to(memory_format=torch.channels_last)
     opt = build_optimizer(method, cfg.optim, 1e-4)
     aug = TwoViewAugment(cfg.data)
     size = cfg.data.image_size
-    images = torch.randint(0, 256, (bs, 3, size, size), dtype=torch.uint8, device=dev)
+    src = case.get("source", size)
+    images = torch.randint(0, 256, (bs, 3, src, src), dtype=torch.uint8, device=dev)
     # the training loop's own step (augmentation, EMA, autocast, loss, guard, scaler, optimizer)
-    state = TrainState(module=method, model=method, optimizer=opt, device=dev, precision=precision,
+    model = torch.compile(method) if mode == "compiled" else method
+    state = TrainState(module=method, model=model, optimizer=opt, device=dev, precision=precision,
                        lr_at=lambda s: 1e-4, momentum_at=lambda s: 0.99, augment=aug)
+    g = torch.Generator(device=dev).manual_seed(0)
 
     def step():
+        if mode == "aug":
+            with torch.no_grad():
+                return aug(images, g)
         return train_step(state, RawBatch(images, images, True))["loss"]
 
-    step()  # warm-up
+    t_warm = time.perf_counter()
+    for _ in range(3 if mode == "compiled" else 1):
+        step()  # warm-up (compilation)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t_warm
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -64,10 +87,17 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
-    res = {"case": name, "precision": precision, "batch_size": bs, "image_size": size,
+    from mocov3.train.flops import peak_flops, step_flops_per_image
+
+    res = {"case": name, "precision": precision, "mode": mode, "warmup_seconds": warmup_s, "batch_size": bs,
+           "image_size": size,
            "model": cfg.model.name, "patch_size": cfg.model.patch_size, "embed_dim": method.backbone.embed_dim,
            "depth": len(getattr(method.backbone, "blocks", [])), "head_hidden": cfg.method.proj_hidden_dim,
            "seconds_per_step": dt, "images_per_sec": bs / dt, "timed_steps": steps}
+    peak = peak_flops(dev)
+    if peak and mode != "aug":
+        res["gflops_per_image"] = step_flops_per_image(method, size) / 1e9
+        res["mfu"] = res["gflops_per_image"] * 1e9 * res["images_per_sec"] / peak
     if dev.type == "cuda":
         res["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -87,18 +117,20 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.one:
-        name, prec = args.one.split(":")
-        print(json.dumps(run_case(name, prec, args.device, args.steps, args.batch)))
+        name, prec, mode = (args.one.split(":") + ["eager"])[:3]
+        print(json.dumps(run_case(name, prec, args.device, args.steps, args.batch, mode)))
         return
     results = []
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(n, p) for n in args.cases.split(",") for p in args.precisions.split(",")])
-    for name, prec in pairs:
+    for pair in pairs:
+        name, prec = pair[0], pair[1]
         cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--one",
-               f"{name}:{prec}"] + (["--batch", str(args.batch)] if args.batch else [])
+               ":".join(pair)] + (["--batch", str(args.batch)] if args.batch else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            results.append({"case": name, "precision": prec, "error": out.stderr.strip().splitlines()[-1]})
+            results.append({"case": name, "precision": prec, "mode": (list(pair) + ["eager"])[2],
+                            "error": (out.stderr.strip().splitlines() or ["failed"])[-1]})
         else:
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
