@@ -95,8 +95,8 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def _rgb_to_hsv(x: torch.Tensor):
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc = torch.maximum(torch.maximum(r, g), b)  # elementwise: much faster than a reduction with indices
+    minc = torch.minimum(torch.minimum(r, g), b)
     delta = maxc - minc
     s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
@@ -107,16 +107,12 @@ def _rgb_to_hsv(x: torch.Tensor):
 
 
 def _hsv_to_rgb(h, s, v) -> torch.Tensor:
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p = v * (1 - s)
-    q = v * (1 - s * f)
-    t = v * (1 - s * (1 - f))
-    r = torch.stack([v, q, p, p, t, v], 1).gather(1, i[:, None])[:, 0]
-    g = torch.stack([t, v, v, q, p, p], 1).gather(1, i[:, None])[:, 0]
-    b = torch.stack([p, p, t, v, v, q], 1).gather(1, i[:, None])[:, 0]
-    return torch.stack([r, g, b], 1)
+    """HSV -> RGB without gathers: channel n in (R, G, B) = (5, 3, 1) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6 h) mod 6`` (the closed form of the sector table)."""
+    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    k = (n + h[:, None] * 6.0) % 6.0
+    v, s = v[:, None], s[:, None]
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -160,17 +156,17 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Genera
     fs = _rand(B, g, dev, max(0.0, 1 - s), 1 + s)[:, None, None, None]
     fh = _rand(B, g, dev, -hue, hue)
     order = torch.argsort(torch.rand(B, 4, generator=g, device=dev), dim=1)  # [B, 4] random permutations
-    ops = (lambda y: adjust_brightness(y, fb), lambda y: adjust_contrast(y, fc),
-           lambda y: adjust_saturation(y, fs), lambda y: adjust_hue(y, fh))
     out = x
     for slot in range(4):
-        op = order[:, slot]
-        y = out
-        for k, fn in enumerate(ops):
-            if k == 3 and hue <= 0:
-                continue
-            m = (op == k) & apply  # no `if m.any()`: a data-dependent branch would stall a GPU queue
-            y = torch.where(m[:, None, None, None], fn(out), y)
+        op = order[:, slot][:, None, None, None]
+        # brightness, contrast and saturation are one blend f x + (1 - f) base, base = 0 / mean luma / luma
+        gray = grayscale(out)
+        f = torch.where(op == 0, fb, torch.where(op == 1, fc, fs))
+        base = torch.where(op == 0, torch.zeros_like(gray),
+                           torch.where(op == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+        y = torch.where((op < 3) & apply[:, None, None, None], (f * out + (1 - f) * base).clamp(0, 1), out)
+        if hue > 0:  # no `if mask.any()`: a data-dependent branch would stall a GPU queue
+            y = torch.where((op == 3) & apply[:, None, None, None], adjust_hue(out, fh), y)
         out = y
     return out
 
