@@ -23,6 +23,7 @@ import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.
 PY
 stamp "env done"
 
+if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
 # 1. CUDA-only tests (SyncBatchNorm kernels, a bf16 step) and interop (timm, torchvision exist only there)
 timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_export.py tests/test_methods.py \
   -k "gpu or cuda or timm or torchvision" > "$OUT/pytest_gpu.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
@@ -33,25 +34,31 @@ timeout 260 python bench/step_throughput.py --device cuda --steps 15 \
   --pairs vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled,aug_224:bf16:aug,cifar_vits4:bf16:compiled \
   --out "$OUT/step_throughput_gpu.json" > "$OUT/throughput.txt" 2>&1
 stamp "throughput done"
+fi
 
 # 3. the CIFAR-10 GPU recipe end to end for ~3 minutes (SIGTERM saves a checkpoint), then its kNN
 TAR="${CIFAR_TAR:-data/cifar10-jpeg.tar.gz}"
+CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10_vit_small_gpu.yaml}"
+CIFAR_SECONDS="${CIFAR_SECONDS:-180}"
+SKIP_GPU_SECTIONS="${SKIP_GPU_SECTIONS:-0}"  # 1: only section 3 (a dry run of it on a CPU machine)
 if [ -f "$TAR" ]; then
   mkdir -p /tmp/mocov3-data && tar xzf "$TAR" -C /tmp/mocov3-data
   D=/tmp/mocov3-data/cifar10-jpeg
-  timeout -s TERM 180 python -m mocov3 pretrain --config configs/cifar10_vit_small_gpu.yaml --data "$D/train" \
-    --eval-data "$D/test" --output-dir /tmp/mocov3-cifar --no-progress eval.knn_every=5 > "$OUT/cifar_pretrain.txt" 2>&1
+  rm -rf /tmp/mocov3-cifar
+  timeout -s TERM "$CIFAR_SECONDS" python -m mocov3 pretrain --config "$CIFAR_CONFIG" --data "$D/train" \
+    --eval-data "$D/test" --output-dir /tmp/mocov3-cifar --no-progress eval.knn_every=5 ${CIFAR_OVERRIDES:-} \
+    > "$OUT/cifar_pretrain.txt" 2>&1
   echo "pretrain rc=$?" >> "$OUT/cifar_pretrain.txt"
   cp /tmp/mocov3-cifar/metrics.jsonl "$OUT/cifar_metrics.jsonl" 2>/dev/null
   timeout 60 python -m mocov3 knn --checkpoint /tmp/mocov3-cifar/checkpoint.pt --train-data "$D/train" \
-    --test-data "$D/test" > "$OUT/cifar_knn.txt" 2>&1
-  python - "$OUT" <<'PY'
+    --test-data "$D/test" ${CIFAR_OVERRIDES:-} > "$OUT/cifar_knn.txt" 2>&1
+  python - "$OUT" "$CIFAR_CONFIG" "$CIFAR_SECONDS" <<'PY'
 import json, sys
 out = sys.argv[1]
 lines = [json.loads(l) for l in open(f"{out}/cifar_metrics.jsonl")]
 train = [l for l in lines if "loss" in l]
 knn = json.loads(open(f"{out}/cifar_knn.txt").read().strip().splitlines()[-1])
-json.dump({"what": "configs/cifar10_vit_small_gpu.yaml on CIFAR-10 JPEG folders, stopped by SIGTERM after 180 s "
+json.dump({"what": f"{sys.argv[2]} on CIFAR-10 JPEG folders, stopped by SIGTERM after {sys.argv[3]} s "
            "of wall time (start-up and kNN points included), then kNN k=20 on the full train bank / test set",
            "steps": train[-1]["step"], "epochs": train[-1]["epoch"], "knn_top1": knn["top1"],
            "knn_init_top1": next((l["knn_init_top1"] for l in lines if "knn_init_top1" in l), None),
