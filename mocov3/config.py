@@ -238,7 +238,7 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads yes / no / on / off as booleans
-            for true, false in (("yes", "no"), ("on", "off")):
+            for true, false in (("yes", "no"), ("on", "off"), ("true", "false")):
                 if (true if value else false) in choices:
                     value = true if value else false
                     break

@@ -171,3 +171,5 @@ def test_model_names_match_the_presets():
 def test_yaml_booleans_read_as_choice_words():
     assert load_config(None, ["eval.knn_init=off"]).eval.knn_init == "off"
     assert load_config(None, ["data.in_memory=no"]).data.in_memory == "no"
+    assert load_config(None, ["train.compile=true"]).train.compile == "true"
+    assert load_config(None, ["train.compile=false"]).train.compile == "false"

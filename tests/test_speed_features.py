@@ -133,3 +133,21 @@ def test_compiled_step_equals_eager_and_does_not_recompile():
     for k in se:
         if se[k].is_floating_point():
             assert torch.allclose(se[k], sc[k], atol=1e-4, rtol=1e-3), k
+
+
+@pytest.mark.slow
+def test_compiled_run_resumes_evaluates_and_exports(folder, tmp_path):
+    """train.compile=true end to end: checkpoints hold the plain module's names (no _orig_mod.), the kNN
+    monitor and export work, and a resumed compiled run continues the uncompiled one's checkpoint."""
+    from mocov3.cli import main
+
+    out = tmp_path / "run"
+    common = ["pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+              "--no-progress"] + TINY
+    assert main(common + ["train.max_steps=2", "train.compile=false"]) == 0
+    assert main(common + ["train.max_steps=5", "train.compile=true"]) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 5 and not any("_orig_mod" in k for k in ck["model"])
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "knn_top1" in l] == [4]
+    assert main(["export", "--checkpoint", str(out / "checkpoint.pt"), "--output", str(tmp_path / "e")]) == 0
