@@ -85,3 +85,17 @@ def test_deferred_guard_names_the_first_bad_step():
         optimize(state, lambda: (p.sum() * 0 + v))
     with pytest.raises(TrainingError, match="loss is nan at step 1"):
         state.raise_if_nonfinite()
+
+
+def test_fine_tuning_stops_on_a_non_finite_loss(folder, tmp_path, capsys):
+    from mocov3.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"]) == 0
+    capsys.readouterr()
+    assert main(["finetune", "--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data",
+                 str(folder), "--output-dir", str(tmp_path / "ft"), "finetune.epochs=2", "finetune.batch_size=16",
+                 "finetune.base_lr=1e30", "finetune.warmup_epochs=0"]) == 2
+    assert "loss is" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "ft" / "checkpoint.pt").exists()

@@ -236,10 +236,12 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
                 x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
             x = (x - m) / s
             x, target = mix_batch(x, y, len(train.classes), ft.mixup, ft.cutmix, ft.label_smoothing, state.step, g)
-            out = optimize(state, lambda: soft_cross_entropy(state.model(x), target))
-            if state.step % cfg.train.log_every == 0:
+            log_step = (state.step + 1) % cfg.train.log_every == 0
+            out = optimize(state, lambda: soft_cross_entropy(state.model(x), target), log=log_step)
+            if log_step:
                 metrics.write({"step": state.step, "epoch": state.step / steps_per_epoch,
                                "loss": du.all_reduce_mean(out["loss"]).item(), "lr": out["lr"]})
+        state.raise_if_nonfinite()  # before this epoch's evaluation and checkpoint
         ep = state.step // steps_per_epoch
         if ep % ft.eval_every == 0 or state.step == total:
             if main:

@@ -65,6 +65,7 @@ def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_class
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
             optimize(state, lambda: F.cross_entropy(probe(feats[idx]), labels[idx]))
+        state.raise_if_nonfinite()
     return probe.eval()
 
 
@@ -134,6 +135,7 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
             with torch.no_grad(), autocast(device, precision):
                 feats = backbone(x).float()
             optimize(state, lambda: F.cross_entropy(state.model(feats), y))
+        state.raise_if_nonfinite()
     res = {}
     if du.is_main():
         ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)
