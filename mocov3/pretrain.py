@@ -22,8 +22,8 @@ from .eval.knn import knn_evaluate
 from .methods import build_method
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
-from .train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, remove_stale_tmp, rng_state,
-                               save_checkpoint, set_rng_state)
+from .train.checkpoint import (COMPUTE_ONLY, check_same_model, load_checkpoint, load_state_strict, normalized_config,
+                               remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from .train.flops import peak_flops, step_flops_per_image
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
@@ -254,7 +254,7 @@ def run_differences(old: dict, new: dict) -> list[str]:
     out = []
     for sec, keys in RUN_KEYS.items():
         for k in (keys or sorted(set(old.get(sec, {})) | set(new.get(sec, {})))):
-            if old.get(sec, {}).get(k) != new.get(sec, {}).get(k):
+            if (sec, k) not in COMPUTE_ONLY and old.get(sec, {}).get(k) != new.get(sec, {}).get(k):
                 out.append(f"{sec}.{k}")
     return out
 
@@ -267,9 +267,9 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
         raise ConfigError(f"--allow-changed {', '.join(bad)}: not a change a run can resume through "
                           f"(allowed: {', '.join(SOUND_CHANGES)})")
     ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True)
-    now = to_dict(cfg)
-    check_same_model(ckpt["config"], now, run.checkpoint)
-    diffs = {k: (_get(ckpt["config"], k), _get(now, k)) for k in run_differences(ckpt["config"], now)}
+    now, old = to_dict(cfg), normalized_config(ckpt["config"], run.checkpoint)
+    check_same_model(old, now, run.checkpoint)
+    diffs = {k: (_get(old, k), _get(now, k)) for k in run_differences(old, now)}
     ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path)
     if ident and (ident.get("count"), ident.get("fingerprint")) != (cur["count"], cur["fingerprint"]):
         diffs["data"] = (f"{ident.get('path')} ({ident.get('count')} images)", f"{cur['path']} ({cur['count']} images)")

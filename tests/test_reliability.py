@@ -575,3 +575,24 @@ def test_real_disk_full_keeps_the_previous_checkpoint(folder, small_fs, capsys):
     filler.unlink()
     assert _pretrain(folder, out, "train.max_steps=2") == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
+def test_a_checkpoint_of_the_previous_version_resumes(folder, tmp_path, capsys):
+    """Checkpoints written before keys existed (data paths, sin-cos layout, compute options) resume; a
+    compute-only option (activation checkpointing) may change on resume."""
+    out = tmp_path / "run"
+    assert _pretrain(folder, out, "train.max_steps=2") == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    for sec, key in (("model", "sincos_layout"), ("model", "grad_checkpointing"), ("data", "path"),
+                     ("data", "eval_path"), ("train", "compile"), ("eval", "knn_init")):
+        ck["config"][sec].pop(key)
+    for key in ("checksum", "data_identity"):
+        ck.pop(key)
+    ck["format_version"] = 1
+    torch.save(ck, out / "checkpoint.pt")
+    assert _pretrain(folder, out, "train.max_steps=3") == 0  # the run's own config, with the old layout kept
+    new = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert new["step"] == 3 and new["config"]["model"]["sincos_layout"] == "col_first"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress",
+                 "train.max_steps=4", "model.grad_checkpointing=true"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4

@@ -23,8 +23,8 @@ from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
 from ..runtime import CheckpointError, ConfigError, MetricsWriter, Stream, autocast, seed_for
-from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, remove_stale_tmp, rng_state,
-                                save_checkpoint, set_rng_state)
+from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, normalized_config,
+                                remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
@@ -145,10 +145,10 @@ def check_finetune_resume(ck: dict, cfg: Config, source: dict, allow_changed, pa
     if bad:
         raise ConfigError(f"--allow-changed {', '.join(bad)}: a fine-tuning run can only go on through "
                           f"{', '.join(FINETUNE_SOUND_CHANGES)}")
-    now = to_dict(cfg)
-    check_same_model(ck["config"], now, path)
-    diffs = {f"finetune.{k}": (ck["config"].get("finetune", {}).get(k), now["finetune"][k]) for k in FINETUNE_KEYS
-             if ck["config"].get("finetune", {}).get(k) != now["finetune"][k]}
+    now, old_cfg = to_dict(cfg), normalized_config(ck["config"], path)
+    check_same_model(old_cfg, now, path)
+    diffs = {f"finetune.{k}": (old_cfg["finetune"][k], now["finetune"][k]) for k in FINETUNE_KEYS
+             if old_cfg["finetune"][k] != now["finetune"][k]}
     old = ck.get("source")
     if old is not None and old != source:
         diffs["source"] = (old, source)

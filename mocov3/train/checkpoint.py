@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from ..config import load_config
+from ..config import load_config, to_dict
 from ..models.factory import backbone_spec
 from ..models.resnet import ResNetSpec
 from ..models.vit import ViTSpec
-from ..runtime import CheckpointError, first_line, storage_error
+from ..runtime import CheckpointError, MocoError, first_line, storage_error
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
            "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config", "payload_checksum",
-           "remove_stale_tmp"]
+           "remove_stale_tmp", "normalized_config"]
 
 FORMAT_VERSION = 2  # 2: with a checksum of the payload
 
@@ -137,11 +137,25 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False) ->
     return ckpt
 
 
+#: Model keys that change how the network is computed, not what it is: free to differ on resume.
+COMPUTE_ONLY = {("model", "grad_checkpointing")}
+
+
+def normalized_config(ckpt_cfg: dict, path: Path) -> dict:
+    """A checkpoint's config with today's defaults filled in for keys it predates (and the legacy sin-cos
+    layout of mocov3 0.1), so that it compares like for like with a current config."""
+    try:
+        return to_dict(load_config(None, [], base=ckpt_cfg))
+    except MocoError as e:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot read ({e})") from None
+
+
 def check_same_model(ckpt_cfg: dict, cfg: dict, path: Path) -> None:
     """Refuse to resume a run whose architecture differs from the checkpoint's."""
+    ckpt_cfg = normalized_config(ckpt_cfg, path)
     keys = [("model", k) for k in cfg["model"]] + [("method", k) for k in cfg["method"]] + [("data", "image_size")]
     diffs = [f"{s}.{k}: checkpoint {ckpt_cfg[s].get(k)!r}, now {cfg[s].get(k)!r}"
-             for s, k in keys if ckpt_cfg.get(s, {}).get(k) != cfg[s].get(k)]
+             for s, k in keys if (s, k) not in COMPUTE_ONLY and ckpt_cfg.get(s, {}).get(k) != cfg[s].get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is from another model ({'; '.join(diffs[:3])})")
 
