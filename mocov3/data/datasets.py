@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
+import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
-from .augment import eval_transform, sample_crop_boxes
+from .augment import eval_transform, sample_crop_box
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 
@@ -223,13 +225,39 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
     return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths, fingerprint=fp)
 
 
-def _first_readable(data: ImageData, idx: int) -> tuple[int, Image.Image, int]:
-    """The image at ``idx`` or, if it cannot be read, the next readable one: (index, RGB image, skipped)."""
+def decode_crops(path: str, size: int, scale, ratio, rng: random.Random, n: int = 1) -> list[torch.Tensor]:
+    """``n`` RandomResizedCrops of one image file, uint8 [3, size, size] each, from a single decode.
+
+    The boxes are drawn in the original image's coordinates (the paper's crop distribution); the JPEG is
+    then decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps every box at least ``size`` pixels
+    on its shorter side, so no crop loses resolution, and each box is cropped before it is resized."""
+    with Image.open(path) as im:
+        W, H = im.size
+        boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
+        shortest = min(min(h, w) for _, _, h, w in boxes)
+        k = 1
+        while k < 8 and shortest / (2 * k) >= size:
+            k *= 2
+        if k > 1 and im.format == "JPEG":
+            im.draft("RGB", (math.ceil(W / k), math.ceil(H / k)))
+        im = im.convert("RGB")
+    sx, sy = im.size[0] / W, im.size[1] / H  # the scale draft actually chose (1 when it did nothing)
+    out = []
+    for top, left, h, w in boxes:
+        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+        crop = im.resize((size, size), Image.BILINEAR, box=box)
+        out.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+    return out
+
+
+def _first_readable(data: ImageData, idx: int, decode=load_rgb) -> tuple:
+    """``decode`` of the file at ``idx`` or, if it cannot be read, of the next readable one:
+    (index, decoded, number skipped)."""
     n = len(data)
     for attempt in range(n):
         j = (idx + attempt) % n
         try:
-            return j, load_rgb(data.paths[j]), attempt
+            return j, decode(data.paths[j]), attempt
         except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
             log.warning("skipping unreadable image %s (%s)", data.paths[j], type(e).__name__)
     raise DataError("no readable image left in the dataset")
@@ -248,19 +276,15 @@ class StreamingTrainSet(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _crop(self, im: Image.Image, g: torch.Generator) -> torch.Tensor:
-        W, H = im.size
-        top, left, h, w = sample_crop_boxes(1, H, W, self.cfg.crop_scale, self.cfg.crop_ratio, g)[0].tolist()
-        s = self.cfg.image_size
-        out = im.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h))
-        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1)
-
     def __getitem__(self, idx: int):
-        """-> (crop 1, crop 2, number of unreadable files skipped to get here). An unreadable file is
-        replaced by the next readable one (logged by the worker, counted by :class:`TrainBatches`)."""
-        j, im, skipped = _first_readable(self.data, idx)
-        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx))
-        return self._crop(im, g), self._crop(im, g), skipped
+        """-> (crop 1, crop 2, number of unreadable files skipped to get here): both crops from one decode
+        (:func:`decode_crops`). An unreadable file is replaced by the next readable one (logged by the
+        worker, counted by :class:`TrainBatches`)."""
+        rng = random.Random(seed_for(self.seed, self.epoch, idx))
+        c = self.cfg
+        j, (a, b), skipped = _first_readable(
+            self.data, idx, lambda path: decode_crops(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
+        return a, b, skipped
 
 
 class StreamingEvalSet(torch.utils.data.Dataset):
@@ -372,12 +396,11 @@ class StreamingCropSet(torch.utils.data.Dataset):
         self.epoch = epoch
 
     def __getitem__(self, idx: int):
-        j, im, skipped = _first_readable(self.data, idx)  # an unreadable file: the next one, with its label
-        g = torch.Generator().manual_seed(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
-        W, H = im.size
-        top, left, h, w = sample_crop_boxes(1, H, W, self.scale, self.ratio, g)[0].tolist()
-        out = im.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-        return torch.from_numpy(np.asarray(out).copy()).permute(2, 0, 1), int(self.data.labels[j]), skipped
+        rng = random.Random(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
+        # an unreadable file: the next one, with its label
+        j, (crop,), skipped = _first_readable(
+            self.data, idx, lambda path: decode_crops(path, self.size, self.scale, self.ratio, rng))
+        return crop, int(self.data.labels[j]), skipped
 
 
 class LabelledBatches(_GlobalBatches):

@@ -1,0 +1,119 @@
+"""Images per second of the streaming input path (decode + two RandomResizedCrops to 224 px), per worker
+and in total with DataLoader workers.
+
+Makes N synthetic ImageNet-size JPEGs (500 x 375, quality 90, smooth content with noise, ~70-110 KB) or
+uses a folder given with --folder. Compares the previous path (full decode, tensor box sampling, resize
+with box; re-created here) with the current one (`mocov3.data.datasets.decode_crops`: one decode,
+Python box sampling, DCT-scaled decode where both crops allow). Writes bench/results/data_throughput_cpu.json.
+
+Usage: python bench/data_throughput.py [--n 300] [--workers 2] [--folder DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _env import machine_info  # noqa: E402
+
+
+def make_jpegs(root: Path, n: int) -> list[str]:
+    from PIL import Image, ImageFilter
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        y, x = np.mgrid[0:375, 0:500]
+        base = np.stack([x / 500 * 255 * rng.uniform(0.3, 1), y / 375 * 255 * rng.uniform(0.3, 1),
+                         np.full_like(x, rng.uniform(0, 255), dtype=float)], -1)
+        noise = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+        img = np.clip(base * 0.6 + np.asarray(noise) * 0.4, 0, 255).astype(np.uint8)
+        p = root / f"{i:05d}.jpg"
+        Image.fromarray(img).save(p, quality=90)
+        paths.append(str(p))
+    return paths
+
+
+def legacy_two_views(path: str, g, size: int = 224):
+    """The path before: full decode, one box per view from the tensor sampler, resize with box."""
+    import torch
+    from PIL import Image
+
+    from mocov3.data.augment import sample_crop_boxes
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    W, H = im.size
+    out = []
+    for _ in range(2):
+        top, left, h, w = sample_crop_boxes(1, H, W, (0.08, 1.0), (3 / 4, 4 / 3), g)[0].tolist()
+        crop = im.resize((size, size), Image.BILINEAR, box=(left, top, left + w, top + h))
+        out.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+    return out
+
+
+def per_worker(fn, paths, repeat: int = 2) -> float:
+    fn(paths[0])  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeat):
+        for p in paths:
+            fn(p)
+    return repeat * len(paths) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--folder", default=None)
+    ap.add_argument("--out", default="bench/results/data_throughput_cpu.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from mocov3.config import load_config
+    from mocov3.data.datasets import ImageData, StreamingTrainSet, decode_crops
+
+    tmp = None
+    if args.folder:
+        paths = sorted(str(p) for p in Path(args.folder).rglob("*.jp*g"))[: args.n]
+    else:
+        tmp = tempfile.TemporaryDirectory()
+        paths = make_jpegs(Path(tmp.name), args.n)
+    sizes = [Path(p).stat().st_size for p in paths]
+    g = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
+    res = {"what": "decode + two RandomResizedCrops (scale 0.08-1) to 224 px, uint8 tensors, per image",
+           "images": len(paths), "mean_kb": sum(sizes) / len(sizes) / 1024,
+           "source": args.folder or "synthetic 500x375 JPEG q90"}
+    res["decode_only_per_worker"] = per_worker(lambda p: __import__("PIL.Image").Image.open(p).convert("RGB"), paths)
+    res["legacy_per_worker"] = per_worker(lambda p: legacy_two_views(p, g), paths)
+    res["current_per_worker"] = per_worker(lambda p: decode_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2),
+                                           paths)
+    cfg = load_config(None, ["data.num_workers=0"]).data
+    data = ImageData("bench", torch.zeros(len(paths), dtype=torch.long), ["x"], paths=paths)
+    ds = StreamingTrainSet(data, cfg, seed=0)
+    for workers in sorted({1, args.workers}):
+        loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers)
+        t, n = time.perf_counter(), 0
+        for a, b, _ in loader:
+            n += a.shape[0]
+        res[f"loader_total_{workers}_workers"] = n / (time.perf_counter() - t)
+    res.update(machine_info())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()
+                      if "per_worker" in k or "loader" in k or k == "mean_kb"}))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
