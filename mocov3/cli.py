@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import describe_keys
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
+from .data.shards import parse_size, write_shards
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
 from .export import export_backbone
 from .pretrain import pretrain, resolve_config
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
+    p = sub.add_parser("shard", help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
+    p.add_argument("src", metavar="SRC_FOLDER", help="image folder with one subfolder per class")
+    p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
+    p.add_argument("--shard-size", default="512MB", help="largest shard (e.g. 512MB, 1GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle of the samples")
     p = sub.add_parser("cache", help="show the on-disk cache (decoded images, features, downloads) or clear it")
     p.add_argument("--clear", nargs="*", choices=PARTS, metavar="PART",
                    help=f"delete these parts ({', '.join(PARTS)}; all when none is named)")
@@ -202,6 +208,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    _setup_logging()
+    index = write_shards(Path(args.src), Path(args.out), parse_size(args.shard_size), args.seed)
+    _print_json({"output": args.out, "shards": len(index["shards"]), "images": index["total"],
+                 "classes": len(index["classes"])})
+    return 0
+
+
 def cmd_cache(args) -> int:
     root = Path(args.cache_dir).expanduser() if args.cache_dir else resolve_cache_dir()
     if args.clear is not None:
@@ -213,7 +227,7 @@ def cmd_cache(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_knn, "linear": cmd_linear, "finetune": cmd_finetune,
-            "export": cmd_export, "sweep": cmd_sweep, "report": cmd_report, "cache": cmd_cache}
+            "export": cmd_export, "sweep": cmd_sweep, "report": cmd_report, "cache": cmd_cache, "shard": cmd_shard}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ from . import distributed as du
 from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
 from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset
+from .data.shards import ShardTrainBatches
 from .eval.knn import knn_evaluate
 from .methods import build_method
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
@@ -92,7 +93,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
         hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps,
                                   extra=lambda: {"unreadable_images": data.batches.unreadable}
                                   if data.batches.unreadable else {}, state=state, mfu=build_mfu(cfg, rt, state)),
-                 CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path))]
+                 CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path, shard_layout(cfg, rt)))]
         stopped = fit(state, data.batches, plan, hooks)
     return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
 
@@ -160,8 +161,9 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
     if train.skipped:
         log.warning("%d unreadable images were skipped in %s", len(train.skipped), train.name)
     train.to(rt.device)
-    batches = TrainBatches(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
-                           cfg.data.num_workers)
+    make = ShardTrainBatches if train.sharded else TrainBatches
+    batches = make(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
+                   cfg.data.num_workers)
     bank = test = None
     if cfg.data.eval_path:
         test = load_dataset(cfg.data.eval_path, cfg.data, split="test").to(rt.device)
@@ -270,8 +272,9 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
     now, old = to_dict(cfg), normalized_config(ckpt["config"], run.checkpoint)
     check_same_model(old, now, run.checkpoint)
     diffs = {k: (_get(old, k), _get(now, k)) for k in run_differences(old, now)}
-    ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path)
-    if ident and (ident.get("count"), ident.get("fingerprint")) != (cur["count"], cur["fingerprint"]):
+    ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path, shard_layout(cfg, rt))
+    if ident and (ident.get("count"), ident.get("fingerprint"), ident.get("layout")) != (
+            cur["count"], cur["fingerprint"], cur.get("layout")):
         diffs["data"] = (f"{ident.get('path')} ({ident.get('count')} images)", f"{cur['path']} ({cur['count']} images)")
     refused = {k: v for k, v in diffs.items() if k not in allow_changed and not (
         k.startswith("data.") and "data" in allow_changed)}
@@ -283,6 +286,11 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
     if diffs:
         log.warning("resuming with changed settings (allowed): %s", ", ".join(diffs))
     return ckpt
+
+
+def shard_layout(cfg: Config, rt: Runtime) -> tuple[int, int]:
+    """What fixes a sharded set's order besides (seed, epoch): processes and workers per process."""
+    return rt.world, max(1, cfg.data.num_workers)
 
 
 def _get(cfg: dict, dotted: str):

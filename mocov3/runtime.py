@@ -214,6 +214,8 @@ class Stream:
     WORKER_CROP = 11  # streamed crops: seed_for(seed, epoch, index, WORKER_CROP)
     LABELLED_ORDER = 13  # fine-tuning / linear probe data order: seed_for(seed, epoch, LABELLED_ORDER)
     SUPERVISED_AUG = 17  # fine-tuning / probe augmentation: seed_for(seed, step, rank, SUPERVISED_AUG)
+    SHARDS = 19  # the converter's shuffle of a folder into shards: seed_for(seed, SHARDS)
+    SHARD_ORDER = 23  # the shard order of an epoch: seed_for(seed, epoch, SHARD_ORDER)
 
 
 def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:

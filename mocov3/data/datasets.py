@@ -7,8 +7,8 @@ Labels are only used for evaluation.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import math
 import os
 import random
 import warnings
@@ -21,13 +21,14 @@ import torch
 from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
-from .augment import eval_transform, sample_crop_box
+from .augment import eval_transform
+from .files import IMG_EXTENSIONS, decode_crops, load_rgb, scan_folder  # noqa: F401 - re-exported
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
+from .shards import is_shard_spec, read_index, shard_eval_batches
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -42,6 +43,8 @@ class ImageData:
     paths: Optional[list[str]] = None
     skipped: list[str] = field(default_factory=list)
     fingerprint: str = ""  # identifies the set (file names or labels), not where it lies: see data_identity
+    shard_root: Optional[Path] = None  # a sharded set (mocov3.data.shards): its folder and index
+    shard_index: Optional[dict] = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -50,57 +53,14 @@ class ImageData:
     def in_memory(self) -> bool:
         return self.images is not None
 
+    @property
+    def sharded(self) -> bool:
+        return self.shard_index is not None
+
     def to(self, device) -> "ImageData":
         if self.images is not None:
             self.images = self.images.to(device)
         return self
-
-
-def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
-    """List image files: class subfolders (sorted) or images directly in ``root`` (one class)."""
-    if not root.exists():
-        raise DataError(f"data path does not exist: {root}")
-    if not root.is_dir():
-        raise DataError(f"data path is not a folder: {root}")
-    try:
-        entries = sorted(root.iterdir())
-    except PermissionError:
-        raise DataError(f"data folder is not readable: {root}") from None
-    subdirs, seen = [], {root.resolve()}
-    for d in entries:
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        real = d.resolve()
-        if real in seen or real in root.resolve().parents:  # a link back into the data (a loop) or a duplicate
-            log.warning("%s: skipping class folder %s, a link to a folder already scanned", root, d.name)
-            continue
-        if not os.access(d, os.R_OK | os.X_OK):
-            raise DataError(f"class folder is not readable: {d}")
-        seen.add(real)
-        subdirs.append(d)
-    paths, labels, classes = [], [], []
-    if subdirs:
-        for c, d in enumerate(subdirs):
-            files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-            classes.append(d.name)
-            paths += [str(p) for p in files]
-            labels += [c] * len(files)
-    files = sorted(p for p in entries if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-    if files:
-        if subdirs:
-            log.warning("%s: %d images directly in the folder are ignored (class subfolders present)", root, len(files))
-        else:
-            classes = [root.name]
-            paths, labels = [str(p) for p in files], [0] * len(files)
-    if not paths:
-        raise DataError(f"no images found under {root} (expected <class>/<image> files with extensions "
-                        f"{', '.join(sorted(IMG_EXTENSIONS))})")
-    return paths, labels, classes
-
-
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def _decode_all(paths: list[str]) -> tuple[Optional[np.ndarray], list[int], list[str]]:
@@ -142,9 +102,13 @@ def folder_fingerprint(root: Path, paths: list[str], classes: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
-def data_identity(data: ImageData, spec: Optional[str]) -> dict:
-    """What a checkpoint records of its training data, compared on resume."""
-    return {"path": spec, "count": len(data), "fingerprint": data.fingerprint}
+def data_identity(data: ImageData, spec: Optional[str], layout=None) -> dict:
+    """What a checkpoint records of its training data, compared on resume (``layout``: the processes and
+    workers a sharded set is split over, which fix its order)."""
+    out = {"path": spec, "count": len(data), "fingerprint": data.fingerprint}
+    if data.sharded:
+        out["layout"] = list(layout) if layout is not None else None
+    return out
 
 
 def _image_size(paths: list[str]) -> tuple[int, int]:
@@ -178,6 +142,12 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
     """Resolve a data spec into an :class:`ImageData` (see module docstring). ``use_cache=False`` neither
     reads nor writes the decode cache."""
     cache_dir = resolve_cache_dir(data_cfg)
+    if is_shard_spec(spec):
+        root, index = read_index(spec)
+        labels = torch.tensor([l for s in index["shards"] for l in s["labels"]], dtype=torch.long)
+        fp = hashlib.sha1(json.dumps([[s["name"], s["count"], s["labels"]] for s in index["shards"]]).encode())
+        return ImageData(str(root), labels, list(index["classes"]), fingerprint=fp.hexdigest()[:20],
+                         shard_root=root, shard_index=index)
     name, _, sp = spec.partition(":")
     if name.lower() in CIFAR and not Path(spec).exists():
         x, y, classes = load_cifar(name.lower(), sp or split, cache_dir)
@@ -223,31 +193,6 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
             raise DataError(f"{root}: images differ in size, cannot hold them in memory (use data.in_memory=auto)")
         log.info("%s: images differ in size; streaming them from disk", root)
     return ImageData(str(root), torch.tensor(labels, dtype=torch.long), classes, paths=paths, fingerprint=fp)
-
-
-def decode_crops(path: str, size: int, scale, ratio, rng: random.Random, n: int = 1) -> list[torch.Tensor]:
-    """``n`` RandomResizedCrops of one image file, uint8 [3, size, size] each, from a single decode.
-
-    The boxes are drawn in the original image's coordinates (the paper's crop distribution); the JPEG is
-    then decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps every box at least ``size`` pixels
-    on its shorter side, so no crop loses resolution, and each box is cropped before it is resized."""
-    with Image.open(path) as im:
-        W, H = im.size
-        boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
-        shortest = min(min(h, w) for _, _, h, w in boxes)
-        k = 1
-        while k < 8 and shortest / (2 * k) >= size:
-            k *= 2
-        if k > 1 and im.format == "JPEG":
-            im.draft("RGB", (math.ceil(W / k), math.ceil(H / k)))
-        im = im.convert("RGB")
-    sx, sy = im.size[0] / W, im.size[1] / H  # the scale draft actually chose (1 when it did nothing)
-    out = []
-    for top, left, h, w in boxes:
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        crop = im.resize((size, size), Image.BILINEAR, box=box)
-        out.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
-    return out
 
 
 def _first_readable(data: ImageData, idx: int, decode=load_rgb) -> tuple:
@@ -416,6 +361,9 @@ class LabelledBatches(_GlobalBatches):
 
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
                  size: int, scale, ratio, num_workers: int = 4):
+        if data.sharded:
+            raise DataError(f"{data.name}: sharded data serves pretraining and the kNN monitor / mocov3 knn; "
+                            f"give the linear probe and fine-tuning an image folder")
         if batch_size_total % world:
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
@@ -443,6 +391,11 @@ def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: in
     each batch a bool mask [b] of the rows that were readable (callers drop the others)."""
     size = data_cfg.image_size
     order = torch.arange(len(data)) if order is None else order
+    if data.sharded:  # streamed in stored order: ``order`` must be a prefix (extract_features makes it one)
+        if not torch.equal(order, torch.arange(len(order))):
+            raise DataError("a sharded set is evaluated in its stored order (a prefix), not a random subset")
+        yield from shard_eval_batches(data, data_cfg, device, batch_size, limit=len(order))
+        return
     if data.in_memory:
         for i in range(0, len(order), batch_size):
             rows = order[i:i + batch_size]

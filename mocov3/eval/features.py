@@ -36,7 +36,8 @@ def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: tor
     """
     was_training = backbone.training
     backbone.eval()
-    order = subset_order(len(data), limit)
+    # a sharded set: its first ``limit`` samples (stored order is already shuffled)
+    order = torch.arange(min(limit or len(data), len(data))) if data.sharded else subset_order(len(data), limit)
     feats, oks = [], []
     try:
         for x, ok in eval_batches(data, data_cfg, device, batch_size, order, num_workers):
