@@ -138,3 +138,29 @@ def test_pretrain_and_knn_from_shards(shards, tmp_path, capsys):
     assert main(["pretrain", "--data", str(out), "--output-dir", str(run), "--no-progress", "epochs=3",
                  "--allow-changed", "train.epochs", "data.num_workers=1"]) == 2
     assert "data" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_torchrun_pretrains_from_shards_on_two_processes(shards, tmp_path):
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    _, out = shards
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                          "mocov3", "pretrain", "--data", str(out), "--eval-data", str(out), "--output-dir", str(run),
+                          "--no-progress", *TINY, "data.num_workers=1", "epochs=1"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 7 and ck["data_identity"]["layout"] == [2, 1]
