@@ -19,6 +19,7 @@ from .export import export_backbone
 from .pretrain import pretrain, resolve_config
 from .report import make_report
 from .runtime import ConfigError, MocoError, first_line, launch_rank
+from .submit import submit
 from .sweep import sweep
 from .version import __version__
 
@@ -107,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
+    p = sub.add_parser("submit", help="run a mocov3 command on SLURM via submitit (one task per GPU, requeued on "
+                                      "preemption / timeout): mocov3 submit [options] -- pretrain ...")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (one task each)")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: --gpus-per-node)")
+    p.add_argument("--partition", help="SLURM partition")
+    p.add_argument("--time", default="72:00:00", help="time limit, [days-]hours:minutes:seconds")
+    p.add_argument("--account", help="SLURM account")
+    p.add_argument("--qos", help="SLURM quality of service")
+    p.add_argument("--cpus-per-task", type=int, default=10, help="CPU cores per task (data workers + 1)")
+    p.add_argument("--mem-gb", type=int, default=None, help="memory per node (GB)")
+    p.add_argument("--folder", default="submitit_logs", help="submitit's folder for logs and job files")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
+                   help="slurm, or local (this machine, submitit's local executor: tests and debugging)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end and return its exit status")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the mocov3 command to run")
     p = sub.add_parser("shard", help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
     p.add_argument("src", metavar="SRC_FOLDER", help="image folder with one subfolder per class")
     p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
@@ -208,6 +227,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    _setup_logging()
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    job = submit(argv, args.nodes, args.gpus_per_node, args.partition, args.time, args.account, args.qos,
+                 args.cpus_per_task, args.mem_gb, args.folder, args.signal_delay, args.executor, args.tasks_per_node)
+    _print_json({"job_id": str(job.job_id), "folder": args.folder})
+    if args.wait:
+        try:
+            job.results()
+        except Exception as e:  # noqa: BLE001 - submitit re-raises the task's failure with its traceback
+            print(f"mocov3 submit: error: job {job.job_id} failed: {first_line(e)}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def cmd_shard(args) -> int:
     _setup_logging()
     index = write_shards(Path(args.src), Path(args.out), parse_size(args.shard_size), args.seed)
@@ -227,12 +261,16 @@ def cmd_cache(args) -> int:
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_knn, "linear": cmd_linear, "finetune": cmd_finetune,
-            "export": cmd_export, "sweep": cmd_sweep, "report": cmd_report, "cache": cmd_cache, "shard": cmd_shard}
+            "export": cmd_export, "sweep": cmd_sweep, "report": cmd_report, "cache": cmd_cache, "shard": cmd_shard,
+            "submit": cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "submit":  # everything after -- belongs to the submitted command
+        args.argv = list(args.argv) + extra
+        extra = []
     if hasattr(args, "overrides"):  # key=value after a flag: argparse leaves it in ``extra``
         kv = [a for a in extra if "=" in a and not a.startswith("-")]
         args.overrides = list(args.overrides) + kv

@@ -15,7 +15,7 @@ ROOT = Path(__file__).parents[1] / "mocov3"
 
 LAYERS = [
     ["runtime", "version"], ["config"], ["distributed"], ["data", "models"], ["losses"], ["methods"], ["train"],
-    ["eval"], ["pretrain", "export"], ["sweep"], ["report"], ["cli", "__init__"], ["__main__"],
+    ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["__main__"],
 ]
 
 

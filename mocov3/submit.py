@@ -1,0 +1,130 @@
+"""``mocov3 submit``: run a mocov3 command on SLURM through submitit, one task per GPU, requeued on
+preemption or timeout.
+
+Each task sets the environment ``torch.distributed`` reads (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT) and runs ``python -m mocov3 <command>`` as a child process. When SLURM announces preemption or
+the time limit (submitit's signal, ``--signal-delay`` seconds ahead), submitit calls
+:meth:`TrainingTask.checkpoint`: the child gets SIGTERM, saves a checkpoint after its current step and
+exits; the job is requeued with the same command, which resumes from the run folder. ``submitit`` is an
+optional dependency (``pip install 'mocov3[slurm]'``).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .runtime import ConfigError, first_line
+
+
+def parse_time(text: str) -> float:
+    """SLURM's ``[days-]hours:minutes:seconds`` (or minutes) -> minutes (SLURM gets them rounded up)."""
+    try:
+        days, _, rest = text.rpartition("-")
+        parts = [int(p) for p in rest.split(":")]
+        if len(parts) == 1:
+            minutes = float(parts[0])
+        else:
+            while len(parts) < 3:
+                parts.append(0)
+            h, m, s = parts[:3]
+            minutes = h * 60 + m + s / 60
+        minutes += int(days or 0) * 24 * 60
+    except ValueError:
+        raise ConfigError(f"--time {text!r} is not [days-]hours:minutes:seconds") from None
+    if minutes <= 0:
+        raise ConfigError(f"--time {text!r} is not a positive duration")
+    return minutes
+
+
+def master_port(job_id: str) -> int:
+    """A port from the job id: the same for every task of the job and for its requeued runs."""
+    return 20000 + int(hashlib.sha1(str(job_id).encode()).hexdigest(), 16) % 20000
+
+
+class TrainingTask:
+    """One task of the job (one GPU): a checkpointable callable in submitit's sense."""
+
+    def __init__(self, argv: Sequence[str]):
+        self.argv = list(argv)
+        self.proc: Optional[subprocess.Popen] = None
+
+    def _dist_env(self) -> dict:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        hosts = getattr(env, "hostnames", None) or ["127.0.0.1"]
+        return {"RANK": str(env.global_rank), "WORLD_SIZE": str(env.num_tasks), "LOCAL_RANK": str(env.local_rank),
+                "LOCAL_WORLD_SIZE": str(max(1, env.num_tasks // max(1, env.num_nodes))),
+                "MASTER_ADDR": "127.0.0.1" if hosts[0] in ("localhost",) else hosts[0],
+                "MASTER_PORT": str(master_port(env.job_id))}
+
+    def __call__(self) -> int:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mocov3", *self.argv],
+                                     env={**os.environ, **self._dist_env()})
+        rc = self.proc.wait()
+        if rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+            # the run stopped for a preemption / time limit and saved a checkpoint: task 0 requeues the job
+            # (submitit), which ends this task too; wait for that instead of reporting a failure
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                time.sleep(1.0)
+            raise RuntimeError("the run stopped on a signal and the job was not requeued within 10 minutes")
+        if rc != 0:
+            raise RuntimeError(f"mocov3 {' '.join(self.argv[:1])} exited with code {rc}")
+        return rc
+
+    def checkpoint(self, *args, **kwargs):
+        """Preemption or time limit: let the run save a checkpoint, then requeue the same command."""
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return submitit.helpers.DelayedSubmission(TrainingTask(self.argv))
+
+
+def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partition: Optional[str] = None,
+           time: str = "72:00:00", account: Optional[str] = None, qos: Optional[str] = None,
+           cpus_per_task: int = 10, mem_gb: Optional[int] = None, folder: str = "submitit_logs",
+           signal_delay_s: int = 120, executor: str = "slurm", tasks_per_node: Optional[int] = None):
+    """Submit ``argv`` (a mocov3 command line, e.g. ``["pretrain", "--config", ...]``); returns the job.
+    ``executor="local"`` runs the tasks on this machine (submitit's local executor; for tests and debugging)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ConfigError("mocov3 submit needs submitit (pip install submitit)") from None
+    if not argv or argv[0] not in ("pretrain", "finetune", "linear"):
+        raise ConfigError("mocov3 submit -- COMMAND: COMMAND is pretrain, finetune or linear")
+    if nodes < 1 or gpus_per_node < 0:
+        raise ConfigError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    tasks = tasks_per_node or max(1, gpus_per_node)
+    minutes = parse_time(time)
+    try:
+        if executor == "local":
+            if nodes != 1:
+                raise ConfigError("--executor local runs on this machine: --nodes 1")
+            ex = submitit.LocalExecutor(folder=folder)
+            ex.update_parameters(timeout_min=minutes, tasks_per_node=tasks, gpus_per_node=gpus_per_node,
+                                 signal_delay_s=signal_delay_s)
+        else:
+            ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            params = dict(nodes=nodes, tasks_per_node=tasks, timeout_min=math.ceil(minutes), cpus_per_task=cpus_per_task,
+                          name=f"mocov3-{argv[0]}", slurm_partition=partition, slurm_account=account, slurm_qos=qos,
+                          slurm_signal_delay_s=signal_delay_s, gpus_per_node=gpus_per_node or None, mem_gb=mem_gb)
+            ex.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        return ex.submit(TrainingTask(argv))
+    except (NameError, ValueError, OSError, RuntimeError) as e:  # submitit's parameter checks, no sbatch ...
+        raise ConfigError(f"cannot submit the job: {first_line(e)}") from None
+
+
+__all__ = ["submit", "TrainingTask", "parse_time", "master_port"]
