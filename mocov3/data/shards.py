@@ -1,0 +1,306 @@
+"""Sharded datasets: tar shards in the webdataset layout (``KEY.jpg`` + ``KEY.cls`` per sample) with a JSON
+index, written by ``mocov3 shard`` and streamed for pretraining and the kNN monitor.
+
+Why: millions of small files are slow on network and object storage; a few hundred large tar files stream at
+disk speed. The shards are ordinary tar files that the ``webdataset`` library reads too.
+
+Epoch order (``ShardTrainBatches``): the shards are permuted from (seed, epoch); their samples, in stored
+order (the converter shuffled them once), form the epoch's sequence. Rank r streams a contiguous 1/world of
+it, and each DataLoader worker a contiguous part of the rank's, so ranks and workers read disjoint samples
+and mostly disjoint shards. Worker w produces the rank's steps k with ``k % workers == w``, so a resumed run
+(same world size and worker count, which the checkpoint records) continues mid-epoch without repeating a
+sample. At most one local batch per rank is dropped per epoch. Order within a shard is the stored one
+(no shuffle buffer): an approximation of a full shuffle that is exact to resume.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..runtime import DataError, Stream, first_line, seed_for
+from .augment import eval_transform
+from .files import decode_crops, scan_folder
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.json"
+FORMAT = "mocov3-shards/1"
+
+
+def parse_size(text: str) -> int:
+    """``512MB``, ``2GB``, ``100000`` -> bytes."""
+    t = text.strip().upper()
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if t.endswith(unit):
+            t, m = t[: -len(unit)], mult
+            break
+    else:
+        m = 1
+    try:
+        value = int(float(t) * m)
+    except ValueError:
+        raise DataError(f"--shard-size {text!r} is not a size (e.g. 512MB)") from None
+    if value <= 0:
+        raise DataError(f"--shard-size must be positive, got {text!r}")
+    return value
+
+
+def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
+    """Convert an image folder (class subfolders) into shuffled tar shards + ``index.json``; returns the index."""
+    paths, labels, classes = scan_folder(Path(src))
+    order = list(range(len(paths)))
+    random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX_NAME).exists() or list(out.glob("shard-*.tar")):
+        raise DataError(f"{out} already holds shards; choose an empty folder")
+    shards, cur, cur_bytes, cur_labels, key = [], None, 0, [], 0
+
+    def close():
+        nonlocal cur
+        if cur is not None:
+            cur.close()
+            name = f"shard-{len(shards):06d}.tar"
+            os.replace(out / (name + ".part"), out / name)
+            shards.append({"name": name, "count": len(cur_labels), "bytes": (out / name).stat().st_size,
+                           "labels": list(cur_labels)})
+            cur = None
+
+    for i in order:
+        data = Path(paths[i]).read_bytes()
+        if cur is None or cur_bytes + len(data) > shard_size and cur_labels:
+            close()
+            cur = tarfile.open(out / f"shard-{len(shards):06d}.tar.part", "w", format=tarfile.USTAR_FORMAT)
+            cur_bytes, cur_labels = 0, []
+        ext = Path(paths[i]).suffix.lower().lstrip(".") or "jpg"
+        for suffix, payload in ((ext, data), ("cls", str(labels[i]).encode())):
+            info = tarfile.TarInfo(f"{key:09d}.{suffix}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o644
+            cur.addfile(info, io.BytesIO(payload))
+        cur_bytes += len(data) + 1024
+        cur_labels.append(labels[i])
+        key += 1
+    close()
+    index = {"format": FORMAT, "classes": classes, "total": key, "source": str(Path(src).resolve()), "seed": seed,
+             "shards": shards}
+    (out / INDEX_NAME).write_text(json.dumps(index) + "\n")
+    return index
+
+
+def is_shard_spec(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.is_file() and p.name == INDEX_NAME)
+
+
+def read_index(spec: str) -> tuple[Path, dict]:
+    """The shard folder and its index, every shard checked to exist with its recorded size (a missing or
+    truncated shard is a one-line error naming it)."""
+    p = Path(spec).expanduser()
+    root = p if p.is_dir() else p.parent
+    try:
+        index = json.loads((root / INDEX_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read {root / INDEX_NAME}: {first_line(e)}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("shards"):
+        raise DataError(f"{root / INDEX_NAME} is not a mocov3 shard index")
+    for s in index["shards"]:
+        f = root / s["name"]
+        if not f.is_file():
+            raise DataError(f"shard missing: {f}")
+        if f.stat().st_size != s["bytes"]:
+            raise DataError(f"shard truncated or changed: {f} ({f.stat().st_size} bytes, index says {s['bytes']})")
+    return root, index
+
+
+def _samples(path: Path, skip: int = 0):
+    """(key, image bytes, label) of one shard in stored order, the first ``skip`` samples passed over
+    (their data is seeked over, not read)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            pending, n = {}, 0
+            for m in tar:
+                key, _, ext = m.name.rpartition(".")
+                if n < skip:
+                    if ext == "cls":
+                        n += 1
+                    continue
+                pending.setdefault(key, {})[ext] = tar.extractfile(m).read() if m.isfile() else b""
+                if "cls" in pending[key] and len(pending[key]) >= 2:
+                    rec = pending.pop(key)
+                    label = int(rec.pop("cls"))
+                    yield key, next(iter(rec.values())), label
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
+
+
+def epoch_sequence(index: dict, seed: int, epoch: int) -> list[tuple[int, int]]:
+    """The epoch's shard order as (shard number, sample count)."""
+    order = list(range(len(index["shards"])))
+    random.Random(seed_for(seed, epoch, Stream.SHARD_ORDER)).shuffle(order)
+    return [(i, index["shards"][i]["count"]) for i in order]
+
+
+def _range_reader(root: Path, index: dict, seq, start: int, length: int):
+    """Samples ``[start, start + length)`` of the epoch sequence ``seq``, streamed shard by shard."""
+    pos = 0
+    for shard, count in seq:
+        if length <= 0:
+            return
+        if pos + count <= start:
+            pos += count
+            continue
+        skip = max(0, start - pos)
+        take = min(count - skip, length)
+        for j, sample in enumerate(_samples(root / index["shards"][shard]["name"], skip)):
+            if j >= take:
+                break
+            yield sample
+        start += take
+        length -= take
+        pos += count
+
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Each worker yields its own steps' batches: (crops 1 [b,3,S,S], crops 2, keys, unreadable count)."""
+
+    def __init__(self, root, index, cfg, seed, rank, world, local_batch, workers):
+        self.root, self.index, self.cfg, self.seed = root, index, cfg, seed
+        self.rank, self.world, self.local, self.workers = rank, world, local_batch, max(1, workers)
+        self.epoch, self.start_step = 0, 0
+
+    def plan(self, epoch: int):
+        """(sequence, steps per epoch, this rank's [start, length)) for an epoch."""
+        seq = epoch_sequence(self.index, self.seed, epoch)
+        n = sum(c for _, c in seq)
+        steps = min(((r + 1) * n // self.world - r * n // self.world) // self.local for r in range(self.world))
+        return seq, steps, self.rank * n // self.world
+
+    def _worker_range(self, role: int, steps: int, rank_start: int):
+        counts = [len(range(w, steps, self.workers)) for w in range(self.workers)]
+        start = rank_start + sum(counts[:role]) * self.local
+        return start, counts[role]
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        seq, steps, rank_start = self.plan(self.epoch)
+        # DataLoader serves worker 0 first: after a resume at step s, worker i plays role (i + s) % workers
+        roles = [(wid + self.start_step) % self.workers] if info is not None else list(range(self.workers))
+        streams = {}
+        for role in roles:
+            start, nb = self._worker_range(role, steps, rank_start)
+            done = len(range(role, self.start_step, self.workers))  # this role's batches before start_step
+            streams[role] = (_range_reader(self.root, self.index, seq, start + done * self.local,
+                                           (nb - done) * self.local), nb - done)
+        c = self.cfg
+        for k in range(self.start_step, steps):
+            role = k % self.workers
+            if role not in streams:
+                continue
+            it, _ = streams[role]
+            a, b, keys, bad = [], [], [], 0
+            last = None
+            for _ in range(self.local):
+                key, data, _label = next(it)
+                rng = random.Random(seed_for(self.seed, self.epoch, int(key)))
+                try:
+                    pair = decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=2)
+                    last = pair
+                except Exception as e:  # noqa: BLE001 - a corrupt sample: skipped, logged, counted
+                    log.warning("skipping unreadable sample %s (%s)", key, type(e).__name__)
+                    bad += 1
+                    pair = last
+                    while pair is None:  # the batch's first sample: take the next readable one
+                        key2, data2, _ = next(it)
+                        try:
+                            pair = decode_crops(io.BytesIO(data2), c.image_size, c.crop_scale, c.crop_ratio,
+                                                rng, n=2)
+                        except Exception:  # noqa: BLE001
+                            bad += 1
+                a.append(pair[0])
+                b.append(pair[1])
+                keys.append(int(key))
+            yield torch.stack(a), torch.stack(b), torch.tensor(keys), torch.tensor(bad)
+
+
+class ShardTrainBatches:
+    """:class:`~mocov3.data.datasets.TrainBatches` for shards: ``epoch(e, start_step)`` yields this rank's
+    ``(a, b, crop=False)`` uint8 crops on the device (see the module docstring for the order)."""
+
+    def __init__(self, data, data_cfg, batch_size_total: int, rank: int, world: int, seed: int, device,
+                 num_workers: int = 4):
+        self.data, self.device, self.num_workers = data, device, num_workers
+        self.stream = _ShardStream(data.shard_root, data.shard_index, data_cfg, seed, rank, world,
+                                   batch_size_total // world, num_workers)
+        self.steps_per_epoch = self.stream.plan(0)[1]
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
+        self.unreadable = 0
+        self.last_keys = None  # the sample keys of the last batch (tests)
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.stream.epoch, self.stream.start_step = epoch, start_step
+        loader = torch.utils.data.DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                             pin_memory=self.device.type == "cuda")
+        try:
+            for a, b, keys, bad in loader:
+                if int(bad):
+                    self.unreadable += int(bad)
+                self.last_keys = keys
+                yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True), False
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a worker's error arrives wrapped with its traceback
+            text = [l for l in str(e).strip().splitlines() if l.strip()]
+            raise DataError(text[-1] if text else type(e).__name__) from None
+
+
+def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, limit: int = 0):
+    """Evaluation inputs of a sharded set in stored order (the first ``limit`` samples; the converter
+    shuffled them, so they are a random subset): (normalized [b, 3, S, S], readable mask [b])."""
+    n = limit or len(data)
+    size, ratio = data_cfg.image_size, data_cfg.eval_crop_ratio
+    buf, ok = [], []
+
+    def flush():
+        x = torch.stack(buf).to(device)
+        out = eval_transform(x, size, 1.0, data_cfg.mean, data_cfg.std), torch.tensor(ok, device=device)
+        buf.clear()
+        ok.clear()
+        return out
+
+    seq = [(i, s["count"]) for i, s in enumerate(data.shard_index["shards"])]
+    for key, blob, _ in _range_reader(data.shard_root, data.shard_index, seq, 0, n):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                im = im.convert("RGB")
+            short = int(round(size / ratio))
+            W, H = im.size
+            scale = short / min(W, H)
+            im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
+            W, H = im.size
+            left, top = (W - size) // 2, (H - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            buf.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+            ok.append(True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("unreadable sample %s (%s); left out of the evaluation", key, type(e).__name__)
+            buf.append(torch.zeros(3, size, size, dtype=torch.uint8))
+            ok.append(False)
+        if len(buf) == batch_size:
+            yield flush()
+    if buf:
+        yield flush()
+
+
+__all__ = ["write_shards", "read_index", "is_shard_spec", "ShardTrainBatches", "shard_eval_batches", "parse_size",
+           "epoch_sequence"]
