@@ -24,7 +24,7 @@ from .methods import build_method
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
 from .train.checkpoint import (COMPUTE_ONLY, check_same_model, load_checkpoint, load_state_strict, normalized_config,
-                               remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+                               refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from .train.flops import peak_flops, step_flops_per_image
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
@@ -276,13 +276,9 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
     if ident and (ident.get("count"), ident.get("fingerprint"), ident.get("layout")) != (
             cur["count"], cur["fingerprint"], cur.get("layout")):
         diffs["data"] = (f"{ident.get('path')} ({ident.get('count')} images)", f"{cur['path']} ({cur['count']} images)")
-    refused = {k: v for k, v in diffs.items() if k not in allow_changed and not (
-        k.startswith("data.") and "data" in allow_changed)}
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:4])
-        raise CheckpointError(f"{run.checkpoint} was trained with other settings ({listed}); resume with the "
-                              f"same ones, use another --output-dir, or accept a sound change with "
-                              f"--allow-changed {','.join(refused)}")
+    allowed = set(allow_changed) | ({k for k in diffs if k.startswith("data.")} if "data" in allow_changed else set())
+    refuse_changes(diffs, allowed, f"{run.checkpoint} was trained with other settings",
+                   "resume with the same ones, use another --output-dir, or accept a sound change with", shown=4)
     if diffs:
         log.warning("resuming with changed settings (allowed): %s", ", ".join(diffs))
     return ckpt

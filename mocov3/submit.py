@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 from .runtime import ConfigError, first_line

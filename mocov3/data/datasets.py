@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
-from .files import IMG_EXTENSIONS, decode_crops, load_rgb, scan_folder  # noqa: F401 - re-exported
+from .files import IMG_EXTENSIONS, decode_crops, load_rgb, resize_center_crop, scan_folder  # noqa: F401
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import is_shard_spec, read_index, shard_eval_batches
@@ -249,14 +249,7 @@ class StreamingEvalSet(torch.utils.data.Dataset):
             log.warning("unreadable image %s (%s); left out of the evaluation", self.data.paths[idx],
                         type(e).__name__)
             im, ok = Image.new("RGB", (self.size, self.size)), False
-        short = int(round(self.size / self.crop_ratio))
-        W, H = im.size
-        scale = short / min(W, H)
-        im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
-        W, H = im.size
-        left, top = (W - self.size) // 2, (H - self.size) // 2
-        im = im.crop((left, top, left + self.size, top + self.size))
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1), int(self.data.labels[idx]), ok
+        return resize_center_crop(im, self.size, self.crop_ratio), int(self.data.labels[idx]), ok
 
 
 class _GlobalBatches:

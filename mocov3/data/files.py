@@ -90,3 +90,16 @@ def decode_crops(path, size: int, scale, ratio, rng: random.Random, n: int = 1) 
         crop = im.resize((size, size), Image.BILINEAR, box=box)
         out.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
     return out
+
+
+def resize_center_crop(im: Image.Image, size: int, crop_ratio: float) -> torch.Tensor:
+    """Evaluation preprocessing of one image: shorter side to ``size / crop_ratio`` (bilinear), center crop
+    ``size``; uint8 [3, size, size]."""
+    short = int(round(size / crop_ratio))
+    W, H = im.size
+    scale = short / min(W, H)
+    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
+    W, H = im.size
+    left, top = (W - size) // 2, (H - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)

@@ -22,13 +22,12 @@ import random
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
-from .files import decode_crops, scan_folder
+from .files import decode_crops, resize_center_crop, scan_folder
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +281,7 @@ def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, li
     for key, blob, _ in _range_reader(data.shard_root, data.shard_index, seq, 0, n):
         try:
             with Image.open(io.BytesIO(blob)) as im:
-                im = im.convert("RGB")
-            short = int(round(size / ratio))
-            W, H = im.size
-            scale = short / min(W, H)
-            im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
-            W, H = im.size
-            left, top = (W - size) // 2, (H - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            buf.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+                buf.append(resize_center_crop(im.convert("RGB"), size, ratio))
             ok.append(True)
         except Exception as e:  # noqa: BLE001
             log.warning("unreadable sample %s (%s); left out of the evaluation", key, type(e).__name__)

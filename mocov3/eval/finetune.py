@@ -22,9 +22,9 @@ from ..data.datasets import ImageData, LabelledBatches, eval_batches
 from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
-from ..runtime import CheckpointError, ConfigError, MetricsWriter, Stream, autocast, seed_for
+from ..runtime import ConfigError, MetricsWriter, Stream, autocast, seed_for
 from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, normalized_config,
-                                remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+                                refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
 from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
@@ -152,11 +152,8 @@ def check_finetune_resume(ck: dict, cfg: Config, source: dict, allow_changed, pa
     old = ck.get("source")
     if old is not None and old != source:
         diffs["source"] = (old, source)
-    refused = {k: v for k, v in diffs.items() if k not in allow_changed}
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:3])
-        raise CheckpointError(f"{path} is a fine-tuning run with other settings ({listed}); use another "
-                              f"--output-dir, or --allow-changed {','.join(refused)}")
+    refuse_changes(diffs, set(allow_changed), f"{path} is a fine-tuning run with other settings",
+                   "use another --output-dir, or", shown=3)
 
 
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,

@@ -17,7 +17,7 @@ from ..runtime import CheckpointError, MocoError, first_line, storage_error
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
            "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config", "payload_checksum",
-           "remove_stale_tmp", "normalized_config"]
+           "remove_stale_tmp", "normalized_config", "refuse_changes"]
 
 FORMAT_VERSION = 2  # 2: with a checksum of the payload
 
@@ -158,6 +158,15 @@ def check_same_model(ckpt_cfg: dict, cfg: dict, path: Path) -> None:
              for s, k in keys if (s, k) not in COMPUTE_ONLY and ckpt_cfg.get(s, {}).get(k) != cfg[s].get(k)]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is from another model ({'; '.join(diffs[:3])})")
+
+
+def refuse_changes(diffs: dict, allowed, what: str, advice: str, shown: int) -> None:
+    """Raise one :class:`CheckpointError` line listing the changed settings (``{key: (before, now)}``) that
+    ``allowed`` does not accept: ``"<what> (key: a -> b; ...); <advice> --allow-changed KEYS"``."""
+    refused = {k: v for k, v in diffs.items() if k not in allowed}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:shown])
+        raise CheckpointError(f"{what} ({listed}); {advice} --allow-changed {','.join(refused)}")
 
 
 def load_state_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
