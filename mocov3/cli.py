@@ -15,7 +15,7 @@ from .config import describe_keys
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .data.shards import parse_size, write_shards
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
-from .export import export_backbone
+from .export import FORMATS, export_backbone, push_to_hub, read_results
 from .pretrain import pretrain, resolve_config
 from .report import make_report
 from .runtime import ConfigError, MocoError, first_line, launch_rank
@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
     p.add_argument("--checkpoint", required=True, help="a training checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
+    p.add_argument("--format", choices=FORMATS, default="mocov3",
+                   help="mocov3: config.json with mocov3's description; timm-hub: the folder timm loads from the "
+                        "Hugging Face Hub (config.json with architecture, model_args, pretrained_cfg)")
+    p.add_argument("--results", nargs="+", default=[], metavar="JSON",
+                   help="evaluation results for the model card: result.json of mocov3 linear / finetune, or the "
+                        "JSON line mocov3 knn prints (checked to be of the same step)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo "
+                                                          "(needs huggingface_hub and a login)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     p = sub.add_parser("submit", help="run a mocov3 command on SLURM via submitit (one task per GPU, requeued on "
                                       "preemption / timeout): mocov3 submit [options] -- pretrain ...")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
@@ -222,8 +231,11 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     _setup_logging()
-    out = export_backbone(Path(args.checkpoint), Path(args.output))
-    _print_json({"output": str(out), "files": sorted(p.name for p in out.iterdir())})
+    out = export_backbone(Path(args.checkpoint), Path(args.output), read_results(args.results), args.format)
+    info = {"output": str(out), "format": args.format, "files": sorted(p.name for p in out.iterdir())}
+    if args.push_to_hub:
+        info["hub_url"] = push_to_hub(out, args.push_to_hub, args.private)
+    _print_json(info)
     return 0
 
 

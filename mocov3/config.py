@@ -148,6 +148,10 @@ class TrainConfig:
     grad_monitor: bool = _f(True, "per-layer gradient norms on the log lines, and gradient-spike events")
     spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs the tensorboard package)")
+    wandb: bool = _f(False, "also log every metrics record and the config to Weights & Biases (needs the wandb "
+                            "package; WANDB_MODE=offline logs into the run folder); a resumed run continues its W&B run")
+    wandb_project: str = _f("mocov3", "W&B project")
+    wandb_name: str = _f("", "W&B run name; empty = the run folder's name")
     threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
     compile: Literal["auto", "true", "false"] = _f(
         "auto", "torch.compile the training forward (backbones, heads, loss): auto = on CUDA, off on CPU "

@@ -30,6 +30,7 @@ from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
 from .train.schedules import lr_at, momentum_at
+from .tracking import open_sinks
 from .train.step import TrainState
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
         data = build_data(cfg, rt)
         ckpt = check_resume(run, cfg, data, rt, allow_changed) if run.resuming else {}
         write_run_config(run, cfg)
+        run.metrics.sinks = open_sinks(run.path, cfg.train, to_dict(cfg), du.is_main())
         state = build_train_state(cfg, rt, data.batches.steps_per_epoch)
         resume_run(run, state, ckpt) if run.resuming else start_run(run, cfg, rt, data)
         plan = build_progress(cfg, state.step, data.batches.steps_per_epoch)
@@ -94,7 +96,10 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
                                   extra=lambda: {"unreadable_images": data.batches.unreadable}
                                   if data.batches.unreadable else {}, state=state, mfu=build_mfu(cfg, rt, state)),
                  CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path, shard_layout(cfg, rt)))]
-        stopped = fit(state, data.batches, plan, hooks)
+        try:
+            stopped = fit(state, data.batches, plan, hooks)
+        finally:
+            run.metrics.close()
     return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
 
 
@@ -142,8 +147,7 @@ def open_run_folder(cfg: Config, output_dir: Path, resume: Optional[Path]) -> Ru
         raise StorageError(f"output folder {output_dir} is a file")
     if du.is_main():
         remove_stale_tmp(output_dir)
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", du.is_main(),
-                            output_dir / "tensorboard" if cfg.train.tensorboard else None)
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", du.is_main())
     return RunFolder(output_dir, ckpt, metrics)
 
 

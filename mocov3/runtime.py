@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -224,18 +224,17 @@ def generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
 
 # ------------------------------------------------------------------------------------------- metrics
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), optionally mirrored to
-    TensorBoard."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (rank 0 only), mirrored to the given sinks
+    (TensorBoard, W&B: :mod:`mocov3.tracking`)."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard_dir: Optional[Path] = None):
-        self.path, self.enabled, self.tb = Path(path), enabled, None
-        if enabled and tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs the tensorboard package (pip install tensorboard)") \
-                    from None
-            self.tb = SummaryWriter(str(tensorboard_dir))
+    def __init__(self, path: Path, enabled: bool, sinks: Sequence = ()):
+        self.path, self.enabled, self.sinks = Path(path), enabled, list(sinks) if enabled else []
+
+    def close(self) -> None:
+        """Close the sinks (a W&B run is finished); the metrics file needs nothing."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
 
     def truncate_after(self, step: int) -> None:
         """Drop lines logged after ``step`` (they came after the checkpoint being resumed)."""
@@ -264,11 +263,8 @@ class MetricsWriter:
                 f.write(json.dumps(record, allow_nan=True) + "\n")
         except OSError as e:
             raise storage_error("append to", self.path, e) from None
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-            self.tb.flush()
+        for sink in self.sinks:
+            sink.log(record)
 
 
 def read_metrics(path: Path) -> list[dict]:

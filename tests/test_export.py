@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,114 @@ def test_export_other_backbones(folder, tmp_path, capsys, extra, arch):
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_timm_hub_export_layout(checkpoint, tmp_path, capsys):
+    """--format timm-hub: timm's config.json layout, the same weights, a Hub model card, results checked."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    linear = tmp_path / "linear.json"
+    linear.write_text(json.dumps({"top1": 81.5, "top5": 99.0, "lr": 0.1, "mode": "fast", "step": ckpt["step"]}))
+    knn = tmp_path / "knn.txt"  # what `mocov3 knn ... > knn.txt` leaves: lines, then the JSON line
+    knn.write_text("kNN (k=20, T=0.07) of x at step 2: top-1 70.00\n"
+                   + json.dumps({"top1": 70.0, "top5": 95.0, "step": ckpt["step"], "grid": []}) + "\n")
+    exp = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--format", "timm-hub",
+                 "--results", str(linear), str(knn)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == "timm-hub"
+    c = json.loads((exp / "config.json").read_text())
+    assert c["architecture"].startswith("vit_") and c["num_classes"] == 0 and c["num_features"] == 32
+    assert c["model_args"]["embed_dim"] == 32 and c["model_args"]["depth"] == 2 and c["model_args"]["img_size"] == 16
+    assert c["model_args"]["patch_size"] == 4 and c["model_args"]["num_classes"] == 0
+    pc = c["pretrained_cfg"]
+    assert pc["input_size"] == [3, 16, 16] and pc["num_classes"] == 0 and pc["first_conv"] == "patch_embed.proj"
+    assert pc["mean"] == c["mocov3"]["mean"] and pc["crop_pct"] == 1.0 and pc["custom_load"] is False
+    card = (exp / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm\n") and "- image-feature-extraction" in card
+    assert "linear_top1: 81.5" in card and "knn_top1: 70.0" in card and "hf-hub:" in card
+    # the weights: timm names, loadable by mocov3 from the hub folder too
+    a, b = mocov3.load_backbone(exp), mocov3.load_backbone(checkpoint)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+
+    linear.write_text(json.dumps({"top1": 81.5, "mode": "fast", "step": ckpt["step"] + 7}))
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "h2"), "--format",
+                 "timm-hub", "--results", str(linear)]) == 2
+    assert "results of another checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "h2").exists()  # refused before anything was written
+    linear.write_text("not json")
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "h3"),
+                 "--results", str(linear)]) == 2
+    assert "no evaluation result" in capsys.readouterr().err
+
+
+def test_timm_hub_loads_with_timm(checkpoint, tmp_path):
+    timm = pytest.importorskip("timm")
+    exp = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--format", "timm-hub"]) == 0
+    c = json.loads((exp / "config.json").read_text())
+    ours = mocov3.load_backbone(exp)
+    m = timm.create_model(c["architecture"], pretrained=True, **c["model_args"],
+                          pretrained_cfg_overlay=dict(file=str(exp / "model.safetensors"), num_classes=0)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(m(x), ours(x), atol=1e-5)
+    try:  # timm versions that read a local folder's config.json
+        m2 = timm.create_model(f"local-dir:{exp}", pretrained=True).eval()
+    except RuntimeError as e:
+        if "local-dir" in str(e) or "Unknown model" in str(e):
+            pytest.skip(f"this timm has no local-dir: loader ({e})")
+        raise
+    with torch.no_grad():
+        assert torch.allclose(m2(x), ours(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model=resnet18", "model.cifar_stem=true", "method.proj_layers=2"], "CIFAR stem"),
+    (["model.mlp_norm=bn"], "no timm equivalent"),
+])
+def test_timm_hub_refuses_what_timm_cannot_build(folder, tmp_path, capsys, extra, message):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1"] + extra) == 0
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(tmp_path / "e"),
+                 "--format", "timm-hub"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and not (tmp_path / "e").exists()
+
+
+def test_push_to_hub_uploads_the_folder(checkpoint, tmp_path, monkeypatch, capsys):
+    """The Hub itself is not reachable here: a stand-in huggingface_hub records the calls."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, private=False, exist_ok=False):
+            calls.append(("create", repo_id, private, exist_ok))
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
+    exp = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--format", "timm-hub",
+                 "--push-to-hub", "me/tiny", "--private"]) == 0
+    assert calls == [("create", "me/tiny", True, True), ("upload", "me/tiny", ["README.md", "config.json",
+                                                                               "model.safetensors"])]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hub_url"] == "https://huggingface.co/me/tiny"
+
+    class FailingApi(FakeApi):
+        def upload_folder(self, **kw):
+            raise ConnectionError("no network\nsecond line")
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FailingApi))
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "push to the Hub repo me/tiny failed (no network)" in err[-1]
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny"]) == 2
+    assert "needs the huggingface_hub package" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from ..models.vit import ViTSpec
 from ..runtime import ConfigError, MetricsWriter, Stream, autocast, seed_for
 from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, normalized_config,
                                 refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+from ..tracking import open_sinks
 from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
@@ -199,7 +200,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     state = TrainState(module=model, model=du.wrap_ddp(model, device), optimizer=opt, device=device,
                        precision=precision, lr_at=lambda s: lr_at(s, total, warmup, peak), seed=cfg.train.seed,
                        rank=rank)
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", main)
+    metrics = MetricsWriter(output_dir / "metrics.jsonl", main,
+                            open_sinks(output_dir, cfg.train, {**to_dict(cfg), "task": "finetune"}, main))
     last = None
     if ck is not None:
         load_state_strict(model, ck["model"], ckpt_path)
@@ -254,5 +256,6 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
                                         "last_eval": last, "source": source})
     if last is None and main:
         last = evaluate(model, test, cfg.data, device, precision)
+    metrics.close()
     du.barrier()
     return last or {}
