@@ -330,12 +330,34 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+#: The recipes shipped with the package (``configs/`` in a checkout is a link to this folder).
+RECIPES = Path(__file__).parent / "recipes"
+
+
+def find_recipe(path: str | Path) -> Path:
+    """``path`` itself when it is a file, else the shipped recipe of that name: ``quickstart_cpu.yaml``,
+    ``configs/quickstart_cpu.yaml`` and ``study/cifar10_vit_cpu`` all work from any folder."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    rel = p.relative_to("configs") if p.parts[:1] == ("configs",) else p
+    for cand in (RECIPES / rel, RECIPES / rel.with_name(rel.name + ".yaml")):
+        if cand.is_file():
+            return cand
+    return p
+
+
+def recipe_names() -> list[str]:
+    return sorted(str(f.relative_to(RECIPES)) for f in RECIPES.rglob("*.yaml"))
+
+
 def read_recipe(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
     """A YAML recipe and the chain of recipes it extends (``base: other.yaml``, relative to the recipe),
-    base first: ``[(source, mapping), ...]``."""
-    p = Path(path)
+    base first: ``[(source, mapping), ...]``. A name that is not a file is looked up among the shipped
+    recipes (:func:`find_recipe`)."""
+    p = find_recipe(path) if not _seen else Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"config file not found: {p} (shipped recipes: {', '.join(recipe_names())})")
     if p.resolve() in _seen:
         raise ConfigError(f"{p}: 'base' recipes form a cycle")
     try:

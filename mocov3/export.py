@@ -203,8 +203,9 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: Optional[dict] = N
     epochs = f"{meta['pretrain_epoch']:.2f}" if isinstance(meta.get("pretrain_epoch"), (int, float)) else "?"
     lines = []
     if hub is not None:  # the Hub reads the card's front matter: library, tags, task
-        lines += ["---", "library_name: timm", "tags:", "- image-feature-extraction", "- timm", "- mocov3",
-                  f"- {meta['method']}", "- self-supervised", "pipeline_tag: image-feature-extraction", "---", ""]
+        tags = dict.fromkeys(["image-feature-extraction", "timm", "mocov3", meta["method"], "self-supervised"])
+        lines += ["---", "library_name: timm", "tags:", *(f"- {t}" for t in tags),
+                  "pipeline_tag: image-feature-extraction", "---", ""]
     lines += [
         f"# {title} pretrained with {meta['method']} (mocov3)" + (", then fine-tuned" if meta.get("fine_tuned") else ""),
         "",

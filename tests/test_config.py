@@ -173,3 +173,21 @@ def test_yaml_booleans_read_as_choice_words():
     assert load_config(None, ["data.in_memory=no"]).data.in_memory == "no"
     assert load_config(None, ["train.compile=true"]).train.compile == "true"
     assert load_config(None, ["train.compile=false"]).train.compile == "false"
+
+
+def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mocov3.config import RECIPES, load_config, to_dict
+
+    root = Path(__file__).parents[1]
+    assert (root / "configs").resolve() == RECIPES.resolve()  # configs/ is the shipped folder
+    want = to_dict(load_config(root / "configs" / "imagenet_byol_vit_small.yaml"))  # uses base:
+    monkeypatch.chdir(tmp_path)
+    for name in ("imagenet_byol_vit_small.yaml", "configs/imagenet_byol_vit_small.yaml", "imagenet_byol_vit_small"):
+        assert to_dict(load_config(name)) == want
+    assert to_dict(load_config("study/cifar10_vit_cpu.yaml"))["model"]["depth"] == 4
+    (tmp_path / "quickstart_cpu.yaml").write_text("epochs: 7\n")  # a file of that name wins
+    assert load_config("quickstart_cpu.yaml").train.epochs == 7
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml .shipped recipes: cifar10"):
+        load_config("nope.yaml")
