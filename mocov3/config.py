@@ -153,6 +153,9 @@ class TrainConfig:
     wandb_project: str = _f("mocov3", "W&B project")
     wandb_name: str = _f("", "W&B run name; empty = the run folder's name")
     threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp", "with several processes: ddp = a full replica per rank; fsdp = parameters, gradients and optimizer "
+               "state sharded over the ranks (FSDP2, per ViT block; for ViT-L/H); checkpoints are the same either way")
     compile: Literal["auto", "true", "false"] = _f(
         "auto", "torch.compile the training forward (backbones, heads, loss): auto = on CUDA, off on CPU "
                 "(a cold CPU compile takes tens of seconds)")
@@ -500,6 +503,15 @@ def validate(cfg: Config) -> None:
         if not resnet and d.small_crop_size % cfg.model.patch_size != 0:
             raise ConfigError(f"data.small_crop_size {d.small_crop_size} is not a multiple of "
                               f"model.patch_size {cfg.model.patch_size}")
+    if cfg.train.strategy == "fsdp":
+        why = ("a ResNet (BatchNorm layers; shard ViTs)" if resnet else
+               f"method={m.name} (its prototypes are renormalized in place)" if m.name == "swav" else
+               f"optim.name={o.name} (per-layer trust ratios over sharded tensors are not implemented)"
+               if o.name != "adamw" else
+               "train.precision=fp16 (use bf16)" if cfg.train.precision == "fp16" else
+               "model.mlp_norm=bn (ViT-BN)" if cfg.model.mlp_norm == "bn" else None)
+        if why:
+            raise ConfigError(f"train.strategy=fsdp does not support {why}; use train.strategy=ddp")
     if m.queue_size > 0 and m.name not in ("mocov3", "swav"):
         raise ConfigError(f"method.queue_size is for mocov3 (key queue) and swav (feature queue), not {m.name}")
     if m.name == "byol" and m.pred_layers < 1:

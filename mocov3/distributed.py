@@ -140,6 +140,13 @@ def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceSum.apply(x)
 
 
+def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
+    """Sum ``x`` over processes, in place (a no-op in one process)."""
+    if world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of a (detached) tensor over processes, for logging."""
     if world_size() == 1:
@@ -255,3 +262,101 @@ def batch_norm_2d(num_features: int) -> nn.Module:
     """The BatchNorm of conv layers (ResNets, conv stem): global (synchronized) statistics."""
     return GlobalBatchNorm2d(num_features)
 
+
+
+# --- FSDP2 (train.strategy=fsdp) -------------------------------------------------------------------------
+# Parameters are sharded over the ranks (torch.distributed.fsdp.fully_shard): each ViT block of the query
+# and momentum encoders is one unit, each encoder's remaining parameters (patch projection, tokens, final
+# norm) another, the heads the root. Checkpoints stay in the plain format: the full state dict and the
+# optimizer state in PyTorch's index layout, gathered on rank 0, so every command, a DDP run and another
+# world size load them unchanged.
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether ``module`` was sharded by :func:`wrap_fsdp`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def wrap_fsdp(method: nn.Module, precision: str) -> nn.Module:
+    """Shard ``method`` in place over the process group (FSDP2) and return it. ``precision`` bf16 keeps
+    fp32 parameters and optimizer state and computes in bf16 (``MixedPrecisionPolicy``: bf16 parameters
+    for the forward, fp32 gradient reduction); fp32 computes in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
+    for name in ("backbone", "momentum_backbone"):
+        encoder = getattr(method, name, None)
+        if encoder is None:
+            continue
+        for block in encoder.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(encoder, mp_policy=mp)  # its own unit: evaluation can call the encoder alone
+    fully_shard(method, mp_policy=mp)
+    return method
+
+
+def local_tensors(tensors) -> list:
+    """This rank's shards of DTensors (FSDP parameters and gradients); plain tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """The plain ``state_dict()`` of a sharded module, gathered on CPU on rank 0 (``{}`` on the others);
+    every rank must call it. Unsharded modules: their own ``state_dict()``."""
+    if not is_sharded(module):
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(module: nn.Module, state: dict) -> None:
+    """Load a plain (full) state dict into a module, sharded or not (strict)."""
+    if not is_sharded(module):
+        module.load_state_dict(state, strict=True)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def _param_names(module: nn.Module, optimizer) -> list[list[str]]:
+    names = {id(p): n for n, p in module.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
+def full_optimizer_state(module: nn.Module, optimizer) -> dict:
+    """``optimizer.state_dict()`` as one process would have it (index layout, full tensors), gathered on
+    rank 0 (``{}`` on the others) for a sharded module; every rank must call it."""
+    if not is_sharded(module):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    sd = get_optimizer_state_dict(module, optimizer,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not sd:
+        return {}
+    index = {n: i for i, n in enumerate(n for group in _param_names(module, optimizer) for n in group)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {index[n]: s for n, s in sd["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer, state: dict) -> None:
+    """Load an index-layout ``optimizer.state_dict()`` (full tensors) into the optimizer of a sharded or
+    plain module."""
+    if not is_sharded(module):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for group in _param_names(module, optimizer) for n in group]
+    if len(state["param_groups"]) != len(optimizer.param_groups) or \
+            sum(len(g["params"]) for g in state["param_groups"]) != len(names):
+        raise ValueError("the optimizer state has other parameter groups than this model")
+    sd = {"state": {names[i]: s for i, s in state["state"].items()},
+          "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(module, optimizer, sd, options=StateDictOptions(full_state_dict=True))

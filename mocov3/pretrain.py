@@ -23,8 +23,10 @@ from .eval.knn import knn_evaluate
 from .methods import build_method
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
-from .train.checkpoint import (COMPUTE_ONLY, check_same_model, load_checkpoint, load_state_strict, normalized_config,
-                               refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+from .models.factory import build_from_spec
+from .train.checkpoint import (COMPUTE_ONLY, backbone_state_from_checkpoint, check_same_model, load_checkpoint,
+                               normalized_config, refuse_changes, remove_stale_tmp, rng_state, save_checkpoint,
+                               set_rng_state, spec_from_config)
 from .train.flops import peak_flops, step_flops_per_image
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
@@ -192,9 +194,17 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
     log.info("lr = base_lr %.3g x batch %d / 256 = %.4g; %d steps/epoch, %d steps, warmup %d; "
              "%d trainable parameters; %d process(es) on %s, %s", cfg.optim.base_lr, cfg.train.batch_size,
              peak_lr, steps_per_epoch, total, warmup, n_train, rt.world, rt.device, rt.precision)
+    if cfg.train.strategy == "fsdp" and rt.world > 1:
+        model = du.wrap_fsdp(method, rt.precision)  # sharded in place: ``model`` is ``method``
+        local = sum(t.numel() for t in du.local_tensors(method.parameters()))
+        log.info("FSDP: parameters sharded over %d ranks, %d of %d elements on this rank", rt.world, local,
+                 sum(p.numel() for p in method.parameters()))
+    else:
+        if cfg.train.strategy == "fsdp":
+            log.info("train.strategy=fsdp in one process: nothing to shard, the plain module trains")
+        model = du.wrap_ddp(method, rt.device)
     patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
         if cfg.optim.patch_clip_grad > 0 else []
-    model = du.wrap_ddp(method, rt.device)
     if use_compile(cfg, rt.device):
         # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
         model = torch.compile(model)
@@ -300,9 +310,12 @@ def _get(cfg: dict, dotted: str):
 
 def resume_run(run: RunFolder, state: TrainState, ckpt: dict) -> None:
     """Load model, optimizer, scaler, step, RNG and monitor state; drop metrics logged after the checkpoint."""
-    load_state_strict(state.module, ckpt["model"], run.checkpoint)
     try:
-        state.optimizer.load_state_dict(ckpt["optimizer"])
+        du.load_full_state_dict(state.module, ckpt["model"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
+    try:
+        du.load_full_optimizer_state(state.module, state.optimizer, ckpt["optimizer"])
         if ckpt.get("scaler"):
             state.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -327,13 +340,26 @@ class KnnMonitor(Hook):
         self.enabled = data.bank is not None
         self.fine_every = cfg.eval.knn_every_steps if self.enabled else 0
 
+    def _backbone(self):
+        """The query backbone to evaluate on rank 0: the module's own, or under FSDP a plain copy built
+        from the gathered weights (every rank takes part in the gathering)."""
+        if not du.is_sharded(self.method):
+            return self.method.backbone
+        state = du.full_state_dict(self.method)
+        if not du.is_main():
+            return None
+        backbone = build_from_spec(spec_from_config(to_dict(self.cfg)))
+        backbone.load_state_dict(backbone_state_from_checkpoint({"model": state}), strict=True)
+        return backbone.to(self.rt.device)
+
     def _evaluate(self, step: int, fine: bool, key: str) -> Optional[dict]:
         res = None
+        backbone = self._backbone()
         if du.is_main():
             t0 = time.time()
             e = self.cfg.eval
             limits = dict(bank_limit=e.knn_fine_bank, test_limit=e.knn_fine_test) if fine else {}
-            res = knn_evaluate(self.method.backbone, self.data.bank, self.data.test, self.cfg.data, e,
+            res = knn_evaluate(backbone, self.data.bank, self.data.test, self.cfg.data, e,
                                self.rt.device, self.rt.precision, **limits)
             rec = {"step": step, "epoch": step / self.data.batches.steps_per_epoch, f"{key}_top1": res["top1"]}
             if not fine:
@@ -378,7 +404,7 @@ class CheckpointHook(Hook):
 
     def payload(self, p: Progress) -> dict:
         s = self.state
-        return {"model": s.module.state_dict(), "optimizer": s.optimizer.state_dict(),
+        return {"model": du.full_state_dict(s.module), "optimizer": du.full_optimizer_state(s.module, s.optimizer),
                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
                 "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
                 "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
@@ -396,9 +422,11 @@ class CheckpointHook(Hook):
     def save(self, p: Progress) -> None:
         self.state.raise_if_nonfinite()  # never a checkpoint of a step after a non-finite loss
         self.saved_at = p.step
+        if not du.is_main() and not du.is_sharded(self.state.module):
+            return
+        payload = self.payload(p)  # under FSDP every rank takes part in gathering the full state
         if not du.is_main():
             return
-        payload = self.payload(p)
         save_checkpoint(self.run.path / CHECKPOINT_NAME, payload)
         ep = p.step // p.steps_per_epoch
         if p.end_of_epoch and ep in self.cfg.train.save_epochs:

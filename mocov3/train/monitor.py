@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .. import distributed as du
 from ..models.factory import monitor_groups
 
 
@@ -37,6 +38,7 @@ class GradMonitor:
 
     def __init__(self, method: nn.Module, spike_factor: float = 5.0, window: int = 50, min_history: int = 10):
         self.groups = layer_groups(method)
+        self.sharded = du.is_sharded(method)  # FSDP: norms of local shards, summed over the ranks
         self.spike_factor, self.min_history = spike_factor, min_history
         self.history = {k: deque(maxlen=window) for k in self.groups}
         self._pending: list[tuple[int, torch.Tensor]] = []
@@ -44,16 +46,24 @@ class GradMonitor:
     @torch.no_grad()
     def _group_norms(self, grad_scale=None) -> torch.Tensor:
         """Per-group gradient norms as one float32 device tensor [G] (NaN for a group without gradients)."""
-        per_group = []
-        for params in self.groups.values():
-            grads = [p.grad for p in params if p.grad is not None]
-            if grads:
-                per_group.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).float())
-            else:
-                ref = next(iter(params))
-                per_group.append(torch.full((), float("nan"), device=ref.device))
-        out = torch.stack(per_group)
+        out = self._norms([[p.grad for p in params if p.grad is not None] for params in self.groups.values()])
         return out / grad_scale if grad_scale is not None else out
+
+    def _norms(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
+        """The L2 norm of each list of tensors, [G] float32 (NaN for an empty list); under FSDP the
+        squared norms of the local shards are summed over the ranks (one all-reduce)."""
+        ref = next(iter(next(iter(self.groups.values()))))
+        sq = []
+        for tensors in groups:
+            if tensors:
+                local = du.local_tensors(tensors)
+                sq.append(torch.stack(torch._foreach_norm(local)).float().square().sum())
+            else:
+                sq.append(torch.full((), float("nan"), device=du.local_tensors([ref])[0].device))
+        sq = torch.stack(sq)
+        if self.sharded:
+            du.all_reduce_sum_(sq)
+        return sq.sqrt()
 
     def _as_dict(self, values: list[float]) -> dict[str, float]:
         out = {k: v for k, v in zip(self.groups, values) if v == v}  # NaN: no gradient this step
@@ -86,7 +96,8 @@ class GradMonitor:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Copy the monitored weights before an optimizer step (for :meth:`update_ratios`)."""
-        self._before = {name: [p.detach().clone() for p in params] for name, params in self.groups.items()}
+        self._before = {name: [p.detach().clone() for p in du.local_tensors(params)]
+                        for name, params in self.groups.items()}
 
     @torch.no_grad()
     def update_ratios(self) -> dict[str, float]:
@@ -95,16 +106,11 @@ class GradMonitor:
         before = getattr(self, "_before", None)
         if not before:
             return {}
-        names, vals = [], []
-        for name, params in self.groups.items():
-            old = before[name]
-            diff = torch._foreach_sub([p.detach() for p in params], old)
-            dn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diff)).float())
-            wn = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(old)).float())
-            names.append(name)
-            vals.append(dn / wn.clamp_min(1e-12))
+        names = list(self.groups)
+        diffs = [torch._foreach_sub([p.detach() for p in du.local_tensors(self.groups[n])], before[n]) for n in names]
+        dn, wn = self._norms(diffs), self._norms([before[n] for n in names])
         self._before = None
-        return dict(zip(names, torch.stack(vals).tolist()))
+        return dict(zip(names, (dn / wn.clamp_min(1e-12)).tolist()))
 
     def state_dict(self) -> dict:
         """The spike detector's recent history, saved in checkpoints so a resumed run flags the same spikes."""
