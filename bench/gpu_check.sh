@@ -34,6 +34,12 @@ timeout 260 python bench/step_throughput.py --device cuda --steps 15 \
   --pairs vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled,aug_224:bf16:aug,cifar_vits4:bf16:compiled \
   --out "$OUT/step_throughput_gpu.json" > "$OUT/throughput.txt" 2>&1
 stamp "throughput done"
+
+# 2b. large ViTs on one GPU: peak memory per image, eager vs activation checkpointing (issue 13)
+timeout 150 python bench/step_throughput.py --device cuda --steps 6 \
+  --pairs vit_large_224:bf16,vit_large_224_gc:bf16,vit_huge14_224_gc:bf16 \
+  --out "$OUT/step_throughput_large_gpu.json" > "$OUT/throughput_large.txt" 2>&1
+stamp "large ViTs done"
 fi
 
 # 3. the CIFAR-10 GPU recipe end to end for ~3 minutes (SIGTERM saves a checkpoint), then its kNN
@@ -70,4 +76,4 @@ else
   echo "no $TAR: CIFAR-10 end-to-end skipped" > "$OUT/cifar_pretrain.txt"
 fi
 stamp "cifar done"
-cat "$OUT/progress.txt"; tail -3 "$OUT/pytest_gpu.txt"; cat "$OUT/throughput.txt"; cat "$OUT/cifar10_e2e_gpu.json" 2>/dev/null
+cat "$OUT/progress.txt"; tail -3 "$OUT/pytest_gpu.txt"; cat "$OUT/throughput.txt" "$OUT/throughput_large.txt"; cat "$OUT/cifar10_e2e_gpu.json" 2>/dev/null

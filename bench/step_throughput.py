@@ -28,6 +28,13 @@ CASES = {
     # ViT-S/16 at 224 px with the paper's 4096-wide heads (GPU batch 256, CPU 32)
     "vit_small_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 32, "gpu_batch": 256, "overrides": []},
     "vit_base_224": {"config": "configs/imagenet_vit_base.yaml", "batch": 16, "gpu_batch": 128, "overrides": []},
+    # ViT-L/16 and ViT-H/14 (issue 13's memory rows): eager, and with activation checkpointing at twice the batch
+    "vit_large_224": {"config": "configs/imagenet_vit_base.yaml", "batch": 4, "gpu_batch": 64,
+                      "overrides": ["model=vit_large"]},
+    "vit_large_224_gc": {"config": "configs/imagenet_vit_base.yaml", "batch": 4, "gpu_batch": 128,
+                         "overrides": ["model=vit_large", "model.grad_checkpointing=true"]},
+    "vit_huge14_224_gc": {"config": "configs/imagenet_vit_base.yaml", "batch": 2, "gpu_batch": 64,
+                          "overrides": ["model=vit_huge", "patch_size=14", "model.grad_checkpointing=true"]},
     # ResNet-50 at 224 px with the MoCo v3 ResNet heads (LARS)
     "resnet50_224": {"config": "configs/imagenet_resnet50.yaml", "batch": 32, "gpu_batch": 256, "overrides": []},
     # the CIFAR-10 GPU recipe: ViT-S with 4-pixel patches on 32 px

@@ -106,3 +106,16 @@ def test_fsdp_resumes_a_ddp_checkpoint(folder, tmp_path):
 def test_fsdp_refuses_what_it_does_not_support(extra, why):
     with pytest.raises(ConfigError, match=f"train.strategy=fsdp does not support .*{why}"):
         tiny_cfg("train.strategy=fsdp", *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_fsdp_equals_ddp_for_the_other_methods(folder, tmp_path, method):
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _torchrun(folder, ddp, "train.max_steps=2", f"method={method}", "eval.knn_init=off")
+    _torchrun(folder, fsdp, "train.max_steps=2", f"method={method}", "eval.knn_init=off", "train.strategy=fsdp")
+    la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
+    lb = [r["loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "loss" in r]
+    assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    _close(torch.load(fsdp / "checkpoint.pt", weights_only=True)["model"],
+           torch.load(ddp / "checkpoint.pt", weights_only=True)["model"])
