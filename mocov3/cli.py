@@ -11,6 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
+from . import distributed as du
 from .config import describe_keys
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .data.shards import parse_size, write_shards
@@ -290,7 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return COMMANDS[args.command](args)
+        rc = COMMANDS[args.command](args)
+        if rc == 0:
+            du.shutdown()
+        return rc
     except (MocoError, NotImplementedError) as e:
         print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)

@@ -50,6 +50,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """End a successful distributed command: wait for every rank, free what holds the group (DDP's reducer
+    lives in reference cycles), then destroy the group. Leaving gloo's threads to interpreter exit made a
+    rank abort now and then ("terminate called without an active exception", SIGABRT) after its work
+    was done. Not called after an error: the other ranks may be inside a collective."""
+    if not is_dist():
+        return
+    import gc
+
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def agree(ok: bool) -> bool:
     """True when ``ok`` holds on every process (one all-reduce; just ``ok`` without a process group), so
     that a failure on one rank stops all of them instead of leaving the others waiting."""
