@@ -67,10 +67,18 @@ class TrainingTask:
     def __call__(self) -> int:
         self.proc = subprocess.Popen([sys.executable, "-m", "mocov3", *self.argv],
                                      env={**os.environ, **self._dist_env()})
-        rc = self.proc.wait()
+        # poll rather than Popen.wait(): submitit's signal handler (checkpoint, below) runs in this thread
+        # and waits for the child itself; inside a blocking wait() it would wait for wait()'s own lock
+        while (rc := self.proc.poll()) is None:
+            time.sleep(0.2)
         if rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
             # the run stopped for a preemption / time limit and saved a checkpoint: task 0 requeues the job
             # (submitit), which ends this task too; wait for that instead of reporting a failure
+            if "SUBMITIT_LOCAL_JOB_ID" in os.environ:
+                # submitit's local executor restarts a job once every task has exited, with this code
+                from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+                sys.exit(LOCAL_REQUEUE_RETURN_CODE)
             deadline = time.time() + 600
             while time.time() < deadline:
                 time.sleep(1.0)
@@ -83,13 +91,26 @@ class TrainingTask:
         """Preemption or time limit: let the run save a checkpoint, then requeue the same command."""
         import submitit
 
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is not None and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=600)
-            except subprocess.TimeoutExpired:
+            if not _wait_pid(self.proc.pid, 600):
                 self.proc.kill()
         return submitit.helpers.DelayedSubmission(TrainingTask(self.argv))
+
+
+def _wait_pid(pid: int, timeout: float) -> bool:
+    """Wait for a child to end without Popen's lock (this may run inside a signal handler that
+    interrupted a Popen call); True when it ended (or was already reaped)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return True
+        if done:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partition: Optional[str] = None,

@@ -8,9 +8,11 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY
 
@@ -43,8 +45,7 @@ def _losses(out: Path):
 @pytest.mark.slow
 def test_a_two_task_job_equals_torchrun(folder, tmp_path):
     """Two tasks of submitit's local executor form the process group (RANK, WORLD_SIZE, MASTER_* from the job
-    environment) and train exactly as torchrun's two processes do. (The requeue on preemption follows
-    submitit's checkpoint protocol but is not verified here: see docs/distributed.md.)"""
+    environment) and train exactly as torchrun's two processes do."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     run_args = ["pretrain", "--data", str(folder), "--no-progress", *TINY, "epochs=3", "eval.knn_every=0"]
@@ -66,3 +67,63 @@ def test_a_two_task_job_equals_torchrun(folder, tmp_path):
     assert _losses(out) == _losses(ref)
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["world_size"] == 2
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's tasks through /proc")
+def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(folder, tmp_path, monkeypatch):
+    """Preemption as SLURM signals it: every task of the job gets submitit's signal (USR2) mid-run. Task 0
+    stops the run (a checkpoint after the current step, every rank at the same step) and requeues the job;
+    the requeued tasks resume from the run folder; the metrics equal those of an uninterrupted torchrun job."""
+    submitit = pytest.importorskip("submitit")
+    from mocov3.runtime import read_metrics
+    from mocov3.submit import submit
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_args = ["pretrain", "--data", str(folder), "--no-progress", *TINY, "epochs=12", "eval.knn_every=0"]
+    ref = tmp_path / "ref"
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                          "mocov3", *run_args, "--output-dir", str(ref)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    job = submit(run_args + ["--output-dir", str(out)], gpus_per_node=0, tasks_per_node=2, time="0:05:00",
+                 folder=str(logs), executor="local", signal_delay_s=30)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait for training to be under way
+        lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        if any(r.get("step", 0) >= 6 and "loss" in r for r in lines):
+            break
+        time.sleep(0.2)
+    tasks = _children(job._process.pid)
+    assert len(tasks) == 2, tasks
+    for pid in tasks:
+        os.kill(pid, submitit.JobEnvironment._usr_sig())
+    t0 = time.time()
+    assert job.results() == [0, 0]  # raises if the job failed
+    assert time.time() - t0 < 200  # requeued at once, not after the time limit
+    text = "".join(p.read_text() for p in logs.glob("*_log.err"))
+    assert "Caught signal SIGUSR2" in text and "saving a checkpoint after this step" in text
+    assert "resumed from" in text
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 49))  # resumed: no step twice, none missing
+    assert _losses(out) == _losses(ref)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 48
