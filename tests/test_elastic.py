@@ -19,15 +19,16 @@ from conftest import TINY
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed"),
-              # opt-in: on a loaded 2-core machine gloo sometimes fails to connect the restarted group
-              # (connectFullMesh: connection refused) or hangs until its timeout; alone it passes
+              # opt-in: on a loaded 2-core machine the restarted gloo group sometimes never forms (a hang in
+              # init_process_group, or connectFullMesh refused): 6/10 runs passed with the static rendezvous,
+              # 6/7 with c10d (docs/distributed.md)
               pytest.mark.skipif(not os.environ.get("MOCOV3_ELASTIC_TEST"),
                                  reason="opt-in: MOCOV3_ELASTIC_TEST=1 (gloo reconnection is flaky under load)")]
 
 
 def _cmd(folder, out, port, restarts):
-    return [TORCHRUN, "--nproc_per_node=2", f"--max-restarts={restarts}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", "-m", "mocov3", "pretrain", "--data", str(folder), "--output-dir", str(out),
+    return [TORCHRUN, "--nproc_per_node=2", f"--max-restarts={restarts}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "mocov3", "pretrain", "--data", str(folder), "--output-dir", str(out),
             "--no-progress", *TINY, "epochs=6", "train.checkpoint_every_steps=2", "eval.knn_every=0"]
 
 
