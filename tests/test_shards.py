@@ -164,3 +164,40 @@ def test_torchrun_pretrains_from_shards_on_two_processes(shards, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 7 and ck["data_identity"]["layout"] == [2, 1]
+
+
+def test_brace_patterns_and_shards_without_an_index(shards, tmp_path, capsys):
+    """``--data 'dir/shard-{000000..00000N}.tar'`` selects shards (through the folder's index); a folder of
+    tar shards without index.json (written elsewhere) is scanned once and reads the same samples."""
+    from mocov3.data.datasets import load_dataset
+    from mocov3.data.shards import expand_braces
+
+    assert expand_braces("a-{08..11}.tar") == ["a-08.tar", "a-09.tar", "a-10.tar", "a-11.tar"]
+    assert expand_braces("{1..2}/{0..1}.tar") == ["1/0.tar", "1/1.tar", "2/0.tar", "2/1.tar"]
+    _, out = shards
+    index = json.loads((out / "index.json").read_text())
+    cfg = tiny_cfg().data
+    part = load_dataset(str(out / "shard-{000001..000002}.tar"), cfg)
+    want = index["shards"][1]["labels"] + index["shards"][2]["labels"]
+    assert part.sharded and part.labels.tolist() == want and part.classes == index["classes"]
+    full = load_dataset(str(out), cfg)
+
+    bare = tmp_path / "bare"  # the same tars, no index
+    bare.mkdir()
+    for p in out.glob("*.tar"):
+        (bare / p.name).write_bytes(p.read_bytes())
+    scanned = load_dataset(str(bare), cfg)
+    assert scanned.sharded and scanned.labels.tolist() == full.labels.tolist()
+    assert scanned.classes == ["0", "1", "2"]
+    last = len(index["shards"]) - 1
+    pattern = str(bare / f"shard-{{000000..{last:06d}}}.tar")
+    assert load_dataset(pattern, cfg).labels.tolist() == full.labels.tolist()
+    # pretraining from a pattern, end to end
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", pattern, "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"]) == 0
+    # a pattern naming a shard that is not there is one line naming it
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(bare / f"shard-{{000000..{last + 2:06d}}}.tar"), "--output-dir",
+                 str(tmp_path / "r2"), "--no-progress"] + TINY) == 2
+    assert f"shard missing: {bare / f'shard-{last + 1:06d}.tar'} (and 1 more" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import tarfile
 from pathlib import Path
 
@@ -95,16 +96,81 @@ def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
     return index
 
 
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+
+
+def expand_braces(spec: str) -> list[str]:
+    """``train-{000..127}.tar`` -> the 128 names (zero padding kept; several ranges multiply), webdataset's
+    brace notation."""
+    m = _BRACE.search(spec)
+    if not m:
+        return [spec]
+    a, b = m.group(1), m.group(2)
+    width = len(a) if a.startswith("0") or len(a) == len(b) else 0
+    out = []
+    for i in range(int(a), int(b) + 1):
+        out += expand_braces(spec[:m.start()] + str(i).zfill(width) + spec[m.end():])
+    return out
+
+
 def is_shard_spec(spec: str) -> bool:
+    """An index (a folder holding ``index.json``, or the file), a brace pattern of ``.tar`` files, or a folder
+    of ``.tar`` files without an index."""
+    if _BRACE.search(spec) and spec.endswith(".tar"):
+        return True
     p = Path(spec).expanduser()
-    return (p.is_dir() and (p / INDEX_NAME).is_file()) or (p.is_file() and p.name == INDEX_NAME)
+    return (p.is_dir() and ((p / INDEX_NAME).is_file() or (any(p.glob("*.tar")) and not _has_subfolders(p)))) \
+        or (p.is_file() and p.name == INDEX_NAME)
+
+
+def _has_subfolders(p: Path) -> bool:
+    return any(c.is_dir() for c in p.iterdir())
+
+
+def scan_shards(files: list[Path]) -> dict:
+    """An index for tar shards that came without one (made elsewhere, e.g. by webdataset's writers): each
+    shard read once for its sample count and labels (``KEY.cls``). Class names are the label numbers."""
+    shards, all_labels = [], set()
+    for f in files:
+        labels = [label for _, _, label in _samples(f)]
+        if not labels:
+            raise DataError(f"shard {f} has no labelled samples (KEY.<image ext> + KEY.cls expected)")
+        shards.append({"name": f.name, "count": len(labels), "bytes": f.stat().st_size, "labels": labels})
+        all_labels.update(labels)
+    n_classes = max(all_labels) + 1
+    log.info("indexed %d shards without index.json (%d samples); `mocov3 shard` writes one that saves this pass",
+             len(shards), sum(s["count"] for s in shards))
+    return {"format": FORMAT, "classes": [str(i) for i in range(n_classes)], "total": sum(s["count"] for s in shards),
+            "source": "scanned", "shards": shards}
 
 
 def read_index(spec: str) -> tuple[Path, dict]:
     """The shard folder and its index, every shard checked to exist with its recorded size (a missing or
-    truncated shard is a one-line error naming it)."""
+    truncated shard is a one-line error naming it). A brace pattern selects shards of a folder (through its
+    index when it has one); shards without an index are scanned once (:func:`scan_shards`)."""
+    if _BRACE.search(spec):
+        files = [Path(f).expanduser() for f in expand_braces(spec)]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"shard missing: {missing[0]}" + (f" (and {len(missing) - 1} more of the pattern)"
+                                                              if len(missing) > 1 else ""))
+        roots = {f.parent for f in files}
+        if len(roots) != 1:
+            raise DataError(f"{spec}: the shards of a pattern must lie in one folder")
+        root = roots.pop()
+        if not (root / INDEX_NAME).is_file():
+            return root, scan_shards(files)
+        _, index = read_index(str(root))
+        by_name = {s["name"]: s for s in index["shards"]}
+        unknown = [f.name for f in files if f.name not in by_name]
+        if unknown:
+            raise DataError(f"{root / INDEX_NAME} does not list {unknown[0]}")
+        return root, {**index, "shards": [by_name[f.name] for f in files],
+                      "total": sum(by_name[f.name]["count"] for f in files)}
     p = Path(spec).expanduser()
     root = p if p.is_dir() else p.parent
+    if p.is_dir() and not (root / INDEX_NAME).is_file():
+        return root, scan_shards(sorted(root.glob("*.tar")))
     try:
         index = json.loads((root / INDEX_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
