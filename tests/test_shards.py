@@ -201,3 +201,36 @@ def test_brace_patterns_and_shards_without_an_index(shards, tmp_path, capsys):
     assert main(["pretrain", "--data", str(bare / f"shard-{{000000..{last + 2:06d}}}.tar"), "--output-dir",
                  str(tmp_path / "r2"), "--no-progress"] + TINY) == 2
     assert f"shard missing: {bare / f'shard-{last + 1:06d}.tar'} (and 1 more" in capsys.readouterr().err
+
+
+def test_linear_probe_and_finetune_from_shards(shards, tmp_path, capsys):
+    """The full linear probe and fine-tuning read shards too (workers cut the crops; labels from KEY.cls), and a
+    resumed fine-tuning run continues mid-epoch as on folders."""
+    from mocov3.data.datasets import load_dataset
+    from mocov3.data.shards import ShardLabelledBatches
+
+    _, out = shards
+    data = load_dataset(str(out), tiny_cfg().data)
+    b = ShardLabelledBatches(data, 16, 0, 1, 0, torch.device("cpu"), 16, (0.5, 1.0), (0.75, 1.33), num_workers=0)
+    seen = []
+    for x, y, cropped in b.epoch(0):
+        assert cropped and x.dtype == torch.uint8 and x.shape == (16, 3, 16, 16) and y.shape == (16,)
+        seen += b.last_keys.tolist()
+        assert y.tolist() == [data.labels[k].item() for k in b.last_keys.tolist()]  # labels follow their images
+    assert len(seen) == len(set(seen)) == b.steps_per_epoch * 16  # each sample at most once an epoch
+    again = [b.last_keys.tolist() for _ in b.epoch(0, start_step=3)]
+    assert sum(again, []) == seen[3 * 16:]  # mid-epoch resume: the remaining batches, nothing repeated
+
+    test = make_folder(tmp_path / "test", n_per_class=6, seed=4)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(out), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["linear", "--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(out), "--test-data",
+                 str(test), "linear.epochs=2", "linear.batch_size=32", "data.num_workers=1"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mode"] == "full"
+    ft = tmp_path / "ft"
+    assert main(["finetune", "--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(out), "--test-data",
+                 str(test), "--output-dir", str(ft), "finetune.epochs=2", "finetune.batch_size=32",
+                 "data.num_workers=1"]) == 0
+    assert json.loads((ft / "result.json").read_text())["top1"] >= 0

@@ -25,7 +25,7 @@ from .augment import eval_transform
 from .files import IMG_EXTENSIONS, decode_crops, load_rgb, resize_center_crop, scan_folder  # noqa: F401
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
-from .shards import is_shard_spec, read_index, shard_eval_batches
+from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +355,7 @@ class LabelledBatches(_GlobalBatches):
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
                  size: int, scale, ratio, num_workers: int = 4):
         if data.sharded:
-            raise DataError(f"{data.name}: sharded data serves pretraining and the kNN monitor / mocov3 knn; "
-                            f"give the linear probe and fine-tuning an image folder")
+            raise DataError(f"{data.name}: sharded data: use labelled_batches()")
         if batch_size_total % world:
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
@@ -375,6 +374,17 @@ class LabelledBatches(_GlobalBatches):
             return
         for x, y in self._stream_batches(epoch, idx):
             yield x, y, True
+
+
+def labelled_batches(data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device, size: int,
+                     scale, ratio, num_workers: int = 4):
+    """Supervised training batches of ``data``: :class:`LabelledBatches` for folders and in-memory sets,
+    :class:`~mocov3.data.shards.ShardLabelledBatches` for shards (same ``epoch(e, start_step)`` and
+    ``steps_per_epoch``)."""
+    if batch_size_total % world:
+        raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
+    make = ShardLabelledBatches if data.sharded else LabelledBatches
+    return make(data, batch_size_total, rank, world, seed, device, size, scale, ratio, num_workers)
 
 
 def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: int,

@@ -14,6 +14,7 @@ sample. At most one local batch per rank is dropped per epoch. Order within a sh
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ import os
 import random
 import re
 import tarfile
+import types
 from pathlib import Path
 
 import torch
@@ -234,13 +236,20 @@ def _range_reader(root: Path, index: dict, seq, start: int, length: int):
         pos += count
 
 
-class _ShardStream(torch.utils.data.IterableDataset):
-    """Each worker yields its own steps' batches: (crops 1 [b,3,S,S], crops 2, keys, unreadable count)."""
+def _key_id(key: str) -> int:
+    """A sample's number: its key when numeric (``mocov3 shard``), else a stable hash of it (foreign shards)."""
+    return int(key) if key.isdigit() else int(hashlib.sha1(key.encode()).hexdigest()[:12], 16)
 
-    def __init__(self, root, index, cfg, seed, rank, world, local_batch, workers):
+
+class _ShardStream(torch.utils.data.IterableDataset):
+    """Each worker yields its own steps' batches: (crops 1 [b,3,S,S], crops 2, keys, unreadable count), or
+    with ``labelled`` (supervised training) (crops [b,3,S,S], labels [b], keys, unreadable count)."""
+
+    def __init__(self, root, index, cfg, seed, rank, world, local_batch, workers, labelled: bool = False):
         self.root, self.index, self.cfg, self.seed = root, index, cfg, seed
         self.rank, self.world, self.local, self.workers = rank, world, local_batch, max(1, workers)
         self.epoch, self.start_step = 0, 0
+        self.labelled = labelled
 
     def plan(self, epoch: int):
         """(sequence, steps per epoch, this rank's [start, length)) for an epoch."""
@@ -267,6 +276,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
             streams[role] = (_range_reader(self.root, self.index, seq, start + done * self.local,
                                            (nb - done) * self.local), nb - done)
         c = self.cfg
+        n = 1 if self.labelled else 2
         for k in range(self.start_step, steps):
             role = k % self.workers
             if role not in streams:
@@ -275,26 +285,28 @@ class _ShardStream(torch.utils.data.IterableDataset):
             a, b, keys, bad = [], [], [], 0
             last = None
             for _ in range(self.local):
-                key, data, _label = next(it)
-                rng = random.Random(seed_for(self.seed, self.epoch, int(key)))
+                key, data, label = next(it)
+                rng = random.Random(seed_for(self.seed, self.epoch, _key_id(key), *(
+                    (Stream.SUPERVISED_AUG,) if self.labelled else ())))
                 try:
-                    pair = decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=2)
-                    last = pair
+                    crops = decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=n)
+                    last = (crops, label)
                 except Exception as e:  # noqa: BLE001 - a corrupt sample: skipped, logged, counted
                     log.warning("skipping unreadable sample %s (%s)", key, type(e).__name__)
                     bad += 1
-                    pair = last
-                    while pair is None:  # the batch's first sample: take the next readable one
-                        key2, data2, _ = next(it)
+                    crops, label = last if last is not None else (None, None)
+                    while crops is None:  # the batch's first sample: take the next readable one
+                        key2, data2, label = next(it)
                         try:
-                            pair = decode_crops(io.BytesIO(data2), c.image_size, c.crop_scale, c.crop_ratio,
-                                                rng, n=2)
+                            crops = decode_crops(io.BytesIO(data2), c.image_size, c.crop_scale, c.crop_ratio,
+                                                 rng, n=n)
                         except Exception:  # noqa: BLE001
                             bad += 1
-                a.append(pair[0])
-                b.append(pair[1])
-                keys.append(int(key))
-            yield torch.stack(a), torch.stack(b), torch.tensor(keys), torch.tensor(bad)
+                a.append(crops[0])
+                b.append(label if self.labelled else crops[1])
+                keys.append(_key_id(key))
+            second = torch.tensor(b, dtype=torch.long) if self.labelled else torch.stack(b)
+            yield torch.stack(a), second, torch.tensor(keys), torch.tensor(bad)
 
 
 class ShardTrainBatches:
@@ -329,6 +341,28 @@ class ShardTrainBatches:
             raise DataError(text[-1] if text else type(e).__name__) from None
 
 
+class ShardLabelledBatches(ShardTrainBatches):
+    """:class:`~mocov3.data.datasets.LabelledBatches` for shards (fine-tuning, the full linear probe):
+    ``epoch(e, start_step)`` yields this rank's ``(crops uint8 [b,3,S,S], labels [b], cropped=True)``;
+    workers cut the RandomResizedCrop (``scale``, ``ratio``), the same order rules as pretraining."""
+
+    def __init__(self, data, batch_size_total: int, rank: int, world: int, seed: int, device, size: int, scale,
+                 ratio, num_workers: int = 4):
+        crop = types.SimpleNamespace(image_size=size, crop_scale=tuple(scale), crop_ratio=tuple(ratio))
+        self.data, self.device, self.num_workers = data, device, num_workers
+        self.stream = _ShardStream(data.shard_root, data.shard_index, crop, seed, rank, world,
+                                   batch_size_total // world, num_workers, labelled=True)
+        self.steps_per_epoch = self.stream.plan(0)[1]
+        if self.steps_per_epoch < 1:
+            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
+        self.unreadable = 0
+        self.last_keys = None
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        for x, y, _ in super().epoch(epoch, start_step):
+            yield x, y, True
+
+
 def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, limit: int = 0):
     """Evaluation inputs of a sharded set in stored order (the first ``limit`` samples; the converter
     shuffled them, so they are a random subset): (normalized [b, 3, S, S], readable mask [b])."""
@@ -359,5 +393,5 @@ def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, li
         yield flush()
 
 
-__all__ = ["write_shards", "read_index", "is_shard_spec", "ShardTrainBatches", "shard_eval_batches", "parse_size",
+__all__ = ["write_shards", "read_index", "is_shard_spec", "ShardTrainBatches", "ShardLabelledBatches", "shard_eval_batches", "parse_size",
            "epoch_sequence"]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import distributed as du
 from ..config import Config, save_config, scaled_lr, to_dict
 from ..data.augment import random_crop_flip
-from ..data.datasets import ImageData, LabelledBatches, eval_batches
+from ..data.datasets import ImageData, eval_batches, labelled_batches
 from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
@@ -192,7 +192,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     groups = layer_decay_groups(model, ft.weight_decay, ft.layer_decay)
     peak = scaled_lr(ft.base_lr, ft.batch_size)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
-    batches = LabelledBatches(train, ft.batch_size, rank, world, cfg.train.seed, device, cfg.data.image_size,
+    batches = labelled_batches(train, ft.batch_size, rank, world, cfg.train.seed, device, cfg.data.image_size,
                               ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers)
     steps_per_epoch = batches.steps_per_epoch
     total = ft.epochs * steps_per_epoch

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .. import distributed as du
 from ..config import scaled_lr
 from ..data.augment import random_crop_flip
-from ..data.datasets import ImageData, LabelledBatches
+from ..data.datasets import ImageData, labelled_batches
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
 from ..train.schedules import lr_at
@@ -117,7 +117,7 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
     bs = min(cfg.batch_size, len(train))
     bs -= bs % world
     lr = scaled_lr(cfg.base_lr, bs)
-    batches = LabelledBatches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
+    batches = labelled_batches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
                               (3 / 4, 4 / 3), data_cfg.num_workers)
     total = cfg.epochs * batches.steps_per_epoch
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
