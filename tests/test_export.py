@@ -210,3 +210,39 @@ def test_push_to_hub_uploads_the_folder(checkpoint, tmp_path, monkeypatch, capsy
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny"]) == 2
     assert "needs the huggingface_hub package" in capsys.readouterr().err
+
+
+def _resnet_hub(folder, tmp_path):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=1", "model=resnet18", "method.proj_layers=2"]) == 0
+    exp = tmp_path / "hub"
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(exp), "--format",
+                 "timm-hub"]) == 0
+    return run / "checkpoint.pt", exp
+
+
+def test_timm_hub_export_of_a_resnet(folder, tmp_path):
+    """ResNets (ImageNet stem) export to timm's layout too: torchvision/timm names, fc as the classifier."""
+    ckpt, exp = _resnet_hub(folder, tmp_path)
+    c = json.loads((exp / "config.json").read_text())
+    assert c["architecture"] == "resnet18" and c["num_features"] == 512 and c["model_args"] == {"num_classes": 0}
+    assert c["pretrained_cfg"]["first_conv"] == "conv1" and c["pretrained_cfg"]["classifier"] == "fc"
+    assert c["pretrained_cfg"]["fixed_input_size"] is False
+    from safetensors.torch import load_file
+
+    names = set(load_file(str(exp / "model.safetensors")))
+    assert "conv1.weight" in names and "layer4.1.bn2.running_var" in names and "fc.weight" not in names
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(mocov3.load_backbone(exp)(x), mocov3.load_backbone(ckpt)(x))
+
+
+def test_timm_hub_resnet_loads_with_timm(folder, tmp_path):
+    timm = pytest.importorskip("timm")
+    _, exp = _resnet_hub(folder, tmp_path)
+    m = timm.create_model("resnet18", pretrained=True, num_classes=0,
+                          pretrained_cfg_overlay=dict(file=str(exp / "model.safetensors"), num_classes=0)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(m(x), mocov3.load_backbone(exp)(x), atol=1e-5)
