@@ -313,9 +313,7 @@ def wrap_fsdp(method: nn.Module, precision: str) -> nn.Module:
 
 def local_tensors(tensors) -> list:
     """This rank's shards of DTensors (FSDP parameters and gradients); plain tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
 def full_state_dict(module: nn.Module) -> dict:

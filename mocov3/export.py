@@ -173,7 +173,7 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
             raise CheckpointError(f"the {k[:-5]} result is of step {v}, the checkpoint is of step {ckpt['step']}: "
                                   f"results of another checkpoint")
     config_json = timm_hub_config(spec, cfg, meta) if fmt == "timm-hub" else meta
-    card = _model_card(meta, cfg, Path(checkpoint), config_json if fmt == "timm-hub" else None)
+    card = _model_card(meta, cfg, Path(checkpoint), hub=fmt == "timm-hub")
     # everything is prepared before the first write
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -191,7 +191,7 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
     return output
 
 
-def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: Optional[dict] = None) -> str:
+def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: bool = False) -> str:
     s = meta["spec"]
     if meta["architecture"] == "vit":
         title = f"{cfg['model']['name']}/{s['patch_size']}"
@@ -202,7 +202,7 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: Optional[dict] = N
         arch = f"{s['name']} ({'CIFAR stem' if s['cifar_stem'] else 'ImageNet stem'}), image {s['img_size']} px"
     epochs = f"{meta['pretrain_epoch']:.2f}" if isinstance(meta.get("pretrain_epoch"), (int, float)) else "?"
     lines = []
-    if hub is not None:  # the Hub reads the card's front matter: library, tags, task
+    if hub:  # the Hub reads the card's front matter: library, tags, task
         tags = dict.fromkeys(["image-feature-extraction", "timm", "mocov3", meta["method"], "self-supervised"])
         lines += ["---", "library_name: timm", "tags:", *(f"- {t}" for t in tags),
                   "pipeline_tag: image-feature-extraction", "---", ""]
@@ -225,7 +225,7 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: Optional[dict] = N
     else:
         lines.append("- none recorded")
     lines += ["", "## Loading", "", "```python"]
-    if hub is not None:
+    if hub:
         lines += ["import timm", "# from the Hub (after --push-to-hub), or from this folder:",
                   "model = timm.create_model('hf-hub:USER/REPO', pretrained=True)",
                   "model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True)",
@@ -236,12 +236,12 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: Optional[dict] = N
                   "                                                      num_classes=0))",
                   "# or with mocov3:"]
     lines += ["import mocov3", "model = mocov3.load_backbone('THIS_FOLDER')"]
-    if meta["timm_kwargs"] and hub is None:
+    if meta["timm_kwargs"] and not hub:
         lines += ["# or with timm:", "import json, timm.models.vision_transformer as tv",
                   "from safetensors.torch import load_file",
                   "kw = json.load(open('THIS_FOLDER/config.json'))['timm_kwargs']",
                   "m = tv.VisionTransformer(**kw); m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'))"]
-    if meta.get("torchvision") and hub is None:
+    if meta.get("torchvision") and not hub:
         lines += ["# or with torchvision (strict=False: the export has no fc):", "import torchvision",
                   "from safetensors.torch import load_file",
                   f"m = torchvision.models.{meta['torchvision']}()",

@@ -21,9 +21,10 @@ from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset
 from .data.shards import ShardTrainBatches
 from .eval.knn import knn_evaluate
 from .methods import build_method
+from .models.factory import build_from_spec
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
-from .models.factory import build_from_spec
+from .tracking import open_sinks
 from .train.checkpoint import (COMPUTE_ONLY, backbone_state_from_checkpoint, check_same_model, load_checkpoint,
                                normalized_config, refuse_changes, remove_stale_tmp, rng_state, save_checkpoint,
                                set_rng_state, spec_from_config)
@@ -32,7 +33,6 @@ from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
 from .train.schedules import lr_at, momentum_at
-from .tracking import open_sinks
 from .train.step import TrainState
 
 log = logging.getLogger(__name__)

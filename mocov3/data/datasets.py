@@ -381,8 +381,6 @@ def labelled_batches(data: ImageData, batch_size_total: int, rank: int, world: i
     """Supervised training batches of ``data``: :class:`LabelledBatches` for folders and in-memory sets,
     :class:`~mocov3.data.shards.ShardLabelledBatches` for shards (same ``epoch(e, start_step)`` and
     ``steps_per_epoch``)."""
-    if batch_size_total % world:
-        raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
     make = ShardLabelledBatches if data.sharded else LabelledBatches
     return make(data, batch_size_total, rank, world, seed, device, size, scale, ratio, num_workers)
 

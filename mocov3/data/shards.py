@@ -134,7 +134,7 @@ def scan_shards(files: list[Path]) -> dict:
     shard read once for its sample count and labels (``KEY.cls``). Class names are the label numbers."""
     shards, all_labels = [], set()
     for f in files:
-        labels = [label for _, _, label in _samples(f)]
+        labels = _labels(f)
         if not labels:
             raise DataError(f"shard {f} has no labelled samples (KEY.<image ext> + KEY.cls expected)")
         shards.append({"name": f.name, "count": len(labels), "bytes": f.stat().st_size, "labels": labels})
@@ -162,30 +162,49 @@ def read_index(spec: str) -> tuple[Path, dict]:
         root = roots.pop()
         if not (root / INDEX_NAME).is_file():
             return root, scan_shards(files)
-        _, index = read_index(str(root))
+        index = _load_index(root)
         by_name = {s["name"]: s for s in index["shards"]}
         unknown = [f.name for f in files if f.name not in by_name]
         if unknown:
             raise DataError(f"{root / INDEX_NAME} does not list {unknown[0]}")
-        return root, {**index, "shards": [by_name[f.name] for f in files],
-                      "total": sum(by_name[f.name]["count"] for f in files)}
+        index = {**index, "shards": [by_name[f.name] for f in files],
+                 "total": sum(by_name[f.name]["count"] for f in files)}
+        return root, _checked(root, index)
     p = Path(spec).expanduser()
     root = p if p.is_dir() else p.parent
     if p.is_dir() and not (root / INDEX_NAME).is_file():
         return root, scan_shards(sorted(root.glob("*.tar")))
+    return root, _checked(root, _load_index(root))
+
+
+def _load_index(root: Path) -> dict:
     try:
         index = json.loads((root / INDEX_NAME).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {root / INDEX_NAME}: {first_line(e)}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("shards"):
         raise DataError(f"{root / INDEX_NAME} is not a mocov3 shard index")
+    return index
+
+
+def _checked(root: Path, index: dict) -> dict:
+    """``index`` after checking that each of its shards exists with its recorded size."""
     for s in index["shards"]:
         f = root / s["name"]
         if not f.is_file():
             raise DataError(f"shard missing: {f}")
         if f.stat().st_size != s["bytes"]:
             raise DataError(f"shard truncated or changed: {f} ({f.stat().st_size} bytes, index says {s['bytes']})")
-    return root, index
+    return index
+
+
+def _labels(path: Path) -> list[int]:
+    """The labels (``KEY.cls``) of one shard in stored order; the images are passed over, not read."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            return [int(tar.extractfile(m).read()) for m in tar if m.isfile() and m.name.endswith(".cls")]
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
 
 def _samples(path: Path, skip: int = 0):
@@ -314,10 +333,12 @@ class ShardTrainBatches:
     ``(a, b, crop=False)`` uint8 crops on the device (see the module docstring for the order)."""
 
     def __init__(self, data, data_cfg, batch_size_total: int, rank: int, world: int, seed: int, device,
-                 num_workers: int = 4):
+                 num_workers: int = 4, labelled: bool = False):
+        if batch_size_total % world:
+            raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         self.data, self.device, self.num_workers = data, device, num_workers
         self.stream = _ShardStream(data.shard_root, data.shard_index, data_cfg, seed, rank, world,
-                                   batch_size_total // world, num_workers)
+                                   batch_size_total // world, num_workers, labelled)
         self.steps_per_epoch = self.stream.plan(0)[1]
         if self.steps_per_epoch < 1:
             raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
@@ -349,14 +370,7 @@ class ShardLabelledBatches(ShardTrainBatches):
     def __init__(self, data, batch_size_total: int, rank: int, world: int, seed: int, device, size: int, scale,
                  ratio, num_workers: int = 4):
         crop = types.SimpleNamespace(image_size=size, crop_scale=tuple(scale), crop_ratio=tuple(ratio))
-        self.data, self.device, self.num_workers = data, device, num_workers
-        self.stream = _ShardStream(data.shard_root, data.shard_index, crop, seed, rank, world,
-                                   batch_size_total // world, num_workers, labelled=True)
-        self.steps_per_epoch = self.stream.plan(0)[1]
-        if self.steps_per_epoch < 1:
-            raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
-        self.unreadable = 0
-        self.last_keys = None
+        super().__init__(data, crop, batch_size_total, rank, world, seed, device, num_workers, labelled=True)
 
     def epoch(self, epoch: int, start_step: int = 0):
         for x, y, _ in super().epoch(epoch, start_step):
@@ -393,5 +407,5 @@ def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, li
         yield flush()
 
 
-__all__ = ["write_shards", "read_index", "is_shard_spec", "ShardTrainBatches", "ShardLabelledBatches", "shard_eval_batches", "parse_size",
-           "epoch_sequence"]
+__all__ = ["write_shards", "read_index", "is_shard_spec", "ShardTrainBatches", "ShardLabelledBatches",
+           "shard_eval_batches", "parse_size", "epoch_sequence"]

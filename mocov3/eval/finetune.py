@@ -23,9 +23,9 @@ from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
 from ..runtime import ConfigError, MetricsWriter, Stream, autocast, seed_for
+from ..tracking import open_sinks
 from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, normalized_config,
                                 refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
-from ..tracking import open_sinks
 from ..train.optim import no_decay_names
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize

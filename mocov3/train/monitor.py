@@ -39,6 +39,7 @@ class GradMonitor:
     def __init__(self, method: nn.Module, spike_factor: float = 5.0, window: int = 50, min_history: int = 10):
         self.groups = layer_groups(method)
         self.sharded = du.is_sharded(method)  # FSDP: norms of local shards, summed over the ranks
+        self._device = du.local_tensors([next(iter(next(iter(self.groups.values()))))])[0].device
         self.spike_factor, self.min_history = spike_factor, min_history
         self.history = {k: deque(maxlen=window) for k in self.groups}
         self._pending: list[tuple[int, torch.Tensor]] = []
@@ -52,14 +53,13 @@ class GradMonitor:
     def _norms(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
         """The L2 norm of each list of tensors, [G] float32 (NaN for an empty list); under FSDP the
         squared norms of the local shards are summed over the ranks (one all-reduce)."""
-        ref = next(iter(next(iter(self.groups.values()))))
         sq = []
         for tensors in groups:
             if tensors:
                 local = du.local_tensors(tensors)
                 sq.append(torch.stack(torch._foreach_norm(local)).float().square().sum())
             else:
-                sq.append(torch.full((), float("nan"), device=du.local_tensors([ref])[0].device))
+                sq.append(torch.full((), float("nan"), device=self._device))
         sq = torch.stack(sq)
         if self.sharded:
             du.all_reduce_sum_(sq)
@@ -108,7 +108,7 @@ class GradMonitor:
             return {}
         names = list(self.groups)
         diffs = [torch._foreach_sub([p.detach() for p in du.local_tensors(self.groups[n])], before[n]) for n in names]
-        dn, wn = self._norms(diffs), self._norms([before[n] for n in names])
+        dn, wn = self._norms(diffs + [before[n] for n in names]).split(len(names))  # one all-reduce under FSDP
         self._before = None
         return dict(zip(names, (dn / wn.clamp_min(1e-12)).tolist()))
 
