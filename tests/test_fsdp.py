@@ -109,11 +109,11 @@ def test_fsdp_refuses_what_it_does_not_support(extra, why):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["byol", "simclr"])
-def test_fsdp_equals_ddp_for_the_other_methods(folder, tmp_path, method):
+@pytest.mark.parametrize("setting", ["method=byol", "method=simclr", "model.grad_checkpointing=true"])
+def test_fsdp_equals_ddp_for_the_other_methods_and_activation_checkpointing(folder, tmp_path, setting):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
-    _torchrun(folder, ddp, "train.max_steps=2", f"method={method}", "eval.knn_init=off")
-    _torchrun(folder, fsdp, "train.max_steps=2", f"method={method}", "eval.knn_init=off", "train.strategy=fsdp")
+    _torchrun(folder, ddp, "train.max_steps=2", setting, "eval.knn_init=off")
+    _torchrun(folder, fsdp, "train.max_steps=2", setting, "eval.knn_init=off", "train.strategy=fsdp")
     la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "loss" in r]
     assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
