@@ -2,9 +2,13 @@
 and in total with DataLoader workers.
 
 Makes N synthetic ImageNet-size JPEGs (500 x 375, quality 90, smooth content with noise, ~70-110 KB) or
-uses a folder given with --folder. Compares the previous path (full decode, tensor box sampling, resize
-with box; re-created here) with the current one (`mocov3.data.datasets.decode_crops`: one decode,
-Python box sampling, DCT-scaled decode where both crops allow). Writes bench/results/data_throughput_cpu.json.
+uses a folder given with --folder. Compares the first path (full Pillow decode, tensor box sampling, Pillow
+resize with box; re-created here) with the current one (`mocov3.data.datasets.decode_crops`: one
+libjpeg-turbo decode through simplejpeg, DCT-scaled to n/8 where both crops allow, Python box sampling,
+PyTorch's uint8 antialiased resize), the current one with the Pillow decoder (the fallback), and two
+floors: a full-size decode alone and a decode at 1/8 scale (where the inverse DCT and colour conversion
+nearly vanish: what is left is the entropy decoding no scaling avoids). Writes
+bench/results/data_throughput_cpu.json.
 
 Usage: python bench/data_throughput.py [--n 300] [--workers 2] [--folder DIR]
 """
@@ -93,10 +97,20 @@ def main() -> None:
     res = {"what": "decode + two RandomResizedCrops (scale 0.08-1) to 224 px, uint8 tensors, per image",
            "images": len(paths), "mean_kb": sum(sizes) / len(sizes) / 1024,
            "source": args.folder or "synthetic 500x375 JPEG q90"}
-    res["decode_only_per_worker"] = per_worker(lambda p: __import__("PIL.Image").Image.open(p).convert("RGB"), paths)
+    from mocov3.data import files
+
+    res["decoder"] = "simplejpeg " + files.simplejpeg.__version__ if files.simplejpeg else "pillow"
+    res["decode_only_per_worker"] = per_worker(lambda p: files.decode_rgb(files._read_bytes(p)), paths)
+    res["decode_only_pillow_per_worker"] = per_worker(lambda p: __import__("PIL.Image").Image.open(p).convert("RGB"),
+                                                      paths)
+    res["decode_1_8_scale_per_worker"] = per_worker(lambda p: files.decode_rgb(files._read_bytes(p), 1, 1), paths)
     res["legacy_per_worker"] = per_worker(lambda p: legacy_two_views(p, g), paths)
     res["current_per_worker"] = per_worker(lambda p: decode_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2),
                                            paths)
+    saved, files.simplejpeg = files.simplejpeg, None
+    res["current_pillow_decoder_per_worker"] = per_worker(
+        lambda p: decode_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2), paths)
+    files.simplejpeg = saved
     cfg = load_config(None, ["data.num_workers=0"]).data
     data = ImageData("bench", torch.zeros(len(paths), dtype=torch.long), ["x"], paths=paths)
     ds = StreamingTrainSet(data, cfg, seed=0)

@@ -2,6 +2,7 @@
 distribution as the reference sampler (two-sample Kolmogorov-Smirnov tests on areas and aspect ratios)."""
 from __future__ import annotations
 
+import io
 import math
 import random
 
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from mocov3.data.augment import sample_crop_box, sample_crop_boxes
+from mocov3.data import files
 from mocov3.data.datasets import decode_crops
 
 
@@ -53,21 +55,30 @@ def _jpeg(path, w=1600, h=1200):
     return path
 
 
-def test_decode_crops_uses_dct_scaling_only_where_the_crops_allow(tmp_path, monkeypatch):
+@pytest.fixture(params=["simplejpeg", "pillow"])
+def backend(request, monkeypatch):
+    """Both decoders: libjpeg-turbo through simplejpeg (the default) and the Pillow fallback."""
+    if request.param == "pillow":
+        monkeypatch.setattr(files, "simplejpeg", None)
+    else:
+        pytest.importorskip("simplejpeg")
+    return request.param
+
+
+def test_decode_crops_uses_dct_scaling_only_where_the_crops_allow(tmp_path, monkeypatch, backend):
     path = _jpeg(tmp_path / "big.jpg")
-    from PIL import JpegImagePlugin
+    decoded = []
+    real = files.decode_rgb
 
-    drafts = []
-    real = JpegImagePlugin.JpegImageFile.draft
+    def spy(blob, *a, **kw):
+        out = real(blob, *a, **kw)
+        decoded.append(out.shape[:2])
+        return out
 
-    def spy(self, mode, size):
-        drafts.append(size)
-        return real(self, mode, size)
-
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    monkeypatch.setattr(files, "decode_rgb", spy)
     # large crops of a large image: decoded at a reduced scale, output still the crop of the full image
     crops = decode_crops(str(path), 64, (0.9, 1.0), (1.0, 1.0), random.Random(0), n=2)
-    assert drafts and drafts[-1][0] < 1600
+    assert decoded[-1][1] < 1600 and decoded[-1][1] / decoded[-1][0] == pytest.approx(4 / 3, rel=0.01)
     assert [c.shape for c in crops] == [(3, 64, 64)] * 2
     full = Image.open(path).convert("RGB")
     rng = random.Random(0)
@@ -75,7 +86,69 @@ def test_decode_crops_uses_dct_scaling_only_where_the_crops_allow(tmp_path, monk
     for c, (top, left, h, w) in zip(crops, boxes):
         ref = np.asarray(full.resize((64, 64), Image.BILINEAR, box=(left, top, left + w, top + h))).astype(float)
         assert np.abs(c.permute(1, 2, 0).numpy() - ref).mean() < 4  # the same picture, within JPEG scaling error
-    # a small crop: full resolution (no draft)
-    drafts.clear()
+    # the decoded image still gives every box at least the output size (no crop loses resolution)
+    h_img, w_img = decoded[-1]
+    assert min(min(h * h_img / 1200, w * w_img / 1600) for _, _, h, w in boxes) >= 64 - 1
+    # a small crop: full resolution
     decode_crops(str(path), 224, (0.01, 0.02), (3 / 4, 4 / 3), random.Random(0), n=2)
-    assert not drafts
+    assert decoded[-1] == (1200, 1600)
+
+
+def _photo(h=375, w=500, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x / w * 255, y / h * 255, (x + y) % 256], -1) * 0.7 + rng.integers(0, 80, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _encode(img: np.ndarray, mode="RGB", fmt="JPEG", **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).convert(mode).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")])
+def test_decoders_give_pillows_pixels(mode, fmt, backend):
+    """The fast decoder (same libjpeg-turbo, same IDCT and upsampling) gives Pillow's pixels exactly, for
+    colour, grey and CMYK JPEGs and other formats."""
+    blob = _encode(_photo(), mode, fmt, quality=90) if fmt == "JPEG" else _encode(_photo(), mode, fmt)
+    ref = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+    out = files.decode_rgb(blob)
+    assert out.shape == ref.shape and out.dtype == np.uint8
+    assert np.array_equal(out, ref)
+    assert files.image_size(blob) == (500, 375)
+
+
+@pytest.mark.parametrize("cut", [40, 0.5])
+def test_truncated_or_corrupt_jpegs_raise(cut, backend):
+    """So the workers skip and count them (never train on a half-grey picture)."""
+    blob = _encode(_photo(), quality=90)
+    with pytest.raises(Exception):
+        files.decode_crops(blob[: int(cut * len(blob)) if cut < 1 else cut], 64, (0.08, 1.0), (3 / 4, 4 / 3),
+                           random.Random(0), n=2)
+    with pytest.raises(Exception):
+        files.decode_crops(b"\xff\xd8 not a jpeg at all", 64, (0.08, 1.0), (3 / 4, 4 / 3), random.Random(0))
+
+
+def test_resize_crop_is_pillows_bilinear_filter():
+    """The vectorized uint8 resize equals Pillow's BILINEAR (antialiased) resize of the same box, up to
+    rounding inside the box (at its edges Pillow's filter also reads pixels outside the box)."""
+    img = _photo()
+    t = torch.from_numpy(img)
+    for top, left, h, w in [(10, 20, 300, 280), (0, 0, 375, 500), (5, 7, 100, 150), (50, 60, 40, 30)]:
+        out = files.resize_crop(t, (top, left, h, w), 64).permute(1, 2, 0).numpy().astype(int)
+        ref = np.asarray(Image.fromarray(img).resize((64, 64), Image.BILINEAR,
+                                                     box=(left, top, left + w, top + h))).astype(int)
+        diff = np.abs(out - ref)
+        assert diff[2:-2, 2:-2].max() <= 1 and diff.mean() < 0.3
+
+
+def test_paths_files_and_bytes_give_the_same_crops(tmp_path):
+    blob = _encode(_photo(), quality=90)
+    (tmp_path / "a.jpg").write_bytes(blob)
+    args = (96, (0.08, 1.0), (3 / 4, 4 / 3))
+    a = files.decode_crops(str(tmp_path / "a.jpg"), *args, random.Random(3), n=2)
+    b = files.decode_crops(io.BytesIO(blob), *args, random.Random(3), n=2)
+    c = files.decode_crops(blob, *args, random.Random(3), n=2)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)

@@ -1,6 +1,7 @@
 """Image files: listing a class-folder tree, decoding, and cutting crops in data workers."""
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -66,29 +67,95 @@ def load_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
-def decode_crops(path, size: int, scale, ratio, rng: random.Random, n: int = 1) -> list[torch.Tensor]:
-    """``n`` RandomResizedCrops of one image file (a path or a file object), uint8 [3, size, size] each, from
-    a single decode.
+try:  # libjpeg-turbo's decoder with DCT scaling to any n/8 (a dependency; Pillow is the fallback)
+    import simplejpeg
+except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
+    simplejpeg = None
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+def _read_bytes(src) -> bytes:
+    """The encoded file: ``src`` is a path, a binary file object or the bytes themselves."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    if hasattr(src, "read"):
+        return src.read()
+    with open(src, "rb") as f:
+        return f.read()
+
+
+def decode_rgb(blob: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+    """Decode an encoded image to uint8 [H, W, 3] RGB. A JPEG may come out smaller than its stored size:
+    libjpeg-turbo's DCT scaling (n/8, n = 1..8) to the smallest size at least ``min_width`` x
+    ``min_height`` (0: full size). Other formats, CMYK JPEGs, and machines without ``simplejpeg`` go
+    through Pillow (``draft`` then scales by 1/2, 1/4 or 1/8 only). Raises on a corrupt or truncated file."""
+    if simplejpeg is not None and blob[:2] == JPEG_MAGIC:
+        try:
+            colorspace = simplejpeg.decode_jpeg_header(blob)[2]
+        except ValueError:
+            colorspace = None  # let Pillow decide (and raise on a corrupt file)
+        if colorspace in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: Pillow converts them properly
+            kw = {"min_width": min_width, "min_height": min_height} if (min_width or min_height) else {}
+            return simplejpeg.decode_jpeg(blob, colorspace="RGB", **kw)
+    with Image.open(io.BytesIO(blob)) as im:
+        if (min_width or min_height) and im.format == "JPEG":
+            W, H = im.size
+            k = 1
+            while k < 8 and W // (2 * k) >= min_width and H // (2 * k) >= min_height:
+                k *= 2
+            if k > 1:
+                im.draft("RGB", (math.ceil(W / k), math.ceil(H / k)))
+        return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only ones)
+
+
+def image_size(blob: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image, from its header."""
+    if simplejpeg is not None and blob[:2] == JPEG_MAGIC:
+        try:
+            h, w = simplejpeg.decode_jpeg_header(blob)[:2]
+            return w, h
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(blob)) as im:
+        return im.size
+
+
+def resize_crop(img: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
+    """Cut ``box`` = (top, left, h, w) (integers) out of ``img`` (uint8 [H, W, 3]) and resize it to
+    ``size`` x ``size``: bilinear with antialiasing (Pillow's BILINEAR filter), PyTorch's vectorized uint8
+    kernel. Returns uint8 [3, size, size]."""
+    top, left, h, w = box
+    crop = img[top:top + h, left:left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
+    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                                          align_corners=False)
+    return out[0]
+
+
+def decode_crops(src, size: int, scale, ratio, rng: random.Random, n: int = 1) -> list[torch.Tensor]:
+    """``n`` RandomResizedCrops of one encoded image (a path, a file object or bytes), uint8
+    [3, size, size] each, from a single decode.
 
     The boxes are drawn in the original image's coordinates (the paper's crop distribution); the JPEG is
-    then decoded at the smallest DCT scale (1, 1/2, 1/4, 1/8) that keeps every box at least ``size`` pixels
-    on its shorter side, so no crop loses resolution, and each box is cropped before it is resized."""
-    with Image.open(path) as im:
-        W, H = im.size
-        boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
-        shortest = min(min(h, w) for _, _, h, w in boxes)
-        k = 1
-        while k < 8 and shortest / (2 * k) >= size:
-            k *= 2
-        if k > 1 and im.format == "JPEG":
-            im.draft("RGB", (math.ceil(W / k), math.ceil(H / k)))
-        im = im.convert("RGB")
-    sx, sy = im.size[0] / W, im.size[1] / H  # the scale draft actually chose (1 when it did nothing)
+    then decoded at the smallest DCT scale (n/8 with libjpeg-turbo) that keeps every box at least ``size``
+    pixels on its shorter side, so no crop loses resolution; box edges are then rounded to whole pixels of
+    the decoded image (under half a pixel, on boxes of at least ``size`` pixels). Each box is cut before it
+    is resized (antialiased bilinear)."""
+    blob = _read_bytes(src)
+    W, H = image_size(blob)
+    boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
+    f = min(1.0, size / min(min(h, w) for _, _, h, w in boxes))  # the scale every box allows
+    min_w, min_h = (math.ceil(W * f), math.ceil(H * f)) if f < 1 else (0, 0)
+    img = torch.from_numpy(decode_rgb(blob, min_w, min_h))
+    h_img, w_img = img.shape[:2]
     out = []
     for top, left, h, w in boxes:
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        crop = im.resize((size, size), Image.BILINEAR, box=box)
-        out.append(torch.from_numpy(np.asarray(crop).copy()).permute(2, 0, 1))
+        if (w_img, h_img) != (W, H):  # decoded smaller: the same box in the decoded image's pixels
+            sx, sy = w_img / W, h_img / H
+            t, l = round(top * sy), round(left * sx)
+            b, r = min(h_img, round((top + h) * sy)), min(w_img, round((left + w) * sx))
+            top, left, h, w = t, l, b - t, r - l
+        out.append(resize_crop(img, (top, left, h, w), size))
     return out
 
 
