@@ -155,7 +155,11 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "with several processes: ddp = a full replica per rank; fsdp = parameters, gradients and optimizer "
-               "state sharded over the ranks (FSDP2, per ViT block; for ViT-L/H); checkpoints are the same either way")
+               "state sharded over the ranks (FSDP2, per ViT block; for ViT-L/H); checkpoints load under either")
+    checkpoint_format: Literal["auto", "full", "sharded"] = _f(
+        "auto", "full = one file gathered on rank 0; sharded = every rank writes its shards into a folder "
+                "beside checkpoint.pt (torch.distributed.checkpoint; needs a folder all ranks share); auto = "
+                "sharded under train.strategy=fsdp with several processes, else full. Every command reads both")
     compile: Literal["auto", "true", "false"] = _f(
         "auto", "torch.compile the training forward (backbones, heads, loss): auto = on CUDA, off on CPU "
                 "(a cold CPU compile takes tens of seconds)")

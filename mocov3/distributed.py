@@ -41,7 +41,16 @@ def init_from_env(device_type: str) -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_dist():
         return False
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(minutes=30)
+    store, rank_, world = next(dist.rendezvous("env://", timeout=timeout))
+    store.set_timeout(timeout)
+    # torchrun's c10d rendezvous hands every attempt of the group the same key-value store (the agent's,
+    # kept across restarts), so after a restart the keys the dead attempt wrote (e.g. gloo's addresses of
+    # its ranks) are still there and a new rank may read a dead peer's address before the live one
+    # overwrites it: the restarted group then hangs or is refused. A prefix per attempt keeps them apart.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"mocov3/attempt{attempt}/world{world}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=timeout)
     return True
 
 
@@ -358,14 +367,22 @@ def full_optimizer_state(module: nn.Module, optimizer) -> dict:
 
 
 def load_full_optimizer_state(module: nn.Module, optimizer, state: dict) -> None:
-    """Load an index-layout ``optimizer.state_dict()`` (full tensors) into the optimizer of a sharded or
-    plain module."""
+    """Load a full optimizer state into the optimizer of a sharded or plain module: an index-layout
+    ``optimizer.state_dict()`` or the FQN layout of a sharded checkpoint read whole (parameters named)."""
+    names = [n for group in _param_names(module, optimizer) for n in group]
+    groups = state.get("param_groups", [])
+    if groups and groups[0].get("params") and isinstance(groups[0]["params"][0], str):  # FQN layout -> index
+        index = {n: i for i, n in enumerate(names)}
+        missing = [n for g in groups for n in g["params"] if n not in index]
+        if missing:
+            raise ValueError(f"the optimizer state names parameters this model lacks ({missing[0]})")
+        state = {"state": {index[n]: s for n, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
     if not is_sharded(module):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = [n for group in _param_names(module, optimizer) for n in group]
     if len(state["param_groups"]) != len(optimizer.param_groups) or \
             sum(len(g["params"]) for g in state["param_groups"]) != len(names):
         raise ValueError("the optimizer state has other parameter groups than this model")

@@ -25,6 +25,7 @@ from .models.factory import build_from_spec
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
 from .tracking import open_sinks
+from .train import sharded
 from .train.checkpoint import (COMPUTE_ONLY, backbone_state_from_checkpoint, check_same_model, load_checkpoint,
                                normalized_config, refuse_changes, remove_stale_tmp, rng_state, save_checkpoint,
                                set_rng_state, spec_from_config)
@@ -282,7 +283,9 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
     if bad:
         raise ConfigError(f"--allow-changed {', '.join(bad)}: not a change a run can resume through "
                           f"(allowed: {', '.join(SOUND_CHANGES)})")
-    ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True)
+    # a sharded run reads its own shards of a sharded checkpoint later (resume_run); others read it whole
+    ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True,
+                           materialize=not (cfg.train.strategy == "fsdp" and rt.world > 1))
     now, old = to_dict(cfg), normalized_config(ckpt["config"], run.checkpoint)
     check_same_model(old, now, run.checkpoint)
     diffs = {k: (_get(old, k), _get(now, k)) for k in run_differences(old, now)}
@@ -310,12 +313,21 @@ def _get(cfg: dict, dotted: str):
 
 def resume_run(run: RunFolder, state: TrainState, ckpt: dict) -> None:
     """Load model, optimizer, scaler, step, RNG and monitor state; drop metrics logged after the checkpoint."""
+    if "sharded_folder" in ckpt and not ckpt["model"]:  # every rank reads its own shards (see check_resume)
+        try:
+            sharded.load_into(state.module, state.optimizer, ckpt["sharded_folder"], ckpt["sharded"]["param_groups"])
+        except CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
+    else:
+        try:
+            du.load_full_state_dict(state.module, ckpt["model"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
     try:
-        du.load_full_state_dict(state.module, ckpt["model"])
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
-    try:
-        du.load_full_optimizer_state(state.module, state.optimizer, ckpt["optimizer"])
+        if ckpt["optimizer"]:
+            du.load_full_optimizer_state(state.module, state.optimizer, ckpt["optimizer"])
         if ckpt.get("scaler"):
             state.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
@@ -405,10 +417,7 @@ class CheckpointHook(Hook):
     def payload(self, p: Progress) -> dict:
         s = self.state
         return {"model": du.full_state_dict(s.module), "optimizer": du.full_optimizer_state(s.module, s.optimizer),
-                "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
-                "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
-                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
-                "data_identity": self.data_identity}
+                **self.payload_rest(p)}
 
     def after_step(self, p: Progress, out: dict) -> None:
         every = self.cfg.train.checkpoint_every_steps
@@ -419,18 +428,45 @@ class CheckpointHook(Hook):
         if self.saved_at != p.step:
             self.save(p)
 
+    def sharded(self) -> bool:
+        """Whether checkpoints are written as shards (``train.checkpoint_format``)."""
+        fmt = self.cfg.train.checkpoint_format
+        return du.is_sharded(self.state.module) and fmt in ("auto", "sharded")
+
     def save(self, p: Progress) -> None:
         self.state.raise_if_nonfinite()  # never a checkpoint of a step after a non-finite loss
         self.saved_at = p.step
-        if not du.is_main() and not du.is_sharded(self.state.module):
+        if self.sharded():
+            payload = self.sharded_payload(p)
+        elif du.is_main() or du.is_sharded(self.state.module):
+            payload = self.payload(p)  # under FSDP every rank takes part in gathering the full state
+        else:
             return
-        payload = self.payload(p)  # under FSDP every rank takes part in gathering the full state
         if not du.is_main():
             return
         save_checkpoint(self.run.path / CHECKPOINT_NAME, payload)
         ep = p.step // p.steps_per_epoch
         if p.end_of_epoch and ep in self.cfg.train.save_epochs:
             save_checkpoint(self.run.path / f"checkpoint_epoch{ep:04d}.pt", payload)
+        if self.sharded():
+            sharded.remove_unreferenced(self.run.path)
+
+    def sharded_payload(self, p: Progress) -> dict:
+        """Every rank writes its shards into ``checkpoint-stepNNNNNNNNN.dcp``; the payload (for rank 0's
+        ``checkpoint.pt``) names that folder and holds everything else."""
+        s = self.state
+        folder = self.run.path / f"checkpoint-step{p.step:09d}{sharded.SUFFIX}"
+        groups = sharded.save(s.module, s.optimizer, folder, du.is_main())
+        payload = self.payload_rest(p)
+        payload.update(model={}, optimizer={}, sharded={"folder": folder.name, "param_groups": groups})
+        return payload
+
+    def payload_rest(self, p: Progress) -> dict:
+        s = self.state
+        return {"scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+                "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
+                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
+                "data_identity": self.data_identity}
 
 
 __all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "build_runtime", "open_run_folder", "build_data",

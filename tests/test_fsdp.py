@@ -1,5 +1,6 @@
-"""train.strategy=fsdp: FSDP2 on 2 gloo processes equals DDP on 2 processes; its checkpoints are the plain
-format (a 1-process evaluation and a DDP resume load them)."""
+"""train.strategy=fsdp: FSDP2 on 2 gloo processes equals DDP on 2 processes; its full-format checkpoints
+are the plain format (a 1-process evaluation and a DDP resume load them). Sharded checkpoints, the default
+under FSDP: tests/test_sharded_checkpoint.py."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ import torch
 from mocov3.cli import main
 from mocov3.config import ConfigError
 from mocov3.runtime import read_metrics
+from mocov3.train.checkpoint import load_checkpoint
 
 from conftest import TINY, tiny_cfg
 
@@ -47,7 +49,7 @@ def _close(a: dict, b: dict, rtol=1e-4, atol=1e-5):
 def test_fsdp_equals_ddp_and_its_checkpoint_loads_everywhere(folder, tmp_path, capsys):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(folder, ddp, "train.max_steps=3")
-    res = _torchrun(folder, fsdp, "train.max_steps=3", "train.strategy=fsdp")
+    res = _torchrun(folder, fsdp, "train.max_steps=3", "train.strategy=fsdp", "train.checkpoint_format=full")
     a, b = read_metrics(ddp / "metrics.jsonl"), read_metrics(fsdp / "metrics.jsonl")
     la, lb = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
     assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
@@ -78,7 +80,7 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_everywhere(folder, tmp_path, c
 
     # a DDP resume of the FSDP run equals the DDP run resumed (both to step 5)
     _torchrun(folder, ddp, "train.max_steps=5")
-    _torchrun(folder, fsdp, "train.max_steps=5", "train.strategy=ddp")
+    _torchrun(folder, fsdp, "train.max_steps=5", "train.strategy=ddp")  # (sharded checkpoints: test_sharded_checkpoint)
     a, b = read_metrics(ddp / "metrics.jsonl"), read_metrics(fsdp / "metrics.jsonl")
     assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], rel=1e-5)
     _close(torch.load(fsdp / "checkpoint.pt", weights_only=True)["model"],
@@ -96,8 +98,7 @@ def test_fsdp_resumes_a_ddp_checkpoint(folder, tmp_path):
     la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(mixed / "metrics.jsonl") if "loss" in r]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
-    _close(torch.load(mixed / "checkpoint.pt", weights_only=True)["model"],
-           torch.load(ddp / "checkpoint.pt", weights_only=True)["model"])
+    _close(load_checkpoint(mixed / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"])
 
 
 @pytest.mark.parametrize("extra, why", [
@@ -117,5 +118,4 @@ def test_fsdp_equals_ddp_for_the_other_methods_and_activation_checkpointing(fold
     la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "loss" in r]
     assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
-    _close(torch.load(fsdp / "checkpoint.pt", weights_only=True)["model"],
-           torch.load(ddp / "checkpoint.pt", weights_only=True)["model"])
+    _close(load_checkpoint(fsdp / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"])

@@ -78,6 +78,10 @@ def remove_stale_tmp(folder: Path) -> None:
     """Temporary files a killed or failed save left in ``folder`` (the checkpoint they were for is intact)."""
     for tmp in Path(folder).glob(".*.pt.tmp"):
         tmp.unlink(missing_ok=True)
+    if Path(folder).is_dir():
+        from .sharded import remove_unreferenced
+
+        remove_unreferenced(folder)  # shard folders of superseded or interrupted sharded saves
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -105,9 +109,13 @@ _REQUIRED = {"model": dict, "config": dict}
 _FOR_RESUME = {"optimizer": dict, "step": int, "rng": dict}
 
 
-def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False) -> dict:
+def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False, materialize: bool = True) -> dict:
     """Read a checkpoint with ``weights_only=True``, verify its checksum and the entries (and their types)
-    that loading it needs; every problem is a one-line :class:`CheckpointError`."""
+    that loading it needs; every problem is a one-line :class:`CheckpointError`.
+
+    A sharded checkpoint (``train.checkpoint_format=sharded``) is a small file naming the folder of its
+    tensors (:mod:`mocov3.train.sharded`): with ``materialize`` the model (and, ``for_resume``, the optimizer
+    state in FQN layout) are read from it whole; without, they are left for :func:`sharded.load_into`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -117,6 +125,8 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False) ->
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model' / 'config' entries)")
+    if ckpt.get("sharded") is not None:
+        return _load_sharded(path, ckpt, map_location, for_resume, materialize)
     need = {**_REQUIRED, **(_FOR_RESUME if for_resume else {})}
     for key, tp in need.items():
         if key not in ckpt:
@@ -134,6 +144,35 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False) ->
         if payload_checksum(body) != stored:
             raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
                                   f"(checkpoint_epochNNNN.pt) or start the run again")
+    return ckpt
+
+
+def _load_sharded(path: Path, ckpt: dict, map_location, for_resume: bool, materialize: bool) -> dict:
+    from . import sharded
+
+    info = ckpt["sharded"]
+    if not isinstance(info, dict) or not isinstance(info.get("folder"), str) or \
+            not isinstance(info.get("param_groups"), list):
+        raise CheckpointError(f"checkpoint {path}: malformed 'sharded' entry")
+    stored = ckpt.get("checksum")
+    if stored is None or payload_checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != stored:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
+                              f"(checkpoint_epochNNNN.pt) or start the run again")
+    folder = path.parent / info["folder"]
+    sharded.check_folder(folder, path)
+    ckpt["sharded_folder"] = folder
+    if for_resume and not ({"torch", "python"} <= set(ckpt.get("rng") or {}) and isinstance(ckpt.get("step"), int)):
+        raise CheckpointError(f"checkpoint {path}: malformed step or rng entry")
+    if materialize:
+        try:
+            model, optim = sharded.load_full(folder, with_optimizer=for_resume)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - missing shard files, truncated data ...
+            raise CheckpointError(f"cannot read the shards of checkpoint {path} in {folder}: {first_line(e)}") from None
+        ckpt["model"] = {k: v.to(map_location) for k, v in model.items()}
+        if for_resume:
+            ckpt["optimizer"] = {"state": optim, "param_groups": info["param_groups"]}
     return ckpt
 
 
