@@ -5,7 +5,9 @@ Makes N synthetic ImageNet-size JPEGs (500 x 375, quality 90, smooth content wit
 uses a folder given with --folder. Compares the first path (full Pillow decode, tensor box sampling, Pillow
 resize with box; re-created here) with the current one (`mocov3.data.datasets.decode_crops`: one
 libjpeg-turbo decode through simplejpeg, DCT-scaled to n/8 where both crops allow, Python box sampling,
-PyTorch's uint8 antialiased resize), the current one with the Pillow decoder (the fallback), and two
+PyTorch's uint8 antialiased resize), the current one with the Pillow decoder (the fallback), what a worker
+does under GPU decoding (read, parse the header, draw the boxes) and, where CUDA and torchvision exist,
+nvJPEG decode + both crops on the GPU in batches of 256 (`data.decode=gpu`), and two
 floors: a full-size decode alone and a decode at 1/8 scale (where the inverse DCT and colour conversion
 nearly vanish: what is left is the entropy decoding no scaling avoids). Writes
 bench/results/data_throughput_cpu.json.
@@ -111,6 +113,26 @@ def main() -> None:
     res["current_pillow_decoder_per_worker"] = per_worker(
         lambda p: decode_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2), paths)
     files.simplejpeg = saved
+    # GPU decoding: what a worker still does (read the bytes, parse the header, draw the boxes) ...
+    from mocov3.data.gpu_decode import GpuCropper, _nvjpeg, collate_planned, plan_crops
+
+    res["gpu_decode_worker_per_worker"] = per_worker(
+        lambda p: plan_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2), paths)
+    # ... and the training process's nvJPEG decode + two crops on the device, batches of 256
+    if torch.cuda.is_available() and _nvjpeg() is not None:
+        plans = [plan_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2) for p in paths]
+        plans = (plans * (256 // len(plans) + 1))[:256]
+        batch = collate_planned([(pl, 0) for pl in plans])[0]
+        cropper = GpuCropper("cuda", 224)
+        for _ in range(2):
+            cropper(batch)
+        torch.cuda.synchronize()
+        t, reps = time.perf_counter(), 10
+        for _ in range(reps):
+            views, _ = cropper(batch)
+        torch.cuda.synchronize()
+        res["gpu_decode_crop_img_s"] = reps * 256 / (time.perf_counter() - t)
+        res["gpu_decode_batch"] = 256
     cfg = load_config(None, ["data.num_workers=0"]).data
     data = ImageData("bench", torch.zeros(len(paths), dtype=torch.long), ["x"], paths=paths)
     ds = StreamingTrainSet(data, cfg, seed=0)
@@ -124,7 +146,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in res.items()
-                      if "per_worker" in k or "loader" in k or k == "mean_kb"}))
+                      if "per_worker" in k or "loader" in k or k in ("mean_kb", "gpu_decode_crop_img_s")}))
     if tmp is not None:
         tmp.cleanup()
 

@@ -27,7 +27,7 @@ stamp "env done"
 if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
 # 1. CUDA-only tests (SyncBatchNorm kernels, a bf16 step) and interop (timm, torchvision exist only there)
 timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_export.py tests/test_methods.py \
-  -k "gpu or cuda or timm or torchvision" > "$OUT/pytest_gpu.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
+  tests/test_gpu_decode.py -k "gpu or cuda or timm or torchvision or nvjpeg" > "$OUT/pytest_gpu.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
 stamp "tests done"
 
 # 2. one training step: eager vs compiled (ViT-S/16 bs 256, ViT-B/16 bs 128, ResNet-50 bs 256), augmentation alone
@@ -35,6 +35,11 @@ timeout 260 python bench/step_throughput.py --device cuda --steps 15 \
   --pairs vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled,aug_224:bf16:aug,cifar_vits4:bf16:compiled \
   --out "$OUT/step_throughput_gpu.json" > "$OUT/throughput.txt" 2>&1
 stamp "throughput done"
+
+# 2c. input: the CPU decode path per core beside nvJPEG decode + crop on the GPU (issue 12), ~1 minute
+timeout 120 python bench/data_throughput.py --n 300 --workers 8 --out "$OUT/data_throughput_gpu.json" \
+  > "$OUT/data_throughput.txt" 2>&1
+stamp "data throughput done"
 
 # 2b. large ViTs on one GPU: peak memory per image, eager vs activation checkpointing (issue 13). Opt-in
 # (LARGE_VITS=1, ~2 more minutes) so that the default run stays within 8 minutes.

@@ -114,6 +114,10 @@ class DataConfig:
     in_memory: Literal["auto", "yes", "no"] = _f("auto", "hold decoded uint8 images on the device")
     memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode")
     num_workers: int = _f(4, "DataLoader workers when streaming")
+    decode: Literal["auto", "cpu", "gpu"] = _f(
+        "auto", "where streamed pretraining JPEGs are decoded: cpu = by the workers (libjpeg-turbo); gpu = by "
+                "nvJPEG in the training process (needs CUDA and torchvision; workers only read bytes); auto = gpu "
+                "when both are there")
     cache_dir: Optional[str] = _f(None, "download / decode cache (default $MOCOV3_CACHE or ~/.cache/mocov3)")
 
 

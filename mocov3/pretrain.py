@@ -18,6 +18,7 @@ from . import distributed as du
 from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
 from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset
+from .data.gpu_decode import wants_gpu_decode
 from .data.shards import ShardTrainBatches
 from .eval.knn import knn_evaluate
 from .methods import build_method
@@ -169,8 +170,11 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
         log.warning("%d unreadable images were skipped in %s", len(train.skipped), train.name)
     train.to(rt.device)
     make = ShardTrainBatches if train.sharded else TrainBatches
+    gpu_decode = wants_gpu_decode(cfg.data.decode, rt.device, streaming=not train.in_memory)
     batches = make(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
-                   cfg.data.num_workers)
+                   cfg.data.num_workers, gpu_decode=gpu_decode)
+    if gpu_decode:
+        log.info("decoding JPEGs on the GPU (nvJPEG); data workers read the bytes and draw the crop boxes")
     bank = test = None
     if cfg.data.eval_path:
         test = load_dataset(cfg.data.eval_path, cfg.data, split="test").to(rt.device)

@@ -23,6 +23,7 @@ from PIL import Image
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import IMG_EXTENSIONS, decode_crops, load_rgb, resize_center_crop, scan_folder  # noqa: F401
+from .gpu_decode import GpuCropper, collate_planned, plan_crops
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
@@ -212,6 +213,8 @@ class StreamingTrainSet(torch.utils.data.Dataset):
     """Files decoded by workers; each item is two random crops (uint8 [3, S, S] each), the geometric
     part of the augmentation. The photometric part then runs batched on the device."""
 
+    planned = False  # GPU decoding: workers only read the bytes and draw the boxes (gpu_decode.plan_crops)
+
     def __init__(self, data: ImageData, data_cfg, seed: int):
         self.data, self.cfg, self.seed, self.epoch = data, data_cfg, seed, 0
 
@@ -227,6 +230,10 @@ class StreamingTrainSet(torch.utils.data.Dataset):
         worker, counted by :class:`TrainBatches`)."""
         rng = random.Random(seed_for(self.seed, self.epoch, idx))
         c = self.cfg
+        if self.planned:
+            j, plan, skipped = _first_readable(
+                self.data, idx, lambda path: plan_crops(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
+            return plan, skipped
         j, (a, b), skipped = _first_readable(
             self.data, idx, lambda path: decode_crops(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
         return a, b, skipped
@@ -258,6 +265,7 @@ class _GlobalBatches:
 
     stream: Optional[torch.utils.data.Dataset] = None
     unreadable: int = 0  # streamed files that could not be read (each replaced by the next readable one)
+    cropper = None  # GPU decoding (gpu_decode.GpuCropper)
 
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
                  num_workers: int):
@@ -274,15 +282,21 @@ class _GlobalBatches:
 
     def _stream_batches(self, epoch: int, idx: torch.Tensor):
         """Items of ``self.stream`` for the rows ``idx`` [steps, B_local], batched by DataLoader workers
-        and moved to the device."""
+        and moved to the device (with GPU decoding: decoded and cropped there)."""
         self.stream.set_epoch(epoch)
+        planned = getattr(self.stream, "planned", False)
         loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
-                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda")
-        for a, b, skipped in loader:  # (crop, crop) or (crop, label), and the unreadable files skipped
+                                             num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
+                                             collate_fn=collate_planned if planned else None)
+        for *items, skipped in loader:  # (crop, crop) or (crop, label) or (planned batch,), files skipped
             n = int(skipped.sum())
+            if planned:
+                items, bad = self.cropper(items[0])
+                n += bad
             if n:
                 self.unreadable += n
                 log.warning("%d unreadable images replaced so far in %s", self.unreadable, self.data.name)
+            a, b = items
             yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True)
 
 
@@ -300,9 +314,12 @@ class TrainBatches(_GlobalBatches):
     """
 
     def __init__(self, data: ImageData, data_cfg, batch_size_total: int, rank: int, world: int, seed: int,
-                 device, num_workers: int = 4):
+                 device, num_workers: int = 4, gpu_decode=False):
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingTrainSet(data, data_cfg, seed)
+        if gpu_decode and self.stream is not None:  # True, or a GpuCropper (tests pass one with a CPU decoder)
+            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, data_cfg.image_size)
+            self.stream.planned = True
 
     def _indices(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.ORDER))

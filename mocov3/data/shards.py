@@ -31,6 +31,7 @@ from PIL import Image
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import decode_crops, resize_center_crop, scan_folder
+from .gpu_decode import GpuCropper, collate_planned, plan_crops
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.local, self.workers = rank, world, local_batch, max(1, workers)
         self.epoch, self.start_step = 0, 0
         self.labelled = labelled
+        self.planned = False  # GPU decoding of the training views (ShardTrainBatches' gpu_decode)
 
     def plan(self, epoch: int):
         """(sequence, steps per epoch, this rank's [start, length)) for an epoch."""
@@ -296,6 +298,13 @@ class _ShardStream(torch.utils.data.IterableDataset):
                                            (nb - done) * self.local), nb - done)
         c = self.cfg
         n = 1 if self.labelled else 2
+        planned = self.planned and not self.labelled
+
+        def cut(data, rng):
+            if planned:  # GPU decoding: the bytes and the boxes (gpu_decode.plan_crops)
+                return (plan_crops(data, c.image_size, c.crop_scale, c.crop_ratio, rng, n=n),)
+            return decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=n)
+
         for k in range(self.start_step, steps):
             role = k % self.workers
             if role not in streams:
@@ -308,7 +317,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 rng = random.Random(seed_for(self.seed, self.epoch, _key_id(key), *(
                     (Stream.SUPERVISED_AUG,) if self.labelled else ())))
                 try:
-                    crops = decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=n)
+                    crops = cut(data, rng)
                     last = (crops, label)
                 except Exception as e:  # noqa: BLE001 - a corrupt sample: skipped, logged, counted
                     log.warning("skipping unreadable sample %s (%s)", key, type(e).__name__)
@@ -317,13 +326,15 @@ class _ShardStream(torch.utils.data.IterableDataset):
                     while crops is None:  # the batch's first sample: take the next readable one
                         key2, data2, label = next(it)
                         try:
-                            crops = decode_crops(io.BytesIO(data2), c.image_size, c.crop_scale, c.crop_ratio,
-                                                 rng, n=n)
+                            crops = cut(data2, rng)
                         except Exception:  # noqa: BLE001
                             bad += 1
                 a.append(crops[0])
-                b.append(label if self.labelled else crops[1])
+                b.append(label if self.labelled or planned else crops[1])
                 keys.append(_key_id(key))
+            if planned:
+                yield collate_planned([(plan, 0) for plan in a])[0], None, torch.tensor(keys), torch.tensor(bad)
+                continue
             second = torch.tensor(b, dtype=torch.long) if self.labelled else torch.stack(b)
             yield torch.stack(a), second, torch.tensor(keys), torch.tensor(bad)
 
@@ -333,7 +344,7 @@ class ShardTrainBatches:
     ``(a, b, crop=False)`` uint8 crops on the device (see the module docstring for the order)."""
 
     def __init__(self, data, data_cfg, batch_size_total: int, rank: int, world: int, seed: int, device,
-                 num_workers: int = 4, labelled: bool = False):
+                 num_workers: int = 4, gpu_decode=False, labelled: bool = False):
         if batch_size_total % world:
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         self.data, self.device, self.num_workers = data, device, num_workers
@@ -344,6 +355,10 @@ class ShardTrainBatches:
             raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
         self.unreadable = 0
         self.last_keys = None  # the sample keys of the last batch (tests)
+        self.cropper = None
+        if gpu_decode and not labelled:  # True, or a GpuCropper (tests pass one with a CPU decoder)
+            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, data_cfg.image_size)
+            self.stream.planned = True
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.stream.epoch, self.stream.start_step = epoch, start_step
@@ -351,6 +366,9 @@ class ShardTrainBatches:
                                              pin_memory=self.device.type == "cuda")
         try:
             for a, b, keys, bad in loader:
+                if self.cropper is not None:  # a planned batch: decode and crop on the device
+                    (a, b), more = self.cropper(a)
+                    bad = int(bad) + more
                 if int(bad):
                     self.unreadable += int(bad)
                 self.last_keys = keys

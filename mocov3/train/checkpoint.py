@@ -14,6 +14,7 @@ from ..models.factory import backbone_spec
 from ..models.resnet import ResNetSpec
 from ..models.vit import ViTSpec
 from ..runtime import CheckpointError, MocoError, first_line, storage_error
+from . import sharded
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
            "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config", "payload_checksum",
@@ -79,9 +80,7 @@ def remove_stale_tmp(folder: Path) -> None:
     for tmp in Path(folder).glob(".*.pt.tmp"):
         tmp.unlink(missing_ok=True)
     if Path(folder).is_dir():
-        from .sharded import remove_unreferenced
-
-        remove_unreferenced(folder)  # shard folders of superseded or interrupted sharded saves
+        sharded.remove_unreferenced(folder)  # shard folders of superseded or interrupted sharded saves
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -148,8 +147,6 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False, ma
 
 
 def _load_sharded(path: Path, ckpt: dict, map_location, for_resume: bool, materialize: bool) -> dict:
-    from . import sharded
-
     info = ckpt["sharded"]
     if not isinstance(info, dict) or not isinstance(info.get("folder"), str) or \
             not isinstance(info.get("param_groups"), list):
