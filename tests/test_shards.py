@@ -2,14 +2,12 @@
 mid-epoch resume without repeats, corrupt samples and missing / truncated shards, pretraining and kNN."""
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from mocov3.cli import main
 
