@@ -6,7 +6,8 @@ uses a folder given with --folder. Compares the first path (full Pillow decode, 
 resize with box; re-created here) with the current one (`mocov3.data.datasets.decode_crops`: one
 libjpeg-turbo decode through simplejpeg, DCT-scaled to n/8 where both crops allow, Python box sampling,
 PyTorch's uint8 antialiased resize), the current one with the Pillow decoder (the fallback), what a worker
-does under GPU decoding (read, parse the header, draw the boxes) and, where CUDA and torchvision exist,
+does under GPU decoding (read, parse the header, draw the boxes), the evaluation preprocessing (short side
+to 256, center crop 224) before and now, and, where CUDA and torchvision exist,
 nvJPEG decode + both crops on the GPU in batches of 256 (`data.decode=gpu`), and two
 floors: a full-size decode alone and a decode at 1/8 scale (where the inverse DCT and colour conversion
 nearly vanish: what is left is the entropy decoding no scaling avoids). Writes
@@ -65,6 +66,23 @@ def legacy_two_views(path: str, g, size: int = 224):
     return out
 
 
+def legacy_center_crop(path: str, size: int = 224, crop_ratio: float = 0.875):
+    """The evaluation path before: full Pillow decode, Pillow resize of the short side, center crop."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    short = int(round(size / crop_ratio))
+    W, H = im.size
+    scale = short / min(W, H)
+    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
+    W, H = im.size
+    left, top = (W - size) // 2, (H - size) // 2
+    im = im.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
 def per_worker(fn, paths, repeat: int = 2) -> float:
     fn(paths[0])  # warm-up
     t = time.perf_counter()
@@ -113,6 +131,9 @@ def main() -> None:
     res["current_pillow_decoder_per_worker"] = per_worker(
         lambda p: decode_crops(p, 224, (0.08, 1.0), (3 / 4, 4 / 3), rng, n=2), paths)
     files.simplejpeg = saved
+    # evaluation preprocessing (kNN bank, probes): resize the short side to 256, center crop 224
+    res["eval_first_path_per_worker"] = per_worker(lambda p: legacy_center_crop(p), paths)
+    res["eval_current_per_worker"] = per_worker(lambda p: files.decode_center_crop(p, 224, 0.875), paths)
     # GPU decoding: what a worker still does (read the bytes, parse the header, draw the boxes) ...
     from mocov3.data.gpu_decode import GpuCropper, _nvjpeg, collate_planned, plan_crops
 

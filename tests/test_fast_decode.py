@@ -152,3 +152,33 @@ def test_paths_files_and_bytes_give_the_same_crops(tmp_path):
     c = files.decode_crops(blob, *args, random.Random(3), n=2)
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def _pillow_center_crop(img: np.ndarray, size: int, crop_ratio: float) -> np.ndarray:
+    """The evaluation preprocessing as Pillow does it (the reference): short side to size / ratio, center crop."""
+    im = Image.fromarray(img)
+    short = int(round(size / crop_ratio))
+    W, H = im.size
+    scale = short / min(W, H)
+    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
+    W, H = im.size
+    left, top = (W - size) // 2, (H - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)))
+
+
+@pytest.mark.parametrize("size,ratio", [(224, 0.875), (64, 0.875), (32, 1.0), (400, 1.0)])
+def test_evaluation_center_crop_matches_pillow(size, ratio, backend):
+    """Decoded at a DCT scale where the resize allows (simplejpeg), else the same filter as Pillow's."""
+    from PIL import ImageFilter
+
+    img = np.asarray(Image.fromarray(_photo(375, 500)).filter(ImageFilter.GaussianBlur(1.5)))  # photo-like detail
+    blob = _encode(img, quality=95)
+    ref = _pillow_center_crop(np.asarray(Image.open(io.BytesIO(blob)).convert("RGB")), size, ratio).astype(int)
+    out = files.decode_center_crop(blob, size, ratio).permute(1, 2, 0).numpy().astype(int)
+    assert out.shape == ref.shape == (size, size, 3)
+    diff = np.abs(out - ref)
+    short = round(size / ratio)
+    if short >= 375 or (backend == "pillow" and 2 * short > 375):  # no DCT scaling: the same filter, rounding
+        assert diff.max() <= 1
+    else:  # the DCT scaled decode is itself a (slightly different) low-pass
+        assert diff.mean() < 1.5

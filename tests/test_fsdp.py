@@ -110,7 +110,8 @@ def test_fsdp_refuses_what_it_does_not_support(extra, why):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["method=byol", "method=simclr", "model.grad_checkpointing=true"])
+@pytest.mark.parametrize("setting", ["method=byol", "method=simclr", "model.grad_checkpointing=true",
+                                     "train.compile=true"])  # compile: what a CUDA run does by default
 def test_fsdp_equals_ddp_for_the_other_methods_and_activation_checkpointing(folder, tmp_path, setting):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(folder, ddp, "train.max_steps=2", setting, "eval.knn_init=off")

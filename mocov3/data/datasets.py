@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
-from .files import IMG_EXTENSIONS, decode_crops, load_rgb, resize_center_crop, scan_folder  # noqa: F401
+from .files import IMG_EXTENSIONS, decode_center_crop, decode_crops, load_rgb, scan_folder  # noqa: F401
 from .gpu_decode import GpuCropper, collate_planned, plan_crops
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
@@ -251,12 +251,12 @@ class StreamingEvalSet(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int):
         try:
-            im, ok = load_rgb(self.data.paths[idx]), True
+            x, ok = decode_center_crop(self.data.paths[idx], self.size, self.crop_ratio), True
         except Exception as e:  # noqa: BLE001
             log.warning("unreadable image %s (%s); left out of the evaluation", self.data.paths[idx],
                         type(e).__name__)
-            im, ok = Image.new("RGB", (self.size, self.size)), False
-        return resize_center_crop(im, self.size, self.crop_ratio), int(self.data.labels[idx]), ok
+            x, ok = torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+        return x, int(self.data.labels[idx]), ok
 
 
 class _GlobalBatches:

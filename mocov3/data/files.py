@@ -121,14 +121,16 @@ def image_size(blob: bytes) -> tuple[int, int]:
         return im.size
 
 
-def resize_crop(img: torch.Tensor, box: tuple, size: int) -> torch.Tensor:
+def resize_crop(img: torch.Tensor, box: tuple, size) -> torch.Tensor:
     """Cut ``box`` = (top, left, h, w) (integers) out of ``img`` (uint8 [H, W, 3]) and resize it to
-    ``size`` x ``size``: bilinear with antialiasing (Pillow's BILINEAR filter), PyTorch's vectorized uint8
-    kernel. Returns uint8 [3, size, size]."""
+    ``size`` (an int: square; or (height, width)): bilinear with antialiasing (Pillow's BILINEAR filter),
+    PyTorch's vectorized uint8 kernel. Returns uint8 [3, height, width]."""
     top, left, h, w = box
+    out_hw = (size, size) if isinstance(size, int) else tuple(size)
     crop = img[top:top + h, left:left + w].permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)
-    out = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
-                                          align_corners=False)
+    if crop.shape[-2:] == out_hw:
+        return crop[0]
+    out = torch.nn.functional.interpolate(crop, size=out_hw, mode="bilinear", antialias=True, align_corners=False)
     return out[0]
 
 
@@ -159,14 +161,17 @@ def decode_crops(src, size: int, scale, ratio, rng: random.Random, n: int = 1) -
     return out
 
 
-def resize_center_crop(im: Image.Image, size: int, crop_ratio: float) -> torch.Tensor:
-    """Evaluation preprocessing of one image: shorter side to ``size / crop_ratio`` (bilinear), center crop
-    ``size``; uint8 [3, size, size]."""
+def decode_center_crop(src, size: int, crop_ratio: float) -> torch.Tensor:
+    """Evaluation preprocessing of one encoded image (a path, a file object or bytes): shorter side to
+    ``size / crop_ratio`` (antialiased bilinear), center crop ``size``; uint8 [3, size, size]. A JPEG is
+    decoded at the smallest DCT scale (n/8) that keeps the shorter side at least that long."""
+    blob = _read_bytes(src)
+    W, H = image_size(blob)
     short = int(round(size / crop_ratio))
-    W, H = im.size
     scale = short / min(W, H)
-    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
-    W, H = im.size
-    left, top = (W - size) // 2, (H - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    new_w, new_h = max(short, round(W * scale)), max(short, round(H * scale))
+    min_w, min_h = (new_w, new_h) if scale < 1 else (0, 0)
+    img = torch.from_numpy(decode_rgb(blob, min_w, min_h))
+    resized = resize_crop(img, (0, 0, img.shape[0], img.shape[1]), (new_h, new_w))
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[:, top:top + size, left:left + size].contiguous()

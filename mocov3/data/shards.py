@@ -26,11 +26,10 @@ import types
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
-from .files import decode_crops, resize_center_crop, scan_folder
+from .files import decode_center_crop, decode_crops, scan_folder
 from .gpu_decode import GpuCropper, collate_planned, plan_crops
 
 log = logging.getLogger(__name__)
@@ -412,8 +411,7 @@ def shard_eval_batches(data, data_cfg, device: torch.device, batch_size: int, li
     seq = [(i, s["count"]) for i, s in enumerate(data.shard_index["shards"])]
     for key, blob, _ in _range_reader(data.shard_root, data.shard_index, seq, 0, n):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
-                buf.append(resize_center_crop(im.convert("RGB"), size, ratio))
+            buf.append(decode_center_crop(blob, size, ratio))
             ok.append(True)
         except Exception as e:  # noqa: BLE001
             log.warning("unreadable sample %s (%s); left out of the evaluation", key, type(e).__name__)
