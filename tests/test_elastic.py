@@ -18,12 +18,7 @@ from conftest import TINY
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed"),
-              # opt-in: on a loaded 2-core machine the restarted gloo group sometimes never forms (a hang in
-              # init_process_group, or connectFullMesh refused): 6/10 runs passed with the static rendezvous,
-              # 6/7 with c10d (docs/distributed.md)
-              pytest.mark.skipif(not os.environ.get("MOCOV3_ELASTIC_TEST"),
-                                 reason="opt-in: MOCOV3_ELASTIC_TEST=1 (gloo reconnection is flaky under load)")]
+              pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")]
 
 
 def _cmd(folder, out, port, restarts):
@@ -67,8 +62,9 @@ def test_a_killed_rank_restarts_the_group_and_the_run_resumes(folder, tmp_path):
     res = subprocess.run(_cmd(folder, ref, _port(), 0), env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     out = tmp_path / "run"
-    # several restarts allowed: under load, gloo sometimes fails to connect a restarted group (a torch race)
-    proc = subprocess.Popen(_cmd(folder, out, _port(), 6), env=env, stdout=subprocess.PIPE,
+    # one restart allowed (issue 13). Before the store prefix per attempt (distributed.init_from_env) the
+    # restarted group hung in 2 of 8 runs under load, reading gloo addresses its dead predecessor left
+    proc = subprocess.Popen(_cmd(folder, out, _port(), 1), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     killed = False
     deadline = time.time() + 240
