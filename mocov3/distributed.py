@@ -48,10 +48,19 @@ def init_from_env(device_type: str) -> bool:
     # kept across restarts), so after a restart the keys the dead attempt wrote (e.g. gloo's addresses of
     # its ranks) are still there and a new rank may read a dead peer's address before the live one
     # overwrites it: the restarted group then hangs or is refused. A prefix per attempt keeps them apart.
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"mocov3/attempt{attempt}/world{world}", store)
+    store = dist.PrefixStore(attempt_prefix(store, world, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), store)
     dist.init_process_group(backend=backend, store=store, rank=rank_, world_size=world, timeout=timeout)
     return True
+
+
+def attempt_prefix(store, world: int, restart: str) -> str:
+    """A key prefix that differs between attempts of a process group sharing one store: the restart count
+    (torchrun counts failures), the world size, and a generation counted in the store itself, because
+    torchrun also restarts the workers on a membership change without counting a restart. Every rank of
+    an attempt calls this once; ranks of one attempt get the same prefix."""
+    base = f"mocov3/attempt{restart}/world{world}"
+    generation = (store.add(f"{base}/joined", 1) - 1) // world
+    return f"{base}/gen{generation}"
 
 
 def barrier() -> None:

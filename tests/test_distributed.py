@@ -115,3 +115,18 @@ def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
             assert 0 <= result["top1"] <= 100
     metrics = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics if "test_top1" in m] == [1.0]
+
+
+def test_attempts_sharing_a_store_get_their_own_key_prefix():
+    """torchrun's c10d rendezvous keeps one store across restarts: each attempt's ranks must agree on a
+    prefix no earlier attempt used (else a restarted rank reads a dead rank's gloo address and hangs)."""
+    import torch.distributed as dist
+
+    from mocov3.distributed import attempt_prefix
+
+    store = dist.HashStore()
+    first = {attempt_prefix(store, 2, "0") for _ in range(2)}  # both ranks of attempt 0
+    again = {attempt_prefix(store, 2, "0") for _ in range(2)}  # a membership change: restart count unchanged
+    failed = {attempt_prefix(store, 2, "1") for _ in range(2)}  # after a failure torchrun counts a restart
+    assert len(first) == len(again) == len(failed) == 1
+    assert len(first | again | failed) == 3
