@@ -17,7 +17,7 @@ import torch
 from . import distributed as du
 from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
 from .data.augment import TwoViewAugment
-from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset
+from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset, require_labels
 from .data.gpu_decode import wants_gpu_decode
 from .data.shards import ShardTrainBatches
 from .eval.knn import knn_evaluate
@@ -177,6 +177,8 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
         log.info("decoding JPEGs on the GPU (nvJPEG); data workers read the bytes and draw the crop boxes")
     bank = test = None
     if cfg.data.eval_path:
+        require_labels(train, "the kNN monitor (--eval-data) uses the training set as its labelled bank: "
+                              "pretrain without --eval-data, or with labelled shards")
         test = load_dataset(cfg.data.eval_path, cfg.data, split="test").to(rt.device)
         if test.classes != train.classes:
             raise DataError(f"--eval-data classes ({len(test.classes)}) differ from the training data's "

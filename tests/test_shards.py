@@ -2,6 +2,7 @@
 mid-epoch resume without repeats, corrupt samples and missing / truncated shards, pretraining and kNN."""
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -232,3 +233,66 @@ def test_linear_probe_and_finetune_from_shards(shards, tmp_path, capsys):
                  str(test), "--output-dir", str(ft), "finetune.epochs=2", "finetune.batch_size=32",
                  "data.num_workers=1"]) == 0
     assert json.loads((ft / "result.json").read_text())["top1"] >= 0
+
+
+def _foreign_shards(root: Path, n_shards=3, per_shard=12, labelled=lambda i: False, extra=True) -> Path:
+    """Tar shards as webdataset writers make them: ``KEY.jpg`` (+ ``KEY.json`` metadata, + ``KEY.cls`` where
+    ``labelled(i)``), keys with folders and no index."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    i = 0
+    for s in range(n_shards):
+        with tarfile.open(root / f"part-{s:03d}.tar", "w") as tar:
+            for _ in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buf, "JPEG")
+                entries = [("jpg", buf.getvalue())]
+                if extra:
+                    entries.append(("json", b'{"caption": "x"}'))
+                if labelled(i):
+                    entries.append(("cls", str(i % 3).encode()))
+                for ext, data in entries:
+                    info = tarfile.TarInfo(f"web/s{i:05d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+                i += 1
+    return root
+
+
+def test_unlabelled_foreign_shards_pretrain_and_evaluation_asks_for_labels(tmp_path, capsys, folder):
+    """Shards without KEY.cls (e.g. image-text sets) are a pretraining set with no classes; the commands that
+    need labels say so in one line."""
+    from mocov3.data.datasets import load_dataset
+    from mocov3.data.shards import UNLABELLED, _samples
+
+    root = _foreign_shards(tmp_path / "web")
+    data = load_dataset(str(root), tiny_cfg().data)
+    assert data.sharded and len(data) == 36 and data.classes == [] and set(data.labels.tolist()) == {UNLABELLED}
+    samples = list(_samples(root / "part-001.tar", skip=5))  # webdataset grouping, json entries passed over
+    assert [k for k, _, _ in samples] == [f"web/s{i:05d}" for i in range(17, 24)]
+    assert all(blob[:2] == b"\xff\xd8" and label == UNLABELLED for _, blob, label in samples)
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(root), "--output-dir", str(run), "--no-progress"] + TINY
+                + ["train.max_steps=2"]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", "--data", str(root), "--eval-data", str(folder), "--output-dir", str(tmp_path / "r2"),
+                 "--no-progress"] + TINY) == 2
+    assert "has no labels" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["knn", "--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(root), "--test-data",
+                 str(folder), "--no-cache"]) == 2
+    assert "has no labels" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_labelled_foreign_shards_and_a_half_labelled_set(tmp_path):
+    from mocov3.data.datasets import load_dataset
+    from mocov3.runtime import DataError
+
+    root = _foreign_shards(tmp_path / "web", labelled=lambda i: True)
+    data = load_dataset(str(root), tiny_cfg().data)
+    assert data.classes == ["0", "1", "2"] and data.labels.tolist() == [i % 3 for i in range(36)]
+    mixed = _foreign_shards(tmp_path / "mixed", labelled=lambda i: i < 12, extra=False)
+    with pytest.raises(DataError, match="some samples have labels"):
+        load_dataset(str(mixed), tiny_cfg().data)

@@ -139,6 +139,12 @@ def _read_decode_cache(cache_file: Path, n_paths: int) -> Optional[dict]:
     return blob
 
 
+def require_labels(data: ImageData, why: str) -> None:
+    """A one-line error when ``data`` has no labels (shards without ``KEY.cls``: pretraining only)."""
+    if not data.classes:
+        raise DataError(f"{data.name} has no labels (its shards hold no KEY.cls entries); {why}")
+
+
 def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:
     """Resolve a data spec into an :class:`ImageData` (see module docstring). ``use_cache=False`` neither
     reads nor writes the decode cache."""

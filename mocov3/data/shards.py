@@ -131,15 +131,19 @@ def _has_subfolders(p: Path) -> bool:
 
 def scan_shards(files: list[Path]) -> dict:
     """An index for tar shards that came without one (made elsewhere, e.g. by webdataset's writers): each
-    shard read once for its sample count and labels (``KEY.cls``). Class names are the label numbers."""
+    shard read once for its sample count and labels (``KEY.cls``). Class names are the label numbers; a
+    set without any ``KEY.cls`` is unlabelled (no classes: pretraining only)."""
     shards, all_labels = [], set()
     for f in files:
         labels = _labels(f)
         if not labels:
-            raise DataError(f"shard {f} has no labelled samples (KEY.<image ext> + KEY.cls expected)")
+            raise DataError(f"shard {f} has no samples (KEY.<image ext> entries, e.g. KEY.jpg, expected)")
         shards.append({"name": f.name, "count": len(labels), "bytes": f.stat().st_size, "labels": labels})
         all_labels.update(labels)
-    n_classes = max(all_labels) + 1
+    if UNLABELLED in all_labels and len(all_labels) > 1:
+        bad = next(s["name"] for s in shards if UNLABELLED in s["labels"])
+        raise DataError(f"some samples have labels (KEY.cls) and some do not (e.g. in {bad}); label all or none")
+    n_classes = 0 if all_labels == {UNLABELLED} else max(all_labels) + 1
     log.info("indexed %d shards without index.json (%d samples); `mocov3 shard` writes one that saves this pass",
              len(shards), sum(s["count"] for s in shards))
     return {"format": FORMAT, "classes": [str(i) for i in range(n_classes)], "total": sum(s["count"] for s in shards),
@@ -198,33 +202,56 @@ def _checked(root: Path, index: dict) -> dict:
     return index
 
 
+#: Extensions of a sample's image entry (the first one present is the image).
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
+UNLABELLED = -1  # the label of a sample without a KEY.cls entry
+
+
+def _groups(tar: tarfile.TarFile):
+    """webdataset's grouping: consecutive entries whose names share the key (the name up to the first dot
+    of its base name) form one sample; yields (key, {extension: TarInfo}) for samples with an image."""
+    cur_key, cur = None, {}
+    for m in tar:
+        if not m.isfile():
+            continue
+        folder, _, base = m.name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
+        if key != cur_key:
+            if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
+                yield cur_key, cur
+            cur_key, cur = key, {}
+        cur[ext.lower()] = m
+    if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
+        yield cur_key, cur
+
+
+def _label(tar: tarfile.TarFile, entries: dict) -> int:
+    m = entries.get("cls") or entries.get("cls.txt")
+    return int(tar.extractfile(m).read()) if m is not None else UNLABELLED
+
+
 def _labels(path: Path) -> list[int]:
-    """The labels (``KEY.cls``) of one shard in stored order; the images are passed over, not read."""
+    """The labels (``KEY.cls``, :data:`UNLABELLED` where absent) of one shard's samples in stored order;
+    the images are passed over, not read."""
     try:
         with tarfile.open(path, "r:") as tar:
-            return [int(tar.extractfile(m).read()) for m in tar if m.isfile() and m.name.endswith(".cls")]
+            return [_label(tar, entries) for _, entries in _groups(tar)]
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
 
 def _samples(path: Path, skip: int = 0):
-    """(key, image bytes, label) of one shard in stored order, the first ``skip`` samples passed over
-    (their data is seeked over, not read)."""
+    """(key, image bytes, label) of one shard's samples in stored order (label :data:`UNLABELLED` without
+    ``KEY.cls``), the first ``skip`` samples passed over (their data is seeked over, not read)."""
     try:
         with tarfile.open(path, "r:") as tar:
-            pending, n = {}, 0
-            for m in tar:
-                key, _, ext = m.name.rpartition(".")
+            for n, (key, entries) in enumerate(_groups(tar)):
                 if n < skip:
-                    if ext == "cls":
-                        n += 1
                     continue
-                pending.setdefault(key, {})[ext] = tar.extractfile(m).read() if m.isfile() else b""
-                if "cls" in pending[key] and len(pending[key]) >= 2:
-                    rec = pending.pop(key)
-                    label = int(rec.pop("cls"))
-                    yield key, next(iter(rec.values())), label
-    except (tarfile.TarError, OSError, EOFError) as e:
+                image = next(entries[e] for e in IMAGE_EXTS if e in entries)
+                yield key, tar.extractfile(image).read(), _label(tar, entries)
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
 

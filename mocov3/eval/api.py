@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import distributed as du
 from ..config import Config, load_config, save_config
 from ..data.cache import resolve_cache_dir
-from ..data.datasets import ImageData, load_dataset
+from ..data.datasets import ImageData, load_dataset, require_labels
 from ..methods import build_method
 from ..runtime import ConfigError, DataError, resolve_device, resolve_precision
 from ..train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, load_state_strict
@@ -56,6 +56,8 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     load_state_strict(method, ckpt["model"], checkpoint)
     train = load_dataset(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
     test = load_dataset(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
+    for data in (train, test):
+        require_labels(data, "evaluation needs labelled --train-data and --test-data")
     if train.classes != test.classes:
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")
