@@ -37,8 +37,15 @@ def test_sharded_checkpoints_resume_under_either_strategy_and_load_everywhere(fo
     whole = load_checkpoint(fsdp / "checkpoint.pt", for_resume=True)
     assert whole["step"] == 2 and len(whole["model"]) > 10 and whole["optimizer"]["state"]
 
-    mixed = tmp_path / "mixed"
+    mixed, single = tmp_path / "mixed", tmp_path / "single"
     shutil.copytree(fsdp, mixed)
+    shutil.copytree(fsdp, single)
+    # another world size: one process resumes the 2-rank shards (its augmentation draws differ per rank, so
+    # its losses are its own; it continues from step 2)
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(single), "--no-progress", *TINY,
+                 "optim.clip_grad=5.0", "train.max_steps=4", "eval.knn_init=off", "train.strategy=fsdp"]) == 0
+    steps = [r["step"] for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2, 3, 4] and _losses(single)[:2] == _losses(fsdp)[:2]
     _torchrun(folder, fsdp, "train.max_steps=4", "eval.knn_init=off", "train.strategy=fsdp")  # reads own shards
     _torchrun(folder, mixed, "train.max_steps=4", "eval.knn_init=off")  # DDP: reads the whole state
     assert len(_losses(ref)) == 4
