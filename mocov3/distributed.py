@@ -92,6 +92,16 @@ def agree(ok: bool) -> bool:
     return flag.item() == 0
 
 
+def broadcast_int(n: int) -> int:
+    """Rank 0's integer ``n`` on every rank (``n`` itself without a process group)."""
+    if world_size() == 1:
+        return n
+    t = torch.tensor([n if is_main() else 0], dtype=torch.int64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 @contextlib.contextmanager
 def locked_folder(folder: Path):
     """Hold ``folder``'s :class:`~mocov3.runtime.RunLock` (rank 0) for the ``with`` block; when it is taken,

@@ -461,7 +461,7 @@ class CheckpointHook(Hook):
         """Every rank writes its shards into ``checkpoint-stepNNNNNNNNN.dcp``; the payload (for rank 0's
         ``checkpoint.pt``) names that folder and holds everything else."""
         s = self.state
-        folder = self.run.path / f"checkpoint-step{p.step:09d}{sharded.SUFFIX}"
+        folder = sharded.new_folder(self.run.path, p.step)
         groups = sharded.save(s.module, s.optimizer, folder, du.is_main())
         payload = self.payload_rest(p)
         payload.update(model={}, optimizer={}, sharded={"folder": folder.name, "param_groups": groups})

@@ -127,3 +127,12 @@ def test_a_killed_save_leaves_nothing_a_later_start_keeps(tmp_path):
     remove_stale_tmp(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["checkpoint-step000000002.dcp",
                                                                         "checkpoint-step000000004.dcp"]
+
+
+def test_a_new_shard_folder_never_replaces_an_existing_one(tmp_path):
+    """A resumed run that saves the step it resumed from writes beside the folder its checkpoint names."""
+    assert sharded.new_folder(tmp_path, 7).name == "checkpoint-step000000007.dcp"
+    (tmp_path / "checkpoint-step000000007.dcp").mkdir()
+    assert sharded.new_folder(tmp_path, 7).name == "checkpoint-step000000007-2.dcp"
+    (tmp_path / "checkpoint-step000000007-2.dcp").mkdir()
+    assert sharded.new_folder(tmp_path, 7).name == "checkpoint-step000000007-3.dcp"

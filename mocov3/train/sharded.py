@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import distributed as du
 from ..runtime import CheckpointError, MocoError, StorageError, first_line
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,19 @@ def _split(optim_sd: dict) -> tuple[dict, list]:
     return state, optim_sd.get("param_groups", [])
 
 
+def new_folder(run_dir: Path, step: int) -> Path:
+    """The folder for this step's shards, named alike on every rank: ``checkpoint-stepNNNNNNNNN.dcp``, or
+    with ``-2``, ``-3``... when that name exists (a resumed run saving the step it resumed from must not
+    replace the folder its checkpoint still names)."""
+    base = Path(run_dir) / f"checkpoint-step{step:09d}"
+    n = 1
+    if du.is_main():
+        while (base.parent / f"{base.name}{'' if n == 1 else f'-{n}'}{SUFFIX}").exists():
+            n += 1
+    n = du.broadcast_int(n)
+    return base.parent / f"{base.name}{'' if n == 1 else f'-{n}'}{SUFFIX}"
+
+
 def save(module: nn.Module, optimizer, folder: Path, is_main: bool) -> list:
     """Every rank: write this rank's shards of the model and optimizer tensors into ``folder`` (created
     under a temporary name, renamed when complete). Returns the optimizer's param_groups (FQN layout,
@@ -120,8 +134,7 @@ def save(module: nn.Module, optimizer, folder: Path, is_main: bool) -> list:
     if dist.is_initialized():
         dist.barrier()  # every rank's files are in place
     if is_main:
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        tmp.rename(folder)  # a fresh name (new_folder): never over a folder a checkpoint names
     return groups
 
 
