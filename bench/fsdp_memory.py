@@ -4,9 +4,10 @@ memory of each rank over two MoCo v3 training steps (AdamW, fp32) of ViT-L/16 an
 The images are small (64 / 56 px, 2 per rank), so the parameters of both encoders, the gradients and the
 AdamW state dominate, which is what FSDP shards (activations are what activation checkpointing saves,
 measured on a GPU by `bench/step_throughput.py`'s large-ViT rows). No checkpoint is written. Each case
-runs in its own torchrun group; the script reads each rank's `ru_maxrss` (the peak, which includes the
-full model each rank builds before it is sharded) and its resident memory after the two steps (what the
-run keeps: the shards, their gradients and AdamW state). Writes
+runs in its own torchrun group; each rank reports its peak resident memory (`ru_maxrss`: it includes the
+full model each rank builds before it is sharded, and heap the allocator kept), the bytes of its live
+tensors after the two steps (parameters or their shards, gradients, AdamW state: what FSDP divides), and
+its resident memory after handing freed heap back (`malloc_trim`). Writes
 bench/results/fsdp_memory_cpu.json.
 
 Usage: python bench/fsdp_memory.py [--cases vit_large:ddp,vit_large:fsdp,vit_huge:fsdp]
@@ -14,6 +15,8 @@ Usage: python bench/fsdp_memory.py [--cases vit_large:ddp,vit_large:fsdp,vit_hug
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -47,6 +50,8 @@ def make_folder(root: Path, n_per_class: int = 4, size: int = 64) -> Path:
 def worker(out: Path, overrides: list[str], data: str) -> None:
     """One rank: build the run as `mocov3 pretrain` does, two steps, then report this process's peak RSS."""
     sys.path.insert(0, str(ROOT))
+    import torch
+
     from mocov3 import distributed as du
     from mocov3.config import load_config
     from mocov3.pretrain import build_data, build_runtime, build_train_state
@@ -65,8 +70,16 @@ def worker(out: Path, overrides: list[str], data: str) -> None:
             break
     seconds = time.perf_counter() - t
     n_local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in state.module.parameters())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    gc.collect()
+    live = {}  # every live tensor's storage once: parameters (shards), gradients, AdamW state, buffers
+    for o in gc.get_objects():
+        if isinstance(o, torch.Tensor):
+            st = (o.to_local() if hasattr(o, "to_local") else o).untyped_storage()
+            live[st.data_ptr()] = st.nbytes()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS shows what is held
     rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    rec = {"rank": du.rank(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    rec = {"rank": du.rank(), "peak_rss_gb": peak, "live_tensors_gb": sum(live.values()) / 2**30,
            "rss_after_steps_gb": rss_now,
            "parameter_elements_on_rank": n_local, "seconds_2_steps": seconds}
     (out / f"rank{du.rank()}.json").write_text(json.dumps(rec))
@@ -91,7 +104,8 @@ def run_case(model: str, strategy: str, data: Path, tmp: Path) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return {"model": model, "strategy": strategy, "ranks": ranks,
             "max_peak_rss_gb_per_rank": max(r["peak_rss_gb"] for r in ranks),
-            "max_rss_after_steps_gb_per_rank": max(r["rss_after_steps_gb"] for r in ranks)}
+            "max_rss_after_steps_gb_per_rank": max(r["rss_after_steps_gb"] for r in ranks),
+            "max_live_tensors_gb_per_rank": max(r["live_tensors_gb"] for r in ranks)}
 
 
 def main() -> None:
@@ -115,8 +129,9 @@ def main() -> None:
             model, strategy = case.split(":")
             rows.append(run_case(model, strategy, data, tmp))
             print(json.dumps(rows[-1]), flush=True)
-    res = {"what": "peak resident host memory per rank (GB), 2 gloo processes, 2 MoCo v3 steps, AdamW fp32, "
-                   "2 images per rank, no checkpoint", "rows": rows, **machine_info()}
+    res = {"what": "host memory per rank (GB: peak RSS, live tensors after the steps, RSS after malloc_trim), "
+                   "2 gloo processes, 2 MoCo v3 steps, AdamW fp32, 2 images per rank, no checkpoint",
+           "rows": rows, **machine_info()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
