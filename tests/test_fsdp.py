@@ -111,12 +111,15 @@ def test_fsdp_refuses_what_it_does_not_support(extra, why):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", ["method=byol", "method=simclr", "model.grad_checkpointing=true",
-                                     "train.compile=true"])  # compile: what a CUDA run does by default
+                                     "train.compile=true",  # compile: what a CUDA run does by default
+                                     "train.precision=bf16"])  # FSDP's bf16 MixedPrecisionPolicy vs autocast
 def test_fsdp_equals_ddp_for_the_other_methods_and_activation_checkpointing(folder, tmp_path, setting):
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(folder, ddp, "train.max_steps=2", setting, "eval.knn_init=off")
     _torchrun(folder, fsdp, "train.max_steps=2", setting, "eval.knn_init=off", "train.strategy=fsdp")
     la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
     lb = [r["loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "loss" in r]
-    assert len(la) == 2 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
-    _close(load_checkpoint(fsdp / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"])
+    bf16 = "bf16" in setting  # bf16 parameters in FSDP's forward vs fp32 parameters under autocast in DDP's
+    assert len(la) == 2 and la == pytest.approx(lb, rel=1e-3 if bf16 else 1e-5, abs=1e-6)
+    _close(load_checkpoint(fsdp / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"],
+           *((1e-2, 1e-3) if bf16 else ()))
