@@ -158,3 +158,42 @@ def test_nvjpeg_on_cuda_gives_the_cpu_views(tmp_path):
     for (a, b, _), (a2, b2, _) in zip(cpu.epoch(0), gpu.epoch(0)):
         assert a2.device.type == "cuda" and a2.shape == a.shape
         assert (a2.float() - a.float()).abs().mean() < 4 and (b2.float() - b.float()).abs().mean() < 4
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_labelled_batches_decoded_on_the_device_keep_labels_with_their_images(tmp_path, no_dct_scaling, sharded):
+    """Fine-tuning and the full probe: one crop per image, the label of the image actually cut (a replaced
+    undecodable file brings its neighbour's label)."""
+    from mocov3.data.datasets import labelled_batches
+
+    root = _jpeg_folder(tmp_path / "d")
+    spec = str(root)
+    if sharded:
+        assert main(["shard", str(root), str(tmp_path / "s"), "--shard-size", "10KB"]) == 0
+        spec = str(tmp_path / "s")
+    cfg = tiny_cfg(f"image_size={SIZE}", "data.in_memory=no").data
+    data = load_dataset(spec, cfg)
+    args = (data, 8, 0, 1, 2, torch.device("cpu"), SIZE, (0.08, 1.0), (3 / 4, 4 / 3), 2)
+    cpu = labelled_batches(*args)
+    gpu = labelled_batches(*args, gpu_decode=GpuCropper("cpu", SIZE, decode=FakeNvjpeg()))
+    n = 0
+    for (x, y, c), (x2, y2, c2) in zip(cpu.epoch(0), gpu.epoch(0)):
+        assert c and c2 and torch.equal(y, y2) and (x2.int() - x.int()).abs().max() <= 1
+        n += 1
+    assert n == cpu.steps_per_epoch > 0
+
+
+def test_a_replaced_image_brings_its_label():
+    from mocov3.data.gpu_decode import collate_planned, labels_of
+
+    def blob(value):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((20, 20, 3), value, np.uint8)).save(buf, "JPEG")
+        return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+    box = torch.tensor([[0, 0, 20, 20]])
+    items = [((blob(10), box, True), 7, 0), ((blob(200)[:30], box, True), 8, 0), ((blob(90), box, True), 9, 0)]
+    batch, labels, skipped = collate_planned(items)
+    (views,), bad, src = GpuCropper("cpu", 8, decode=FakeNvjpeg())(batch)
+    assert bad == 1 and src.tolist() == [0, 0, 2] and labels_of(labels, src).tolist() == [7, 7, 9]
+    assert abs(int(views[1].float().mean()) - 10) <= 2  # the second row is the first image again

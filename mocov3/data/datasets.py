@@ -23,7 +23,7 @@ from PIL import Image
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import IMG_EXTENSIONS, decode_center_crop, decode_crops, load_rgb, scan_folder  # noqa: F401
-from .gpu_decode import GpuCropper, collate_planned, plan_crops
+from .gpu_decode import GpuCropper, collate_planned, labels_of, plan_crops
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
@@ -294,10 +294,11 @@ class _GlobalBatches:
         loader = torch.utils.data.DataLoader(self.stream, batch_sampler=[r.tolist() for r in idx],
                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                                              collate_fn=collate_planned if planned else None)
-        for *items, skipped in loader:  # (crop, crop) or (crop, label) or (planned batch,), files skipped
+        for *items, skipped in loader:  # (crop, crop), (crop, label), (planned,) or (planned, label)
             n = int(skipped.sum())
             if planned:
-                items, bad = self.cropper(items[0])
+                views, bad, src = self.cropper(items[0])
+                items = views + [labels_of(y, src) for y in items[1:]]
                 n += bad
             if n:
                 self.unreadable += n
@@ -347,6 +348,8 @@ class StreamingCropSet(torch.utils.data.Dataset):
     (``scale``, ``ratio``) resized to ``size``; uint8 [3, size, size] and the label. Flip and the rest of
     the augmentation run batched on the device."""
 
+    planned = False  # GPU decoding: workers only read the bytes and draw the box (gpu_decode.plan_crops)
+
     def __init__(self, data: ImageData, size: int, scale, ratio, seed: int):
         self.data, self.size, self.scale, self.ratio, self.seed, self.epoch = data, size, scale, ratio, seed, 0
 
@@ -359,6 +362,10 @@ class StreamingCropSet(torch.utils.data.Dataset):
     def __getitem__(self, idx: int):
         rng = random.Random(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
         # an unreadable file: the next one, with its label
+        if self.planned:
+            j, plan, skipped = _first_readable(
+                self.data, idx, lambda path: plan_crops(path, self.size, self.scale, self.ratio, rng))
+            return plan, int(self.data.labels[j]), skipped
         j, (crop,), skipped = _first_readable(
             self.data, idx, lambda path: decode_crops(path, self.size, self.scale, self.ratio, rng))
         return crop, int(self.data.labels[j]), skipped
@@ -376,13 +383,16 @@ class LabelledBatches(_GlobalBatches):
     """
 
     def __init__(self, data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device,
-                 size: int, scale, ratio, num_workers: int = 4):
+                 size: int, scale, ratio, num_workers: int = 4, gpu_decode=False):
         if data.sharded:
             raise DataError(f"{data.name}: sharded data: use labelled_batches()")
         if batch_size_total % world:
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingCropSet(data, size, scale, ratio, seed)
+        if gpu_decode and self.stream is not None:  # True, or a GpuCropper (tests pass one with a CPU decoder)
+            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, size)
+            self.stream.planned = True
 
     def _indices(self, epoch: int) -> torch.Tensor:
         return self._slice(torch.randperm(len(self.data),
@@ -400,12 +410,13 @@ class LabelledBatches(_GlobalBatches):
 
 
 def labelled_batches(data: ImageData, batch_size_total: int, rank: int, world: int, seed: int, device, size: int,
-                     scale, ratio, num_workers: int = 4):
+                     scale, ratio, num_workers: int = 4, gpu_decode=False):
     """Supervised training batches of ``data``: :class:`LabelledBatches` for folders and in-memory sets,
     :class:`~mocov3.data.shards.ShardLabelledBatches` for shards (same ``epoch(e, start_step)`` and
-    ``steps_per_epoch``)."""
+    ``steps_per_epoch``); ``gpu_decode`` as for pretraining (``data.decode``)."""
     make = ShardLabelledBatches if data.sharded else LabelledBatches
-    return make(data, batch_size_total, rank, world, seed, device, size, scale, ratio, num_workers)
+    return make(data, batch_size_total, rank, world, seed, device, size, scale, ratio, num_workers,
+                gpu_decode=gpu_decode)
 
 
 def eval_batches(data: ImageData, data_cfg, device: torch.device, batch_size: int,

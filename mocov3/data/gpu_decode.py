@@ -10,7 +10,7 @@ filter, in float32 and rounded back to uint8.
 
 Files nvJPEG cannot take (other formats, CMYK JPEGs; a batch the GPU decoder refuses) are decoded on the
 CPU in the training process; a file neither can decode is replaced by the previous good image of the batch
-and counted, like an unreadable file on the CPU path.
+(with its label, for supervised training) and counted, like an unreadable file on the CPU path.
 """
 from __future__ import annotations
 
@@ -58,11 +58,13 @@ class PlannedBatch:
 
 
 def collate_planned(items: list) -> tuple:
-    """DataLoader collate for items ``((blob, boxes, gpu_ok), ..., skipped)``: (PlannedBatch, skipped [B])."""
+    """DataLoader collate for items ``((blob, boxes, gpu_ok), skipped)`` or, labelled,
+    ``((blob, boxes, gpu_ok), label, skipped)``: (PlannedBatch, [labels [B],] skipped [B])."""
     plans = [it[0] for it in items]
     batch = PlannedBatch([p[0] for p in plans], torch.stack([p[1] for p in plans]),
                          torch.tensor([p[2] for p in plans]))
-    return batch, torch.tensor([int(it[-1]) for it in items])
+    labels = [torch.tensor([int(it[1]) for it in items])] if len(items[0]) == 3 else []
+    return (batch, *labels, torch.tensor([int(it[-1]) for it in items]))
 
 
 def _nvjpeg() -> Optional[Callable]:
@@ -124,12 +126,13 @@ class GpuCropper:
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
-    def __call__(self, batch: PlannedBatch) -> tuple[list, int]:
-        """-> (n views, each uint8 [B, 3, size, size] on the device; files that could not be decoded)."""
+    def __call__(self, batch: PlannedBatch) -> tuple[list, int, torch.Tensor]:
+        """-> (n views, each uint8 [B, 3, size, size] on the device; files that could not be decoded; the
+        batch row each output row was cut from [B], so labels can follow a replaced image)."""
         imgs = self._decode_all(batch)
         n = batch.boxes.shape[1]
         views: list = [[] for _ in range(n)]
-        bad, last = 0, None
+        bad, last, src = 0, None, []
         for i, img in enumerate(imgs):
             if img is None:
                 bad += 1
@@ -140,12 +143,18 @@ class GpuCropper:
                 j = last
             else:
                 j = last = i
+            src.append(j)
             for v in range(n):
                 views[v].append(self.crop(imgs[j], batch.boxes[j, v]))
         if bad:
             self.unreadable += bad
             log.warning("%d undecodable images replaced so far (GPU decode)", self.unreadable)
-        return [torch.stack(v) for v in views], bad
+        return [torch.stack(v) for v in views], bad, torch.tensor(src)
+
+
+def labels_of(labels: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The labels of the rows the cropper actually cut (a replaced image brings its own label)."""
+    return labels[src.to(labels.device)]
 
 
 def wants_gpu_decode(mode: str, device, streaming: bool) -> bool:
@@ -164,4 +173,4 @@ def wants_gpu_decode(mode: str, device, streaming: bool) -> bool:
     return device.type == "cuda" and _nvjpeg() is not None
 
 
-__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "wants_gpu_decode"]
+__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "wants_gpu_decode", "labels_of"]

@@ -30,7 +30,7 @@ import torch
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops, scan_folder
-from .gpu_decode import GpuCropper, collate_planned, plan_crops
+from .gpu_decode import GpuCropper, collate_planned, labels_of, plan_crops
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
                                            (nb - done) * self.local), nb - done)
         c = self.cfg
         n = 1 if self.labelled else 2
-        planned = self.planned and not self.labelled
+        planned = self.planned
 
         def cut(data, rng):
             if planned:  # GPU decoding: the bytes and the boxes (gpu_decode.plan_crops)
@@ -358,8 +358,9 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 a.append(crops[0])
                 b.append(label if self.labelled or planned else crops[1])
                 keys.append(_key_id(key))
-            if planned:
-                yield collate_planned([(plan, 0) for plan in a])[0], None, torch.tensor(keys), torch.tensor(bad)
+            if planned:  # the bytes and boxes; labelled: and the labels
+                second = torch.tensor(b, dtype=torch.long) if self.labelled else None
+                yield collate_planned([(plan, 0) for plan in a])[0], second, torch.tensor(keys), torch.tensor(bad)
                 continue
             second = torch.tensor(b, dtype=torch.long) if self.labelled else torch.stack(b)
             yield torch.stack(a), second, torch.tensor(keys), torch.tensor(bad)
@@ -382,7 +383,7 @@ class ShardTrainBatches:
         self.unreadable = 0
         self.last_keys = None  # the sample keys of the last batch (tests)
         self.cropper = None
-        if gpu_decode and not labelled:  # True, or a GpuCropper (tests pass one with a CPU decoder)
+        if gpu_decode:  # True, or a GpuCropper (tests pass one with a CPU decoder)
             self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, data_cfg.image_size)
             self.stream.planned = True
 
@@ -393,7 +394,8 @@ class ShardTrainBatches:
         try:
             for a, b, keys, bad in loader:
                 if self.cropper is not None:  # a planned batch: decode and crop on the device
-                    (a, b), more = self.cropper(a)
+                    views, more, src = self.cropper(a)
+                    a, b = (views[0], labels_of(b, src)) if self.stream.labelled else views
                     bad = int(bad) + more
                 if int(bad):
                     self.unreadable += int(bad)
@@ -412,9 +414,10 @@ class ShardLabelledBatches(ShardTrainBatches):
     workers cut the RandomResizedCrop (``scale``, ``ratio``), the same order rules as pretraining."""
 
     def __init__(self, data, batch_size_total: int, rank: int, world: int, seed: int, device, size: int, scale,
-                 ratio, num_workers: int = 4):
+                 ratio, num_workers: int = 4, gpu_decode=False):
         crop = types.SimpleNamespace(image_size=size, crop_scale=tuple(scale), crop_ratio=tuple(ratio))
-        super().__init__(data, crop, batch_size_total, rank, world, seed, device, num_workers, labelled=True)
+        super().__init__(data, crop, batch_size_total, rank, world, seed, device, num_workers, gpu_decode=gpu_decode,
+                         labelled=True)
 
     def epoch(self, epoch: int, start_step: int = 0):
         for x, y, _ in super().epoch(epoch, start_step):

@@ -19,6 +19,7 @@ from .. import distributed as du
 from ..config import Config, save_config, scaled_lr, to_dict
 from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData, eval_batches, labelled_batches
+from ..data.gpu_decode import wants_gpu_decode
 from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
@@ -193,7 +194,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     peak = scaled_lr(ft.base_lr, ft.batch_size)
     opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
     batches = labelled_batches(train, ft.batch_size, rank, world, cfg.train.seed, device, cfg.data.image_size,
-                              ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers)
+                              ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers,
+                              gpu_decode=wants_gpu_decode(cfg.data.decode, device, streaming=not train.in_memory))
     steps_per_epoch = batches.steps_per_epoch
     total = ft.epochs * steps_per_epoch
     warmup = int(round(ft.warmup_epochs * steps_per_epoch))

@@ -19,6 +19,7 @@ from .. import distributed as du
 from ..config import scaled_lr
 from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData, labelled_batches
+from ..data.gpu_decode import wants_gpu_decode
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
 from ..train.schedules import lr_at
@@ -118,7 +119,8 @@ def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, da
     bs -= bs % world
     lr = scaled_lr(cfg.base_lr, bs)
     batches = labelled_batches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
-                              (3 / 4, 4 / 3), data_cfg.num_workers)
+                              (3 / 4, 4 / 3), data_cfg.num_workers,
+                              gpu_decode=wants_gpu_decode(data_cfg.decode, device, streaming=not train.in_memory))
     total = cfg.epochs * batches.steps_per_epoch
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
     # fp32 for the probe itself: its input features are computed under autocast below
