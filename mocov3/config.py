@@ -115,9 +115,9 @@ class DataConfig:
     memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode")
     num_workers: int = _f(4, "DataLoader workers when streaming")
     decode: Literal["auto", "cpu", "gpu"] = _f(
-        "auto", "where streamed training JPEGs are decoded (pretraining, fine-tuning, full probe): cpu = by the workers; gpu = by "
-                "nvJPEG in the training process (needs CUDA and torchvision; workers only read bytes); auto = gpu "
-                "when both are there")
+        "auto", "where streamed training JPEGs are decoded (pretraining, fine-tuning, full probe): cpu = by the "
+                "workers; gpu = by nvJPEG in the training process (needs CUDA and torchvision; workers only read "
+                "bytes); auto = gpu when both are there")
     cache_dir: Optional[str] = _f(None, "download / decode cache (default $MOCOV3_CACHE or ~/.cache/mocov3)")
 
 
