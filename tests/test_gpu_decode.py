@@ -136,7 +136,7 @@ def test_decode_setting():
 def test_decode_gpu_on_a_cpu_run_is_one_line(tmp_path, capsys):
     root = _jpeg_folder(tmp_path / "d", n=8)
     code = main(["pretrain", "--data", str(root), "--output-dir", str(tmp_path / "r"), "--no-progress", *TINY,
-                 "data.in_memory=no", "data.decode=gpu", "train.max_steps=1"])
+                 "data.in_memory=no", "data.decode=gpu", "train.max_steps=1", "train.device=cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and "data.decode=gpu needs a CUDA device" in err[-1]
 
