@@ -53,15 +53,16 @@ def _reader(folder: Path):
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
-            path = self._get_metadata_path(kwargs.get("rank"))
-            with self.fs.create_stream(path, "rb") as f:
+            rank = kwargs.get("rank")
+            path = Path(folder) / (".metadata" if rank is None else f"__{rank}.metadata")  # DCP's names
+            with open(path, "rb") as f:
                 try:
                     md = _MetadataUnpickler(f).load()
                 except pickle.UnpicklingError as e:
                     raise CheckpointError(f"{folder}: {e} (not a mocov3 sharded checkpoint)") from None
             if getattr(md, "storage_meta", None) is None:
                 md.storage_meta = StorageMeta()
-            md.storage_meta.load_id = self.load_id
+            md.storage_meta.load_id = getattr(self, "load_id", None)
             bad = [k for k, v in md.state_dict_metadata.items() if not isinstance(v, TensorStorageMetadata)]
             if bad:
                 raise CheckpointError(f"{folder} holds non-tensor entries ({bad[0]}); not written by mocov3")
