@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from pathlib import Path
 
@@ -75,11 +76,14 @@ def shutdown() -> None:
     was done. Not called after an error: the other ranks may be inside a collective."""
     if not is_dist():
         return
-    import gc
-
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()
+
+
+def _collective_device() -> str:
+    """Where small tensors for a collective live: NCCL takes CUDA tensors only, gloo CPU ones."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def agree(ok: bool) -> bool:
@@ -87,7 +91,7 @@ def agree(ok: bool) -> bool:
     that a failure on one rank stops all of them instead of leaving the others waiting."""
     if world_size() == 1:
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    flag = torch.tensor([0.0 if ok else 1.0], device=_collective_device())
     dist.all_reduce(flag)
     return flag.item() == 0
 
@@ -96,8 +100,7 @@ def broadcast_int(n: int) -> int:
     """Rank 0's integer ``n`` on every rank (``n`` itself without a process group)."""
     if world_size() == 1:
         return n
-    t = torch.tensor([n if is_main() else 0], dtype=torch.int64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([n if is_main() else 0], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(t)
     return int(t.item())
 

@@ -462,7 +462,7 @@ class CheckpointHook(Hook):
         ``checkpoint.pt``) names that folder and holds everything else."""
         s = self.state
         folder = sharded.new_folder(self.run.path, p.step)
-        groups = sharded.save(s.module, s.optimizer, folder, du.is_main())
+        groups = sharded.save(s.module, s.optimizer, folder)
         payload = self.payload_rest(p)
         payload.update(model={}, optimizer={}, sharded={"folder": folder.name, "param_groups": groups})
         return payload

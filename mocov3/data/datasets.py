@@ -23,7 +23,7 @@ from PIL import Image
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import IMG_EXTENSIONS, decode_center_crop, decode_crops, load_rgb, scan_folder  # noqa: F401
-from .gpu_decode import GpuCropper, collate_planned, labels_of, plan_crops
+from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 from .cache import resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
@@ -236,13 +236,10 @@ class StreamingTrainSet(torch.utils.data.Dataset):
         worker, counted by :class:`TrainBatches`)."""
         rng = random.Random(seed_for(self.seed, self.epoch, idx))
         c = self.cfg
-        if self.planned:
-            j, plan, skipped = _first_readable(
-                self.data, idx, lambda path: plan_crops(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
-            return plan, skipped
-        j, (a, b), skipped = _first_readable(
-            self.data, idx, lambda path: decode_crops(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
-        return a, b, skipped
+        cut = plan_crops if self.planned else decode_crops  # the bytes and boxes, or the two crops
+        j, out, skipped = _first_readable(
+            self.data, idx, lambda path: cut(path, c.image_size, c.crop_scale, c.crop_ratio, rng, n=2))
+        return (out, skipped) if self.planned else (*out, skipped)
 
 
 class StreamingEvalSet(torch.utils.data.Dataset):
@@ -324,9 +321,9 @@ class TrainBatches(_GlobalBatches):
                  device, num_workers: int = 4, gpu_decode=False):
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingTrainSet(data, data_cfg, seed)
-        if gpu_decode and self.stream is not None:  # True, or a GpuCropper (tests pass one with a CPU decoder)
-            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, data_cfg.image_size)
-            self.stream.planned = True
+        if self.stream is not None:
+            self.cropper = make_cropper(gpu_decode, device, data_cfg.image_size)
+            self.stream.planned = self.cropper is not None
 
     def _indices(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.ORDER))
@@ -362,13 +359,9 @@ class StreamingCropSet(torch.utils.data.Dataset):
     def __getitem__(self, idx: int):
         rng = random.Random(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
         # an unreadable file: the next one, with its label
-        if self.planned:
-            j, plan, skipped = _first_readable(
-                self.data, idx, lambda path: plan_crops(path, self.size, self.scale, self.ratio, rng))
-            return plan, int(self.data.labels[j]), skipped
-        j, (crop,), skipped = _first_readable(
-            self.data, idx, lambda path: decode_crops(path, self.size, self.scale, self.ratio, rng))
-        return crop, int(self.data.labels[j]), skipped
+        cut = plan_crops if self.planned else decode_crops  # the bytes and box, or the crop
+        j, out, skipped = _first_readable(self.data, idx, lambda path: cut(path, self.size, self.scale, self.ratio, rng))
+        return out if self.planned else out[0], int(self.data.labels[j]), skipped
 
 
 class LabelledBatches(_GlobalBatches):
@@ -390,9 +383,9 @@ class LabelledBatches(_GlobalBatches):
             raise DataError(f"batch size {batch_size_total} is not divisible by the {world} processes")
         super().__init__(data, batch_size_total, rank, world, seed, device, num_workers)
         self.stream = None if data.in_memory else StreamingCropSet(data, size, scale, ratio, seed)
-        if gpu_decode and self.stream is not None:  # True, or a GpuCropper (tests pass one with a CPU decoder)
-            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, size)
-            self.stream.planned = True
+        if self.stream is not None:
+            self.cropper = make_cropper(gpu_decode, device, size)
+            self.stream.planned = self.cropper is not None
 
     def _indices(self, epoch: int) -> torch.Tensor:
         return self._slice(torch.randperm(len(self.data),

@@ -7,6 +7,7 @@ import math
 import os
 import random
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -85,19 +86,42 @@ def _read_bytes(src) -> bytes:
         return f.read()
 
 
-def decode_rgb(blob: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarray:
+#: libjpeg-turbo colour spaces simplejpeg decodes to RGB itself (CMYK / YCCK: Pillow converts them properly).
+FAST_COLORSPACES = ("Gray", "YCbCr", "RGB")
+
+
+def image_info(blob: bytes) -> tuple[int, int, Optional[str]]:
+    """(width, height, colour space) from an encoded image's header. The colour space is libjpeg-turbo's
+    name for a JPEG simplejpeg parsed; None otherwise (Pillow read the size)."""
+    if simplejpeg is not None and blob[:2] == JPEG_MAGIC:
+        try:
+            h, w, colorspace = simplejpeg.decode_jpeg_header(blob)[:3]
+            return w, h, colorspace
+        except ValueError:
+            pass
+    with Image.open(io.BytesIO(blob)) as im:
+        return (*im.size, None)
+
+
+def image_size(blob: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image, from its header."""
+    return image_info(blob)[:2]
+
+
+def decode_rgb(blob: bytes, min_width: int = 0, min_height: int = 0, colorspace: Optional[str] = None) -> np.ndarray:
     """Decode an encoded image to uint8 [H, W, 3] RGB. A JPEG may come out smaller than its stored size:
     libjpeg-turbo's DCT scaling (n/8, n = 1..8) to the smallest size at least ``min_width`` x
-    ``min_height`` (0: full size). Other formats, CMYK JPEGs, and machines without ``simplejpeg`` go
-    through Pillow (``draft`` then scales by 1/2, 1/4 or 1/8 only). Raises on a corrupt or truncated file."""
-    if simplejpeg is not None and blob[:2] == JPEG_MAGIC:
+    ``min_height`` (0: full size). ``colorspace``: :func:`image_info`'s, when the caller has read the header
+    (else it is read here). Other formats, CMYK JPEGs, and machines without ``simplejpeg`` go through
+    Pillow (``draft`` then scales by 1/2, 1/4 or 1/8 only). Raises on a corrupt or truncated file."""
+    if colorspace is None and simplejpeg is not None and blob[:2] == JPEG_MAGIC:
         try:
             colorspace = simplejpeg.decode_jpeg_header(blob)[2]
         except ValueError:
-            colorspace = None  # let Pillow decide (and raise on a corrupt file)
-        if colorspace in ("Gray", "YCbCr", "RGB"):  # CMYK / YCCK: Pillow converts them properly
-            kw = {"min_width": min_width, "min_height": min_height} if (min_width or min_height) else {}
-            return simplejpeg.decode_jpeg(blob, colorspace="RGB", **kw)
+            pass  # let Pillow decide (and raise on a corrupt file)
+    if colorspace in FAST_COLORSPACES:
+        kw = {"min_width": min_width, "min_height": min_height} if (min_width or min_height) else {}
+        return simplejpeg.decode_jpeg(blob, colorspace="RGB", **kw)
     with Image.open(io.BytesIO(blob)) as im:
         if (min_width or min_height) and im.format == "JPEG":
             W, H = im.size
@@ -107,18 +131,6 @@ def decode_rgb(blob: bytes, min_width: int = 0, min_height: int = 0) -> np.ndarr
             if k > 1:
                 im.draft("RGB", (math.ceil(W / k), math.ceil(H / k)))
         return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only ones)
-
-
-def image_size(blob: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image, from its header."""
-    if simplejpeg is not None and blob[:2] == JPEG_MAGIC:
-        try:
-            h, w = simplejpeg.decode_jpeg_header(blob)[:2]
-            return w, h
-        except ValueError:
-            pass
-    with Image.open(io.BytesIO(blob)) as im:
-        return im.size
 
 
 def resize_crop(img: torch.Tensor, box: tuple, size) -> torch.Tensor:
@@ -144,11 +156,11 @@ def decode_crops(src, size: int, scale, ratio, rng: random.Random, n: int = 1) -
     the decoded image (under half a pixel, on boxes of at least ``size`` pixels). Each box is cut before it
     is resized (antialiased bilinear)."""
     blob = _read_bytes(src)
-    W, H = image_size(blob)
+    W, H, colorspace = image_info(blob)
     boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
     f = min(1.0, size / min(min(h, w) for _, _, h, w in boxes))  # the scale every box allows
     min_w, min_h = (math.ceil(W * f), math.ceil(H * f)) if f < 1 else (0, 0)
-    img = torch.from_numpy(decode_rgb(blob, min_w, min_h))
+    img = torch.from_numpy(decode_rgb(blob, min_w, min_h, colorspace))
     h_img, w_img = img.shape[:2]
     out = []
     for top, left, h, w in boxes:
@@ -166,12 +178,12 @@ def decode_center_crop(src, size: int, crop_ratio: float) -> torch.Tensor:
     ``size / crop_ratio`` (antialiased bilinear), center crop ``size``; uint8 [3, size, size]. A JPEG is
     decoded at the smallest DCT scale (n/8) that keeps the shorter side at least that long."""
     blob = _read_bytes(src)
-    W, H = image_size(blob)
+    W, H, colorspace = image_info(blob)
     short = int(round(size / crop_ratio))
     scale = short / min(W, H)
     new_w, new_h = max(short, round(W * scale)), max(short, round(H * scale))
     min_w, min_h = (new_w, new_h) if scale < 1 else (0, 0)
-    img = torch.from_numpy(decode_rgb(blob, min_w, min_h))
+    img = torch.from_numpy(decode_rgb(blob, min_w, min_h, colorspace))
     resized = resize_crop(img, (0, 0, img.shape[0], img.shape[1]), (new_h, new_w))
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[:, top:top + size, left:left + size].contiguous()

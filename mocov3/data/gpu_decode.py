@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from ..runtime import ConfigError
 from .augment import sample_crop_box
-from .files import JPEG_MAGIC, _read_bytes, decode_rgb, image_size, simplejpeg
+from . import files
+from .files import JPEG_MAGIC, _read_bytes, decode_rgb, image_info
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,10 @@ def plan_crops(src, size: int, scale, ratio, rng, n: int = 1) -> tuple[torch.Ten
     image, whether nvJPEG can decode it). The header is parsed (an unreadable one raises, so the worker
     skips the file) and the boxes are drawn exactly as :func:`~mocov3.data.files.decode_crops` draws them."""
     blob = _read_bytes(src)
-    W, H = image_size(blob)
+    W, H, colorspace = image_info(blob)
     boxes = [sample_crop_box(H, W, scale, ratio, rng) for _ in range(n)]
-    gpu_ok = blob[:2] == JPEG_MAGIC
-    if gpu_ok and simplejpeg is not None:
-        try:
-            gpu_ok = simplejpeg.decode_jpeg_header(blob)[2] in ("YCbCr", "Gray")
-        except ValueError:
-            gpu_ok = False
+    # a JPEG in YCbCr or grey (without simplejpeg, where the colour space is unknown: any JPEG)
+    gpu_ok = blob[:2] == JPEG_MAGIC and (colorspace in ("YCbCr", "Gray") if files.simplejpeg is not None else True)
     return torch.frombuffer(bytearray(blob), dtype=torch.uint8), torch.tensor(boxes, dtype=torch.long), gpu_ok
 
 
@@ -121,7 +118,7 @@ class GpuCropper:
 
     def crop(self, img: torch.Tensor, box) -> torch.Tensor:
         """uint8 [3, H, W] and (top, left, h, w) -> uint8 [3, size, size] (antialiased bilinear)."""
-        top, left, h, w = (int(v) for v in box)
+        top, left, h, w = box
         x = img[None, :, top:top + h, left:left + w].float()
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         return x[0].round_().clamp_(0, 255).to(torch.uint8)
@@ -130,6 +127,7 @@ class GpuCropper:
         """-> (n views, each uint8 [B, 3, size, size] on the device; files that could not be decoded; the
         batch row each output row was cut from [B], so labels can follow a replaced image)."""
         imgs = self._decode_all(batch)
+        boxes = batch.boxes.tolist()  # once, not an element read per crop
         n = batch.boxes.shape[1]
         views: list = [[] for _ in range(n)]
         bad, last, src = 0, None, []
@@ -145,11 +143,19 @@ class GpuCropper:
                 j = last = i
             src.append(j)
             for v in range(n):
-                views[v].append(self.crop(imgs[j], batch.boxes[j, v]))
+                views[v].append(self.crop(imgs[j], boxes[j][v]))
         if bad:
             self.unreadable += bad
             log.warning("%d undecodable images replaced so far (GPU decode)", self.unreadable)
         return [torch.stack(v) for v in views], bad, torch.tensor(src)
+
+
+def make_cropper(gpu_decode, device, size: int) -> Optional[GpuCropper]:
+    """The cropper a batch stream uses for ``gpu_decode``: None (decode in the workers), True (nvJPEG on
+    ``device``) or a :class:`GpuCropper` given as it is (tests pass one with a CPU decoder)."""
+    if not gpu_decode:
+        return None
+    return gpu_decode if callable(gpu_decode) else GpuCropper(device, size)
 
 
 def labels_of(labels: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -173,4 +179,4 @@ def wants_gpu_decode(mode: str, device, streaming: bool) -> bool:
     return device.type == "cuda" and _nvjpeg() is not None
 
 
-__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "wants_gpu_decode", "labels_of"]
+__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "make_cropper", "wants_gpu_decode", "labels_of"]

@@ -30,7 +30,7 @@ import torch
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops, scan_folder
-from .gpu_decode import GpuCropper, collate_planned, labels_of, plan_crops
+from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class _ShardStream(torch.utils.data.IterableDataset):
         def cut(data, rng):
             if planned:  # GPU decoding: the bytes and the boxes (gpu_decode.plan_crops)
                 return (plan_crops(data, c.image_size, c.crop_scale, c.crop_ratio, rng, n=n),)
-            return decode_crops(io.BytesIO(data), c.image_size, c.crop_scale, c.crop_ratio, rng, n=n)
+            return decode_crops(data, c.image_size, c.crop_scale, c.crop_ratio, rng, n=n)
 
         for k in range(self.start_step, steps):
             role = k % self.workers
@@ -382,10 +382,8 @@ class ShardTrainBatches:
             raise DataError(f"{data.name} has {len(data)} images, fewer than one batch of {batch_size_total}")
         self.unreadable = 0
         self.last_keys = None  # the sample keys of the last batch (tests)
-        self.cropper = None
-        if gpu_decode:  # True, or a GpuCropper (tests pass one with a CPU decoder)
-            self.cropper = gpu_decode if callable(gpu_decode) else GpuCropper(device, data_cfg.image_size)
-            self.stream.planned = True
+        self.cropper = make_cropper(gpu_decode, device, data_cfg.image_size)
+        self.stream.planned = self.cropper is not None
 
     def epoch(self, epoch: int, start_step: int = 0):
         self.stream.epoch, self.stream.start_step = epoch, start_step

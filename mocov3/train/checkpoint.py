@@ -137,13 +137,18 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False, ma
     if for_resume and (ckpt["step"] < 0 or not {"state", "param_groups"} <= set(ckpt["optimizer"])
                        or not {"torch", "python"} <= set(ckpt["rng"])):
         raise CheckpointError(f"checkpoint {path}: malformed step, optimizer or rng entry")
-    stored = ckpt.get("checksum")
-    if stored is not None:
-        body = {k: v for k, v in ckpt.items() if k != "checksum"}
-        if payload_checksum(body) != stored:
-            raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
-                                  f"(checkpoint_epochNNNN.pt) or start the run again")
+    _verify_checksum(path, ckpt, required=False)
     return ckpt
+
+
+def _verify_checksum(path: Path, ckpt: dict, required: bool) -> None:
+    """The stored checksum against the payload (files from before checksums have none: ``required``)."""
+    stored = ckpt.get("checksum")
+    if stored is None and not required:
+        return
+    if stored is None or payload_checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != stored:
+        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
+                              f"(checkpoint_epochNNNN.pt) or start the run again")
 
 
 def _load_sharded(path: Path, ckpt: dict, map_location, for_resume: bool, materialize: bool) -> dict:
@@ -151,10 +156,7 @@ def _load_sharded(path: Path, ckpt: dict, map_location, for_resume: bool, materi
     if not isinstance(info, dict) or not isinstance(info.get("folder"), str) or \
             not isinstance(info.get("param_groups"), list):
         raise CheckpointError(f"checkpoint {path}: malformed 'sharded' entry")
-    stored = ckpt.get("checksum")
-    if stored is None or payload_checksum({k: v for k, v in ckpt.items() if k != "checksum"}) != stored:
-        raise CheckpointError(f"checkpoint {path} is corrupt (checksum mismatch); use an earlier copy "
-                              f"(checkpoint_epochNNNN.pt) or start the run again")
+    _verify_checksum(path, ckpt, required=True)  # sharded checkpoints were always written with one
     folder = path.parent / info["folder"]
     sharded.check_folder(folder, path)
     ckpt["sharded_folder"] = folder

@@ -106,35 +106,33 @@ def new_folder(run_dir: Path, step: int) -> Path:
     """The folder for this step's shards, named alike on every rank: ``checkpoint-stepNNNNNNNNN.dcp``, or
     with ``-2``, ``-3``... when that name exists (a resumed run saving the step it resumed from must not
     replace the folder its checkpoint still names)."""
-    base = Path(run_dir) / f"checkpoint-step{step:09d}"
+    def name(n: int) -> Path:
+        return Path(run_dir) / f"checkpoint-step{step:09d}{'' if n == 1 else f'-{n}'}{SUFFIX}"
+
     n = 1
     if du.is_main():
-        while (base.parent / f"{base.name}{'' if n == 1 else f'-{n}'}{SUFFIX}").exists():
+        while name(n).exists():
             n += 1
-    n = du.broadcast_int(n)
-    return base.parent / f"{base.name}{'' if n == 1 else f'-{n}'}{SUFFIX}"
+    return name(du.broadcast_int(n))
 
 
-def save(module: nn.Module, optimizer, folder: Path, is_main: bool) -> list:
+def save(module: nn.Module, optimizer, folder: Path) -> list:
     """Every rank: write this rank's shards of the model and optimizer tensors into ``folder`` (created
     under a temporary name, renamed when complete). Returns the optimizer's param_groups (FQN layout,
     hyper-parameters) for the pointer file."""
     import torch.distributed.checkpoint as dcp
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
-    if is_main:
+    if du.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    du.barrier()
     state, groups = _split(get_optimizer_state_dict(module, optimizer))
     with _dcp_errors("write", folder):
         dcp.save({"model": get_model_state_dict(module), "optim": state}, checkpoint_id=str(tmp))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are in place
-    if is_main:
+    du.barrier()  # every rank's files are in place
+    if du.is_main():
         tmp.rename(folder)  # a fresh name (new_folder): never over a folder a checkpoint names
     return groups
 
