@@ -1,88 +1,120 @@
 #!/usr/bin/env bash
-# One prepared GPU session (at most ~8 minutes): CUDA tests, step throughput eager vs compiled with MFU and
-# peak memory, the augmentation alone, and ~3 minutes of the CIFAR-10 GPU recipe end to end with its kNN.
-# Everything is written under $OUT (default bench/results/gpu) as JSON / text; copy the JSON into
-# bench/results/ and commit it, naming the device.
+# One prepared GPU session of at most 8 minutes (BUDGET seconds): CUDA tests, step throughput eager vs
+# compiled with MFU and peak memory, the augmentation alone, the input path (CPU decode per core, nvJPEG),
+# and the short CIFAR-10 GPU recipe end to end with its kNN.
 #
-#   bash bench/gpu_check.sh            (on the lent machine, from the repository root)
-#   LARGE_VITS=1 bash bench/gpu_check.sh   (+ ViT-L/16, ViT-H/14 memory rows; ~2 minutes more)
+# Here, before the lease (copies the CIFAR-10 archive into data/ and simplejpeg's wheel for the GPU
+# machine's Python into .whl/; both are ignored paths):
+#     bash bench/gpu_prepare.sh
+# Then one call of the device tool, with carry=["data", ".whl"] and timeout_s 560:
+#     bash bench/gpu_check.sh
+#     LARGE_VITS=1 bash bench/gpu_check.sh   (+ ViT-L/16, ViT-H/14 memory rows: BUDGET=600 and a longer call)
 #
-# It uses the machine's own torch (no install): PYTHONPATH points at this checkout. The CIFAR-10 run needs
-# the JPEG archive: $CIFAR_TAR, or data/cifar10-jpeg.tar.gz inside the checkout (an ignored path: copy it
-# there from ../shared/datasets/ and pass it to the device tool with carry=["data"]); skipped without it.
+# Output under $OUT (default bench/results/gpu), at most 6 files (the device tool brings back 8):
+# env.json, step_throughput_gpu.json, data_throughput_gpu.json, cifar10_e2e_gpu.json,
+# step_throughput_large_gpu.json (LARGE_VITS=1) and logs.tar.gz (every log, refreshed after each section).
+# Copy the JSON into bench/results/ and commit it, naming the device.
+#
+# It uses the machine's own torch (no install; PYTHONPATH points at this checkout) and installs the wheels
+# in .whl/ when that folder exists. Every section has its own time limit, and the CIFAR-10 run gets what
+# is left of BUDGET (at most CIFAR_SECONDS); a section that fails leaves its log and the others still run.
 set -uo pipefail
+BUDGET="${BUDGET:-480}"
+LARGE_VITS="${LARGE_VITS:-0}"
+SKIP_GPU_SECTIONS="${SKIP_GPU_SECTIONS:-0}"   # 1: only section 3 (a dry run of it on a CPU machine)
+TAR="${CIFAR_TAR:-data/cifar10-jpeg.tar.gz}"
+CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10_vit_small_gpu_short.yaml}"
+CIFAR_SECONDS="${CIFAR_SECONDS:-180}"
+CIFAR_OVERRIDES="${CIFAR_OVERRIDES:-}"
+PYTHON="${PYTHON:-python3}"
+WORK="${WORK:-/tmp/mocov3-gpu-check}"          # the extracted archive and the CIFAR-10 run folder
+DATA_N="${DATA_N:-200}"                          # synthetic 500x375 JPEGs of the input section
 OUT="${OUT:-bench/results/gpu}"
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+LOGS="$(mktemp -d)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 T0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$OUT/progress.txt"; }
+elapsed() { echo $(( $(date +%s) - T0 )); }
+# limit N RESERVE: N seconds, or less so that RESERVE seconds of the budget stay for the sections after it
+limit() { local left=$(( BUDGET - $(elapsed) - $2 )); (( left < $1 )) && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
+stamp() { echo "[$(elapsed) s] $*" | tee -a "$LOGS/progress.txt"; tar czf "$OUT/logs.tar.gz" -C "$LOGS" .; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" 2>&1
-python - <<'PY' > "$OUT/env.json"
-import json, torch; print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda,
-  "device": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported()}))
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/mocov3-site \
+    .whl/*.whl > "$LOGS/wheels.txt" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/mocov3-site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$LOGS/nvidia_smi.csv" 2>&1
+"$PYTHON" - "$OUT/env.json" > "$LOGS/env.txt" 2>&1 <<'PY'
+import json, sys, torch
+info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    info.update(device=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported())
+for name in ("torchvision", "timm", "simplejpeg"):
+    try:
+        info[name] = __import__(name).__version__
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal
+        info[name] = f"absent ({type(e).__name__})"
+json.dump(info, open(sys.argv[1], "w"), indent=2)
 PY
-stamp "env done"
+stamp "env done: $(cat "$OUT/env.json" 2>/dev/null | tr -d '\n ')"
 
 if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
-# 1. CUDA-only tests (SyncBatchNorm kernels, a bf16 step) and interop (timm, torchvision exist only there)
-timeout 120 python -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_export.py tests/test_methods.py \
-  tests/test_gpu_decode.py -k "gpu or cuda or timm or torchvision or nvjpeg" > "$OUT/pytest_gpu.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest_gpu.txt"
-stamp "tests done"
+  # 1. CUDA-only tests (SyncBatchNorm kernels, a bf16 step, nvJPEG) and interop (timm, torchvision exist only there)
+  timeout "$(limit 75 400)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_export.py \
+    tests/test_methods.py tests/test_gpu_decode.py -k "gpu or cuda or timm or torchvision or nvjpeg" \
+    > "$LOGS/pytest_gpu.txt" 2>&1
+  echo "pytest rc=$?" >> "$LOGS/pytest_gpu.txt"
+  stamp "tests done: $(tail -2 "$LOGS/pytest_gpu.txt" | tr '\n' ' ')"
 
-# 2. one training step: eager vs compiled (ViT-S/16 bs 256, ViT-B/16 bs 128, ResNet-50 bs 256), augmentation alone
-timeout 260 python bench/step_throughput.py --device cuda --steps 15 \
-  --pairs vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled,aug_224:bf16:aug,cifar_vits4:bf16:compiled \
-  --out "$OUT/step_throughput_gpu.json" > "$OUT/throughput.txt" 2>&1
-stamp "throughput done"
+  # 2. one training step (augmentation included), eager vs compiled; the augmentation alone first, ResNet-50
+  # last: what the targets name runs before what they do not
+  timeout "$(limit 200 220)" "$PYTHON" bench/step_throughput.py --device cuda --steps 15 \
+    --pairs aug_224:bf16:aug,vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled \
+    --out "$OUT/step_throughput_gpu.json" > "$LOGS/throughput.txt" 2>&1
+  stamp "throughput done (rc=$?)"
 
-# 2c. input: the CPU decode path per core beside nvJPEG decode + crop on the GPU (issue 12), ~30 s (90 s at most)
-timeout 90 python bench/data_throughput.py --n 200 --workers 8 --out "$OUT/data_throughput_gpu.json" \
-  > "$OUT/data_throughput.txt" 2>&1
-stamp "data throughput done"
+  # 2b. the input path: CPU decode per core beside nvJPEG decode + crop on the GPU (issue 12)
+  timeout "$(limit 45 190)" "$PYTHON" bench/data_throughput.py --n "$DATA_N" --workers 8 \
+    --out "$OUT/data_throughput_gpu.json" > "$LOGS/data_throughput.txt" 2>&1
+  stamp "data throughput done (rc=$?)"
 
-# 2b. large ViTs on one GPU: peak memory per image, eager vs activation checkpointing (issue 13). Opt-in
-# (LARGE_VITS=1, ~2 more minutes) so that the default run stays within 8 minutes.
-if [ "${LARGE_VITS:-0}" = 1 ]; then
-  timeout 150 python bench/step_throughput.py --device cuda --steps 6 \
-    --pairs vit_large_224:bf16,vit_large_224_gc:bf16,vit_huge14_224_gc:bf16 \
-    --out "$OUT/step_throughput_large_gpu.json" > "$OUT/throughput_large.txt" 2>&1
-  stamp "large ViTs done"
+  # 2c. large ViTs on one GPU: peak memory, eager vs activation checkpointing (opt-in: ~2 more minutes)
+  if [ "$LARGE_VITS" = 1 ]; then
+    timeout "$(limit 150 190)" "$PYTHON" bench/step_throughput.py --device cuda --steps 6 \
+      --pairs vit_large_224:bf16,vit_large_224_gc:bf16,vit_huge14_224_gc:bf16 \
+      --out "$OUT/step_throughput_large_gpu.json" > "$LOGS/throughput_large.txt" 2>&1
+    stamp "large ViTs done (rc=$?)"
+  fi
 fi
-fi
 
-# 3. the CIFAR-10 GPU recipe end to end for ~3 minutes (SIGTERM saves a checkpoint), then its kNN
-TAR="${CIFAR_TAR:-data/cifar10-jpeg.tar.gz}"
-CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10_vit_small_gpu.yaml}"
-CIFAR_SECONDS="${CIFAR_SECONDS:-180}"
-SKIP_GPU_SECTIONS="${SKIP_GPU_SECTIONS:-0}"  # 1: only section 3 (a dry run of it on a CPU machine)
+# 3. the short CIFAR-10 recipe end to end, its epochs fitted to the time it gets (from the compiled step
+# throughput of section 2), stopped by SIGTERM at the latest (which saves a checkpoint), then its kNN
 if [ -f "$TAR" ]; then
-  mkdir -p /tmp/mocov3-data && tar xzf "$TAR" -C /tmp/mocov3-data
-  D=/tmp/mocov3-data/cifar10-jpeg
-  rm -rf /tmp/mocov3-cifar
-  timeout -s TERM "$CIFAR_SECONDS" python -m mocov3 pretrain --config "$CIFAR_CONFIG" --data "$D/train" \
-    --eval-data "$D/test" --output-dir /tmp/mocov3-cifar --no-progress eval.knn_every=5 ${CIFAR_OVERRIDES:-} \
-    > "$OUT/cifar_pretrain.txt" 2>&1
-  echo "pretrain rc=$?" >> "$OUT/cifar_pretrain.txt"
-  cp /tmp/mocov3-cifar/metrics.jsonl "$OUT/cifar_metrics.jsonl" 2>/dev/null
-  timeout 60 python -m mocov3 knn --checkpoint /tmp/mocov3-cifar/checkpoint.pt --train-data "$D/train" \
-    --test-data "$D/test" ${CIFAR_OVERRIDES:-} > "$OUT/cifar_knn.txt" 2>&1
-  python - "$OUT" "$CIFAR_CONFIG" "$CIFAR_SECONDS" <<'PY'
-import json, sys
-out = sys.argv[1]
-lines = [json.loads(l) for l in open(f"{out}/cifar_metrics.jsonl")]
-train = [l for l in lines if "loss" in l]
-knn = json.loads(open(f"{out}/cifar_knn.txt").read().strip().splitlines()[-1])
-json.dump({"what": f"{sys.argv[2]} on CIFAR-10 JPEG folders, stopped by SIGTERM after {sys.argv[3]} s "
-           "of wall time (start-up and kNN points included), then kNN k=20 on the full train bank / test set",
-           "steps": train[-1]["step"], "epochs": train[-1]["epoch"], "knn_top1": knn["top1"],
-           "knn_init_top1": next((l["knn_init_top1"] for l in lines if "knn_init_top1" in l), None),
-           "images_per_sec_median": sorted(l["images_per_sec"] for l in train)[len(train) // 2],
-           "mfu_median": sorted(l.get("mfu", 0) for l in train)[len(train) // 2]},
-          open(f"{out}/cifar10_e2e_gpu.json", "w"), indent=2)
-PY
+  D="$WORK/data/cifar10-jpeg"
+  mkdir -p "$WORK/data" && [ -d "$D/train" ] || tar xzf "$TAR" -C "$WORK/data"
+  SECONDS_LEFT=$(limit "$CIFAR_SECONDS" 35)
+  NTRAIN=$(find "$D/train" -type f | wc -l)
+  DEFAULT_EPOCHS=$("$PYTHON" -c "from mocov3.config import load_config as l; print(l('$CIFAR_CONFIG', []).train.epochs)")
+  EPOCHS=$("$PYTHON" bench/_gpu_check.py epochs --throughput "$OUT/step_throughput_gpu.json" --case cifar_vits4 \
+    --seconds "$SECONDS_LEFT" --train-images "$NTRAIN" --default "${DEFAULT_EPOCHS:-30}")
+  stamp "cifar: $NTRAIN images, epochs=$EPOCHS, at most $SECONDS_LEFT s"
+  rm -rf "$WORK/run"
+  # shellcheck disable=SC2086
+  timeout -s TERM "$SECONDS_LEFT" "$PYTHON" -m mocov3 pretrain --config "$CIFAR_CONFIG" --data "$D/train" \
+    --eval-data "$D/test" --output-dir "$WORK/run" --no-progress "epochs=$EPOCHS" $CIFAR_OVERRIDES \
+    > "$LOGS/cifar_pretrain.txt" 2>&1
+  echo "pretrain rc=$?" >> "$LOGS/cifar_pretrain.txt"
+  cp "$WORK/run"/metrics.jsonl "$LOGS/cifar_metrics.jsonl" 2>/dev/null
+  # shellcheck disable=SC2086
+  timeout "$(limit 60 0)" "$PYTHON" -m mocov3 knn --checkpoint "$WORK/run"/checkpoint.pt \
+    --train-data "$D/train" --test-data "$D/test" $CIFAR_OVERRIDES > "$LOGS/cifar_knn.txt" 2>&1
+  "$PYTHON" bench/_gpu_check.py summary --out "$LOGS" --config "$CIFAR_CONFIG" --seconds "$SECONDS_LEFT" \
+    --epochs "$EPOCHS" --overrides "$CIFAR_OVERRIDES" > /dev/null 2> "$LOGS/cifar_summary_err.txt" && cp "$LOGS/cifar10_e2e_gpu.json" "$OUT/"
+  stamp "cifar done: $(tail -1 "$LOGS/cifar_knn.txt" 2>/dev/null)"
 else
-  echo "no $TAR: CIFAR-10 end-to-end skipped" > "$OUT/cifar_pretrain.txt"
+  echo "no $TAR: CIFAR-10 end-to-end skipped (bash bench/gpu_prepare.sh, then carry data/)" | tee "$LOGS/cifar_pretrain.txt"
+  stamp "cifar skipped"
 fi
-stamp "cifar done"
-cat "$OUT/progress.txt"; tail -3 "$OUT/pytest_gpu.txt"; cat "$OUT/throughput.txt"; cat "$OUT/throughput_large.txt" 2>/dev/null; cat "$OUT/cifar10_e2e_gpu.json" 2>/dev/null
+cat "$LOGS/progress.txt"; tail -3 "$LOGS/pytest_gpu.txt" 2>/dev/null; cat "$LOGS/throughput.txt" 2>/dev/null
+cat "$LOGS/throughput_large.txt" "$LOGS/data_throughput.txt" "$OUT/cifar10_e2e_gpu.json" 2>/dev/null
+rm -rf "$LOGS"
