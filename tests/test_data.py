@@ -43,6 +43,29 @@ def test_corrupt_images_are_skipped_and_counted(folder, caplog):
     assert "skipping unreadable image" in caplog.text
 
 
+def test_jpeg_folder_in_memory_has_pillows_pixels(tmp_path, caplog):
+    """The in-memory decode goes through libjpeg-turbo for JPEGs: the same pixels as Pillow's, grey files
+    as RGB, a truncated JPEG skipped like a corrupt PNG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "j"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg", quality=85)
+    Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).save(root / "b" / "grey.jpg", quality=85)
+    good = (root / "a" / "0.jpg").read_bytes()
+    (root / "a" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    d = load_dataset(str(root), _data_cfg("data.cache_dir=" + str(tmp_path / "cache")))
+    assert d.in_memory and len(d) == 9 and [Path(p).name for p in d.skipped] == ["cut.jpg"]
+    files = [root / c / f"{i}.jpg" for c in ("a", "b") for i in range(4)] + [root / "b" / "grey.jpg"]
+    for img, f in zip(d.images, files):
+        with Image.open(f) as im:
+            ref = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(img, ref), f
+
+
 @pytest.mark.parametrize("make,msg", [
     (lambda p: p / "missing", "does not exist"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no images found"),
