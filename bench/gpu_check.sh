@@ -12,7 +12,8 @@
 #
 # Output under $OUT (default bench/results/gpu), at most 6 files (the device tool brings back 8):
 # env.json, step_throughput_gpu.json, data_throughput_gpu.json, cifar10_e2e_gpu.json,
-# step_throughput_large_gpu.json (LARGE_VITS=1) and logs.tar.gz (every log, refreshed after each section).
+# step_throughput_large_gpu.json (LARGE_VITS=1) and logs.tar.gz (every log and a torch.profiler table per
+# step case, refreshed after each section).
 # Copy the JSON into bench/results/ and commit it, naming the device.
 #
 # It uses the machine's own torch (no install; PYTHONPATH points at this checkout) and installs the wheels
@@ -70,7 +71,7 @@ if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
   # last: what the targets name runs before what they do not
   timeout "$(limit 200 220)" "$PYTHON" bench/step_throughput.py --device cuda --steps 15 \
     --pairs aug_224:bf16:aug,vit_small_224:bf16,vit_small_224:bf16:compiled,vit_base_224:bf16,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,resnet50_224:bf16,resnet50_224:bf16:compiled \
-    --out "$OUT/step_throughput_gpu.json" > "$LOGS/throughput.txt" 2>&1
+    --out "$OUT/step_throughput_gpu.json" --profile-dir "$LOGS" > "$LOGS/throughput.txt" 2>&1
   stamp "throughput done (rc=$?)"
 
   # 2b. the input path: CPU decode per core beside nvJPEG decode + crop on the GPU (issue 12)

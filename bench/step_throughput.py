@@ -7,7 +7,8 @@ Each case runs in its own subprocess so the peak resident memory (CPU) or the pe
 Usage: python bench/step_throughput.py [--device cpu|cuda] [--steps 3]
        --pairs quickstart:fp32,quickstart:fp32:compiled,vit_small_224:bf16:compiled,aug_224:bf16:aug
 A pair is case:precision[:eager|compiled|aug]; ``aug`` times the two-view augmentation alone
-(uint8 images of the case's source size -> two normalized views).
+(uint8 images of the case's source size -> two normalized views). ``--profile-dir D`` also writes a
+torch.profiler table of 3 more steps per case into D.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ CASES = {
 }
 
 
-def run_case(name: str, precision: str, device: str, steps: int, batch: int | None, mode: str = "eager") -> dict:
+def run_case(name: str, precision: str, device: str, steps: int, batch: int | None, mode: str = "eager",
+             profile_dir: str | None = None) -> dict:
     import torch
 
     from mocov3.config import load_config
@@ -94,6 +96,12 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / steps
+    if profile_dir:  # after the timing: where the step's time goes, for the next round of optimization
+        path = Path(profile_dir) / f"profile_{name}_{precision}_{mode}.txt"
+        try:
+            profile_steps(step, dev, path)
+        except Exception as e:  # noqa: BLE001 - the profile is extra: the timing above still counts
+            path.write_text(f"profiling failed: {type(e).__name__}: {e}\n")
     from mocov3.train.flops import peak_flops, step_flops_per_image
 
     res = {"case": name, "precision": precision, "mode": mode, "warmup_seconds": warmup_s, "batch_size": bs,
@@ -112,6 +120,24 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     return res
 
 
+def profile_steps(step, dev, path: Path, n: int = 3) -> None:
+    """torch.profiler over ``n`` more steps: the 40 operators (and kernels) that take the most device time
+    (CPU time on the CPU), as a text table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import torch
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{n} steps\n" + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -122,18 +148,23 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile-dir", default=None, help="also write a torch.profiler table per case here")
     args = ap.parse_args()
     if args.one:
         name, prec, mode = (args.one.split(":") + ["eager"])[:3]
-        print(json.dumps(run_case(name, prec, args.device, args.steps, args.batch, mode)))
+        print(json.dumps(run_case(name, prec, args.device, args.steps, args.batch, mode, args.profile_dir)))
         return
     results = []
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(n, p) for n in args.cases.split(",") for p in args.precisions.split(",")])
+    for pair in pairs:  # a typo is an error now, not a failed row after minutes of other cases
+        if pair[0] not in CASES or len(pair) > 3 or (len(pair) == 3 and pair[2] not in ("eager", "compiled", "aug")):
+            ap.error(f"bad pair {':'.join(pair)!r}: case:precision[:eager|compiled|aug], cases {', '.join(CASES)}")
     for pair in pairs:
         name, prec = pair[0], pair[1]
         cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--one",
-               ":".join(pair)] + (["--batch", str(args.batch)] if args.batch else [])
+               ":".join(pair)] + (["--batch", str(args.batch)] if args.batch else []) \
+            + (["--profile-dir", args.profile_dir] if args.profile_dir else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             results.append({"case": name, "precision": prec, "mode": (list(pair) + ["eager"])[2],

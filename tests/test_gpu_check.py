@@ -85,3 +85,23 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert res["epochs_planned"] == 30 and res["epochs_done"] == 2.0 and "epochs=2" in res["overrides"]
     assert 0.0 <= res["knn_top1"] <= 100.0 and res["knn_curve"] and res["images_per_sec_median"] > 0
     assert json.loads((out / "env.json").read_text())["cuda_available"] is False
+
+
+@pytest.mark.slow
+def test_step_throughput_rows_and_profiles_on_cpu(tmp_path):
+    """The step bench that gpu_check.sh runs: a row per pair, a profiler table per case, and a mistyped pair
+    refused before any case runs."""
+    bad = subprocess.run([sys.executable, "bench/step_throughput.py", "--pairs", "quickstart:fp32:fast"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "bad pair 'quickstart:fp32:fast'" in bad.stderr
+    out = tmp_path / "t.json"
+    r = subprocess.run([sys.executable, "bench/step_throughput.py", "--pairs", "quickstart:fp32,aug_224:fp32:aug",
+                        "--batch", "4", "--steps", "1", "--profile-dir", str(tmp_path / "prof"), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [(row["case"], row["mode"]) for row in rows] == [("quickstart", "eager"), ("aug_224", "aug")]
+    assert all(row["images_per_sec"] > 0 and row["batch_size"] == 4 for row in rows)
+    for name in ("profile_quickstart_fp32_eager.txt", "profile_aug_224_fp32_aug.txt"):
+        text = (tmp_path / "prof" / name).read_text()
+        assert text.startswith("3 steps") and "aten::" in text, text[:500]
