@@ -6,8 +6,9 @@ Each case runs in its own subprocess so the peak resident memory (CPU) or the pe
 
 Usage: python bench/step_throughput.py [--device cpu|cuda] [--steps 3]
        --pairs quickstart:fp32,quickstart:fp32:compiled,vit_small_224:bf16:compiled,aug_224:bf16:aug
-A pair is case:precision[:eager|compiled|aug]; ``aug`` times the two-view augmentation alone
-(uint8 images of the case's source size -> two normalized views). ``--profile-dir D`` also writes a
+A pair is case:precision[:eager|compiled|aug|aug_compiled]; ``aug`` times the two-view augmentation alone
+(uint8 images of the case's source size -> two normalized views), ``aug_compiled`` with its photometric
+part compiled (what ``train.compile`` runs; ``compiled`` compiles it too). ``--profile-dir D`` also writes a
 torch.profiler table of 3 more steps per case into D.
 """
 from __future__ import annotations
@@ -46,6 +47,11 @@ CASES = {
 }
 
 
+#: eager / compiled: the training step (compiled: the training forward and the augmentation's photometric part,
+#: as train.compile does); aug / aug_compiled: the two-view augmentation alone
+MODES = ("eager", "compiled", "aug", "aug_compiled")
+
+
 def run_case(name: str, precision: str, device: str, steps: int, batch: int | None, mode: str = "eager",
              profile_dir: str | None = None) -> dict:
     import torch
@@ -65,7 +71,7 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     if dev.type == "cuda" and cfg.model.name.startswith("resnet"):
         method = method.to(memory_format=torch.channels_last)
     opt = build_optimizer(method, cfg.optim, 1e-4)
-    aug = TwoViewAugment(cfg.data)
+    aug = TwoViewAugment(cfg.data, compile=mode in ("compiled", "aug_compiled"))  # as train.compile does
     size = cfg.data.image_size
     src = case.get("source", size)
     images = torch.randint(0, 256, (bs, 3, src, src), dtype=torch.uint8, device=dev)
@@ -76,13 +82,13 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
     g = torch.Generator(device=dev).manual_seed(0)
 
     def step():
-        if mode == "aug":
+        if mode in ("aug", "aug_compiled"):
             with torch.no_grad():
                 return aug(images, g)
         return train_step(state, RawBatch(images, images, True))["loss"]
 
     t_warm = time.perf_counter()
-    for _ in range(3 if mode == "compiled" else 1):
+    for _ in range(3 if mode in ("compiled", "aug_compiled") else 1):
         step()  # warm-up (compilation)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -110,7 +116,7 @@ def run_case(name: str, precision: str, device: str, steps: int, batch: int | No
            "depth": len(getattr(method.backbone, "blocks", [])), "head_hidden": cfg.method.proj_hidden_dim,
            "seconds_per_step": dt, "images_per_sec": bs / dt, "timed_steps": steps}
     peak = peak_flops(dev)
-    if peak and mode != "aug":
+    if peak and not mode.startswith("aug"):
         res["gflops_per_image"] = step_flops_per_image(method, size) / 1e9
         res["mfu"] = res["gflops_per_image"] * 1e9 * res["images_per_sec"] / peak
     if dev.type == "cuda":
@@ -158,8 +164,8 @@ def main() -> None:
     pairs = ([tuple(p.split(":")) for p in args.pairs.split(",")] if args.pairs else
              [(n, p) for n in args.cases.split(",") for p in args.precisions.split(",")])
     for pair in pairs:  # a typo is an error now, not a failed row after minutes of other cases
-        if pair[0] not in CASES or len(pair) > 3 or (len(pair) == 3 and pair[2] not in ("eager", "compiled", "aug")):
-            ap.error(f"bad pair {':'.join(pair)!r}: case:precision[:eager|compiled|aug], cases {', '.join(CASES)}")
+        if pair[0] not in CASES or len(pair) > 3 or (len(pair) == 3 and pair[2] not in MODES):
+            ap.error(f"bad pair {':'.join(pair)!r}: case:precision[:{'|'.join(MODES)}], cases {', '.join(CASES)}")
     for pair in pairs:
         name, prec = pair[0], pair[1]
         cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--one",

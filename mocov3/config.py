@@ -165,7 +165,8 @@ class TrainConfig:
                 "beside checkpoint.pt (torch.distributed.checkpoint; needs a folder all ranks share); auto = "
                 "sharded under train.strategy=fsdp with several processes, else full. Every command reads both")
     compile: Literal["auto", "true", "false"] = _f(
-        "auto", "torch.compile the training forward (backbones, heads, loss): auto = on CUDA, off on CPU "
+        "auto", "torch.compile the training forward (backbones, heads, loss) and the augmentation's photometric "
+                "part: auto = on CUDA, off on CPU "
                 "(a cold CPU compile takes tens of seconds)")
     peak_tflops: float = _f(0.0, "the device's peak bf16 TFLOPS for the mfu on log lines; 0 = from the table of "
                                  "known GPUs (A100, H100, H200), none on CPU")

@@ -209,3 +209,46 @@ def test_ops_match_torchvision_functional():
         assert torch.allclose(adjust_hue(x[b:b + 1], torch.tensor([0.1]))[0], F.adjust_hue(x[b], 0.1), atol=1e-3)
         assert torch.allclose(solarize(x[b]), F.solarize(x[b], 128 / 255), atol=1e-6)
         assert torch.allclose(grayscale(x[b:b + 1])[0], F.rgb_to_grayscale(x[b]), atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_photometric_equals_eager_without_recompiling():
+    """TwoViewAugment(compile=True) (what train.compile turns on): the same views as the eager ops within
+    float tolerance, for both asymmetric views and new random draws, compiled once."""
+    import torch._dynamo
+
+    cfg = load_config(None, ["image_size=32"])
+    eager, compiled = TwoViewAugment(cfg.data), TwoViewAugment(cfg.data, compile=True)
+    x = torch.randint(0, 256, (24, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    for seed in range(3):
+        if seed == 1:
+            torch._dynamo.config.error_on_recompile = True
+        try:
+            ve = eager(x, torch.Generator().manual_seed(seed))
+            vc = compiled(x, torch.Generator().manual_seed(seed))
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+        for a, b in zip(ve, vc):
+            assert a.shape == b.shape == (24, 3, 32, 32)
+            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+    assert compiled._compiled is not None and compiled._compiled.__name__ == "run"  # the compiled path ran
+
+
+def test_a_failed_augmentation_compile_falls_back_to_eager(monkeypatch, caplog):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("inductor could not build this\nsecond line")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    cfg = load_config(None, ["image_size=16"])
+    aug = TwoViewAugment(cfg.data, compile=True)
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    got = aug(x, torch.Generator().manual_seed(0))
+    want = TwoViewAugment(cfg.data)(x, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert "compiling the augmentation failed (RuntimeError: inductor could not build this); it runs eagerly" \
+        in caplog.text
+    aug(x, torch.Generator().manual_seed(1))  # eager from now on: one warning, not one per call
+    assert caplog.text.count("compiling the augmentation failed") == 1

@@ -80,7 +80,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert "pretrain rc=0" in logs["cifar_pretrain.txt"], logs["cifar_pretrain.txt"][-2000:]
     # no CUDA here: every step row is an error row, so the epochs came from the recipe (overridden to 2 after)
     rows = json.loads((out / "step_throughput_gpu.json").read_text())["results"]
-    assert len(rows) == 8 and all("error" in row for row in rows)
+    assert len(rows) == 9 and all("error" in row for row in rows)
     res = json.loads((out / "cifar10_e2e_gpu.json").read_text())
     assert res["epochs_planned"] == 30 and res["epochs_done"] == 2.0 and "epochs=2" in res["overrides"]
     assert 0.0 <= res["knn_top1"] <= 100.0 and res["knn_curve"] and res["images_per_sec_median"] > 0

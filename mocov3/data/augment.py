@@ -10,6 +10,7 @@ folded into the crop's affine map, which commutes with the photometric ops) -> N
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 _GRAY = (0.299, 0.587, 0.114)
+log = logging.getLogger(__name__)
 
 
 def _rand(n: int, g: torch.Generator, device, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
@@ -169,19 +171,28 @@ def solarize(x: torch.Tensor, threshold: float = 128.0 / 255.0) -> torch.Tensor:
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
-def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
-    """torchvision-style ColorJitter on the images where ``apply`` [B] is true.
-
-    Factors: brightness, contrast, saturation ~ U[1 - s, 1 + s], hue ~ U[-s, s]; the four ops run in
-    an independent random order per image (as ``ColorJitter`` draws a permutation per call).
-    """
-    B, dev = x.shape[0], x.device
+def jitter_params(B: int, strength, g: torch.Generator, dev) -> tuple:
+    """ColorJitter's random draws for a batch: brightness, contrast, saturation factors ~ U[1 - s, 1 + s]
+    (each [B, 1, 1, 1]), hue shift ~ U[-s, s] [B], and the order of the four ops [B, 4] (a random
+    permutation per image, as ``ColorJitter`` draws one per call)."""
     b, c, s, hue = strength
     fb = _rand(B, g, dev, max(0.0, 1 - b), 1 + b)[:, None, None, None]
     fc = _rand(B, g, dev, max(0.0, 1 - c), 1 + c)[:, None, None, None]
     fs = _rand(B, g, dev, max(0.0, 1 - s), 1 + s)[:, None, None, None]
     fh = _rand(B, g, dev, -hue, hue)
-    order = torch.argsort(torch.rand(B, 4, generator=g, device=dev), dim=1)  # [B, 4] random permutations
+    order = torch.argsort(torch.rand(B, 4, generator=g, device=dev), dim=1)
+    return fb, fc, fs, fh, order
+
+
+def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Generator) -> torch.Tensor:
+    """torchvision-style ColorJitter on the images where ``apply`` [B] is true (draws from ``g`` with
+    :func:`jitter_params`, then :func:`apply_jitter`)."""
+    return apply_jitter(x, apply, *jitter_params(x.shape[0], strength, g, x.device), strength[3] > 0)
+
+
+def apply_jitter(x: torch.Tensor, apply: torch.Tensor, fb, fc, fs, fh, order, hue: bool) -> torch.Tensor:
+    """ColorJitter with given draws (:func:`jitter_params`): the four ops in each image's own order, on the
+    images where ``apply`` [B]; ``hue``: whether the hue op is on at all. Random-free (compilable)."""
     out = x
     for slot in range(4):
         op = order[:, slot][:, None, None, None]
@@ -191,7 +202,7 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, strength, g: torch.Genera
         base = torch.where(op == 0, torch.zeros_like(gray),
                            torch.where(op == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
         y = torch.where((op < 3) & apply[:, None, None, None], (f * out + (1 - f) * base).clamp(0, 1), out)
-        if hue > 0:  # no `if mask.any()`: a data-dependent branch would stall a GPU queue
+        if hue:  # no `if mask.any()`: a data-dependent branch would stall a GPU queue
             y = torch.where((op == 3) & apply[:, None, None, None], adjust_hue(out, fh), y)
         out = y
     return out
@@ -216,6 +227,20 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return y.reshape(B, C, H, W)
 
 
+def photometric(x: torch.Tensor, jitter, fb, fc, fs, fh, order, gray, blur, sigma, sol, mean, std,
+                hue: bool, blur_on: bool, kernel_size: int) -> torch.Tensor:
+    """The photometric part of a view with all its random draws given: ColorJitter (where ``jitter``) ->
+    grayscale (``gray``) -> Gaussian blur of ``sigma`` (``blur``) -> solarize (``sol``) -> normalize by
+    ``mean`` / ``std`` [1, 3, 1, 1]. x: float [B, 3, S, S] in [0, 1]; masks bool [B]. Random-free, so one
+    ``torch.compile`` fuses its dozens of elementwise passes into a few kernels (``TwoViewAugment(compile=True)``)."""
+    x = apply_jitter(x, jitter, fb, fc, fs, fh, order, hue)
+    x = torch.where(gray[:, None, None, None], grayscale(x).expand_as(x), x)
+    if blur_on:
+        x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
+    x = torch.where(sol[:, None, None, None], solarize(x), x)
+    return (x - mean) / std
+
+
 @dataclass
 class ViewRecord:
     """Which random ops were applied to each image of a view (for tests and debugging)."""
@@ -231,8 +256,13 @@ class ViewRecord:
 class TwoViewAugment:
     """Batched MoCo v3 / BYOL augmentation producing the two asymmetric views (docs/paper.md §3)."""
 
-    def __init__(self, data_cfg):
+    def __init__(self, data_cfg, compile: bool = False):
+        """``compile``: run the photometric part of a view (:func:`photometric`) through ``torch.compile`` (the training loop turns it on
+        with ``train.compile``; on a GPU the eager ops are bound by memory traffic, one pass each). If the
+        compilation fails, the augmentation runs eagerly (logged once)."""
         self.cfg = data_cfg
+        self.compile = compile
+        self._compiled = None
         self.size = data_cfg.image_size
         # Blur sigma is given in pixels of a 224-pixel image (§3) and scaled to this image size.
         self.sigma_range = [s * self.size / 224.0 for s in data_cfg.blur_sigma]
@@ -252,28 +282,44 @@ class TwoViewAugment:
         if size != self.size:
             sigma_range = [s * size / 224.0 for s in cfg.blur_sigma]
             kernel_size = max(3, 2 * math.ceil(3 * sigma_range[1]) + 1)
-        x = images.float() / 255.0
+        # every random draw first (in the order the generator always gave them), then the random-free part
         flip = torch.rand(B, generator=g, device=dev) < cfg.flip_prob
         if crop or scale is not None:
             boxes = sample_crop_boxes(B, H, W, scale or cfg.crop_scale, cfg.crop_ratio, g, dev)
         else:
             boxes = torch.tensor([0.0, 0.0, H, W], device=dev).expand(B, 4)
-        if crop or scale is not None or cfg.flip_prob > 0 or H != size or W != size:
-            x = crop_resize_flip(x, boxes, flip, size)
         jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
-        x = color_jitter(x, jitter, cfg.jitter_strength, g)
+        fb, fc, fs, fh, order = jitter_params(B, cfg.jitter_strength, g, dev)
         gray = torch.rand(B, generator=g, device=dev) < cfg.grayscale_prob[index]
-        x = torch.where(gray[:, None, None, None], grayscale(x).expand_as(x), x)
         blur = torch.rand(B, generator=g, device=dev) < cfg.blur_prob[index]
         sigma = _rand(B, g, dev, *sigma_range)
-        if cfg.blur_prob[index] > 0:
-            x = torch.where(blur[:, None, None, None], gaussian_blur(x, sigma, kernel_size), x)
         sol = torch.rand(B, generator=g, device=dev) < cfg.solarize_prob[index]
-        x = torch.where(sol[:, None, None, None], solarize(x), x)
-        x = (x - self.mean.to(dev)) / self.std.to(dev)
+        x = images.float() / 255.0
+        if crop or scale is not None or cfg.flip_prob > 0 or H != size or W != size:
+            x = crop_resize_flip(x, boxes, flip, size)  # eager: ATen's grid_sample kernel is fast as it is
+        x = self._photometric()(x, jitter, fb, fc, fs, fh, order, gray, blur, sigma, sol, self.mean.to(dev),
+                                self.std.to(dev), cfg.jitter_strength[3] > 0, cfg.blur_prob[index] > 0, kernel_size)
         if record:
             return x, ViewRecord(jitter, gray, blur, sol, flip, boxes)
         return x
+
+    def _photometric(self):
+        if not self.compile:
+            return photometric
+        if self._compiled is None:
+            compiled = torch.compile(photometric, dynamic=False)
+
+            def run(*args):
+                try:
+                    return compiled(*args)
+                except Exception as e:  # noqa: BLE001 - an optimization: the eager ops give the same views
+                    log.warning("compiling the augmentation failed (%s: %s); it runs eagerly",
+                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    self._compiled = photometric
+                    return photometric(*args)
+
+            self._compiled = run
+        return self._compiled
 
     def small_views(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
         """Multi-crop (SwAV): ``data.small_crops`` views of ``data.small_crop_size`` pixels cut with
