@@ -55,6 +55,13 @@ class StorageError(MocoError):
     exit_code = 1
 
 
+def root_cause(e: BaseException) -> BaseException:
+    """The innermost cause of a wrapped error (torch.compile wraps a compiler's error in its own)."""
+    while (getattr(e, "inner_exception", None) or e.__cause__) is not None:
+        e = getattr(e, "inner_exception", None) or e.__cause__
+    return e
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(e).strip()

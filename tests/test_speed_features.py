@@ -135,6 +135,38 @@ def test_compiled_step_equals_eager_and_does_not_recompile():
             assert torch.allclose(se[k], sc[k], atol=1e-4, rtol=1e-3), k
 
 
+def test_a_failed_compile_trains_on_eagerly(caplog):
+    """An inductor / Triton failure on the user's machine does not end the run: the step is taken eagerly,
+    and every later one, with one warning; the result is exactly the eager run's."""
+    import torch._dynamo
+
+    from mocov3.data.augment import TwoViewAugment
+    from mocov3.methods import build_method
+    from mocov3.train.step import RawBatch, TrainState, train_step
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("triton: no kernel for this device\nmore detail")
+
+    cfg = tiny_cfg()
+    images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        method = build_method(cfg)
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+        state = TrainState(module=method, model=torch.compile(method, backend=failing_backend) if compiled else method,
+                           optimizer=opt, device=torch.device("cpu"), precision="fp32", lr_at=lambda s: 1e-3,
+                           momentum_at=lambda s: 0.99, augment=TwoViewAugment(cfg.data))
+        losses = [train_step(state, RawBatch(images, images))["loss"].item() for _ in range(3)]
+        assert state.model is method and state.step == 3
+        runs.append((losses, {k: v.clone() for k, v in method.state_dict().items()}))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
+    assert caplog.text.count("train.compile: the compiled step failed") == 1
+    assert "triton: no kernel for this device" in caplog.text and "more detail" not in caplog.text
+
+
 @pytest.mark.slow
 def test_compiled_run_resumes_evaluates_and_exports(folder, tmp_path):
     """train.compile=true end to end: checkpoints hold the plain module's names (no _orig_mod.), the kNN

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..runtime import first_line, root_cause
+
 _GRAY = (0.299, 0.587, 0.114)
 log = logging.getLogger(__name__)
 
@@ -313,8 +315,9 @@ class TwoViewAugment:
                 try:
                     return compiled(*args)
                 except Exception as e:  # noqa: BLE001 - an optimization: the eager ops give the same views
+                    root = root_cause(e)
                     log.warning("compiling the augmentation failed (%s: %s); it runs eagerly",
-                                type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                                type(root).__name__, first_line(root))
                     self._compiled = photometric
                     return photometric(*args)
 

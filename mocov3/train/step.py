@@ -11,6 +11,7 @@ fine-tuning and the linear probe call :func:`optimize` with their own loss.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -18,9 +19,11 @@ import torch
 import torch.nn as nn
 
 from ..data.augment import TwoViewAugment
-from ..runtime import TrainingError, autocast, seed_for
+from ..runtime import TrainingError, autocast, first_line, root_cause, seed_for
 from .monitor import GradMonitor
 from .optim import clip_gradients, set_lr
+
+log_ = logging.getLogger(__name__)
 
 
 @dataclass
@@ -156,6 +159,19 @@ def train_step(state: TrainState, batch: Batch, log: bool = False) -> dict:
     m = state.momentum_at(state.step) if state.momentum_at is not None else None
     if m is not None:
         state.module.update_momentum(m)
-    out = optimize(state, lambda: state.model(*views)["loss"], log=log)
+    try:
+        out = optimize(state, lambda: state.model(*views)["loss"], log=log)
+    except Exception as e:  # noqa: BLE001 - only a compiled model's failure is retried; the rest re-raises
+        if isinstance(e, TrainingError) or not hasattr(state.model, "_orig_mod"):
+            raise
+        # torch.compile failed on this machine (an inductor / Triton error, at the first forward or the
+        # first backward, or at a recompilation): the same step eagerly, and eagerly from now on. Nothing
+        # was applied yet (the optimizer steps after the backward; the momentum update is not repeated).
+        root = root_cause(e)
+        log_.warning("train.compile: the compiled step failed (%s: %s); training continues without "
+                     "compilation (train.compile=false skips it)", type(root).__name__, first_line(root))
+        state.model = state.model._orig_mod
+        out = optimize(state, lambda: state.model(*views)["loss"], log=log)
     out["momentum"] = m
     return out
+
