@@ -25,11 +25,38 @@ def _state(cfg, **kw):
                       monitor=GradMonitor(method), **kw)
 
 
+class _HostCopySpy(torch.overrides.TorchFunctionMode):
+    """Counts what would be a blocking host -> device copy on a GPU, made by mocov3's own code:
+    ``torch.tensor`` / ``as_tensor`` of Python data onto a device, and ``.to(device)`` / ``.cuda()`` of a
+    host tensor without ``non_blocking`` (PyTorch then waits for the whole GPU queue). Here on the CPU every
+    such call is host to host, so every one counts: the step must keep its constants on the device."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        copy = (name in ("tensor", "as_tensor") and kwargs.get("device") is not None
+                and not isinstance(args[0] if args else None, torch.Tensor))
+        if name in ("to", "cuda") and args and isinstance(args[0], torch.Tensor) and not kwargs.get("non_blocking"):
+            target = kwargs.get("device", args[1] if len(args) > 1 else None)
+            copy = name == "cuda" or isinstance(target, (str, torch.device))
+        if copy:
+            f = sys._getframe(1)
+            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
+                self.calls.append(f"{name}(device) in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+        return func(*args, **kwargs)
+
+
 @pytest.mark.parametrize("extra", [[], ["optim.name=lamb"], ["method=swav", "method.num_prototypes=8",
-                                                             "method.freeze_prototypes_steps=1"]])
+                                                             "method.freeze_prototypes_steps=1",
+                                                             "data.small_crops=2", "data.small_crop_size=8"]])
 def test_no_host_sync_in_the_step_outside_log_points(monkeypatch, extra):
-    """Every tensor -> Python conversion made by mocov3's own code (item, tolist, bool, float, int) is counted;
-    a step that is not a log step makes none (on a GPU each would stall the queue)."""
+    """Every tensor -> Python conversion made by mocov3's own code (item, tolist, bool, float, int) and every
+    host -> device copy (:class:`_HostCopySpy`) is counted; a step that is not a log step makes none (on a
+    GPU each would stall the queue)."""
     from mocov3.train.step import RawBatch, train_step
 
     state = _state(tiny_cfg(*extra), clip_grad=1.0)
@@ -46,8 +73,9 @@ def test_no_host_sync_in_the_step_outside_log_points(monkeypatch, extra):
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
-    for _ in range(3):
-        train_step(state, RawBatch(images, images), log=False)
+    with _HostCopySpy(calls):
+        for crop in (True, True, False):  # False: the streaming path's two worker crops
+            train_step(state, RawBatch(images, images, crop), log=False)
     assert calls == [], calls
     train_step(state, RawBatch(images, images), log=True)  # a log step may read (the guard, update ratios)
     norms, _ = state.monitor.flush()
@@ -99,3 +127,20 @@ def test_fine_tuning_stops_on_a_non_finite_loss(folder, tmp_path, capsys):
                  "finetune.base_lr=1e30", "finetune.warmup_epochs=0"]) == 2
     assert "loss is" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "ft" / "checkpoint.pt").exists()
+
+
+def test_in_memory_batches_copy_their_order_once_per_epoch(folder):
+    """The in-memory batch streams (pretraining; linear probe and fine-tuning) copy the epoch's order (and
+    the labels) to the device once per epoch, not per batch: no host copy between steps."""
+    from mocov3.data.datasets import LabelledBatches, TrainBatches, load_dataset
+
+    cfg = tiny_cfg()
+    data = load_dataset(str(folder), cfg.data)
+    assert data.in_memory
+    for make, per_epoch in ((lambda: TrainBatches(data, cfg.data, 8, 0, 1, 0, torch.device("cpu"), num_workers=0), 1),
+                            (lambda: LabelledBatches(data, 8, 0, 1, 0, torch.device("cpu"), 16, (0.3, 1.0),
+                                                     (0.75, 1.33), num_workers=0), 2)):
+        stream, calls = make(), []
+        with _HostCopySpy(calls):
+            batches = list(stream.epoch(0))
+        assert len(batches) == 9 and len(calls) == per_epoch, calls

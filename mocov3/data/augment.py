@@ -36,8 +36,8 @@ def sample_crop_boxes(n: int, height: torch.Tensor | int, width: torch.Tensor | 
     (area ~ U(scale) * H * W, log aspect ratio ~ U(log ratio)); the first that fits is taken, else the
     central crop with the aspect ratio clamped to ``ratio``.
     """
-    H = torch.as_tensor(height, dtype=torch.float32, device=device).expand(n)
-    W = torch.as_tensor(width, dtype=torch.float32, device=device).expand(n)
+    H, W = (torch.as_tensor(v, dtype=torch.float32, device=device).expand(n) if isinstance(v, torch.Tensor)
+            else torch.full((n,), float(v), device=device) for v in (height, width))  # sizes: no host copy
     area = (H * W)[:, None]
     target = area * (torch.rand(n, tries, generator=g, device=device) * (scale[1] - scale[0]) + scale[0])
     log_r = torch.rand(n, tries, generator=g, device=device) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
@@ -139,7 +139,7 @@ def _rgb_to_hsv(x: torch.Tensor):
 def _hsv_to_rgb(h, s, v) -> torch.Tensor:
     """HSV -> RGB without gathers: channel n in (R, G, B) = (5, 3, 1) is ``v - v s clamp(min(k, 4 - k), 0, 1)``
     with ``k = (n + 6 h) mod 6`` (the closed form of the sector table)."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=h.device, dtype=h.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=h.device, dtype=h.dtype).view(1, 3, 1, 1)  # 5, 3, 1: no host copy
     k = (n + h[:, None] * 6.0) % 6.0
     v, s = v[:, None], s[:, None]
     return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
@@ -265,6 +265,7 @@ class TwoViewAugment:
         self.cfg = data_cfg
         self.compile = compile
         self._compiled = None
+        self._on_device: dict = {}
         self.size = data_cfg.image_size
         # Blur sigma is given in pixels of a 224-pixel image (§3) and scaled to this image size.
         self.sigma_range = [s * self.size / 224.0 for s in data_cfg.blur_sigma]
@@ -289,7 +290,8 @@ class TwoViewAugment:
         if crop or scale is not None:
             boxes = sample_crop_boxes(B, H, W, scale or cfg.crop_scale, cfg.crop_ratio, g, dev)
         else:
-            boxes = torch.tensor([0.0, 0.0, H, W], device=dev).expand(B, 4)
+            z = torch.zeros(B, device=dev)  # the whole image, made on the device (no host copy)
+            boxes = torch.stack([z, z, torch.full((B,), float(H), device=dev), torch.full((B,), float(W), device=dev)], 1)
         jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
         fb, fc, fs, fh, order = jitter_params(B, cfg.jitter_strength, g, dev)
         gray = torch.rand(B, generator=g, device=dev) < cfg.grayscale_prob[index]
@@ -299,11 +301,20 @@ class TwoViewAugment:
         x = images.float() / 255.0
         if crop or scale is not None or cfg.flip_prob > 0 or H != size or W != size:
             x = crop_resize_flip(x, boxes, flip, size)  # eager: ATen's grid_sample kernel is fast as it is
-        x = self._photometric()(x, jitter, fb, fc, fs, fh, order, gray, blur, sigma, sol, self.mean.to(dev),
-                                self.std.to(dev), cfg.jitter_strength[3] > 0, cfg.blur_prob[index] > 0, kernel_size)
+        mean, std = self._stats(dev)
+        x = self._photometric()(x, jitter, fb, fc, fs, fh, order, gray, blur, sigma, sol, mean, std,
+                                cfg.jitter_strength[3] > 0, cfg.blur_prob[index] > 0, kernel_size)
         if record:
             return x, ViewRecord(jitter, gray, blur, sol, flip, boxes)
         return x
+
+    def _stats(self, dev) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalization mean / std [1, 3, 1, 1] on ``dev``, copied there once (a copy from host memory
+        per view would make the host wait for the GPU queue)."""
+        key = str(dev)
+        if key not in self._on_device:
+            self._on_device[key] = (self.mean.to(dev), self.std.to(dev))
+        return self._on_device[key]
 
     def _photometric(self):
         if not self.compile:

@@ -334,8 +334,10 @@ class TrainBatches(_GlobalBatches):
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]
         if self.stream is None:
-            for rows in idx:
-                x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
+            # the epoch's order copied to the images' device once: a host -> GPU copy per batch would make
+            # the host wait for the GPU queue at every step
+            for rows in idx.to(self.data.images.device):
+                x = self.data.images[rows].to(self.device, non_blocking=True)
                 yield x, x, True
             return
         for a, b in self._stream_batches(epoch, idx):
@@ -395,10 +397,11 @@ class LabelledBatches(_GlobalBatches):
 
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]
-        if self.stream is None:
-            for rows in idx:
-                x = self.data.images[rows.to(self.data.images.device)].to(self.device, non_blocking=True)
-                yield x, self.data.labels[rows].to(self.device), False
+        if self.stream is None:  # order and labels on the images' device once per epoch (no copy per batch)
+            labels = self.data.labels.to(self.data.images.device)
+            for rows in idx.to(self.data.images.device):
+                x = self.data.images[rows].to(self.device, non_blocking=True)
+                yield x, labels[rows].to(self.device, non_blocking=True), False
             return
         for x, y in self._stream_batches(epoch, idx):
             yield x, y, True

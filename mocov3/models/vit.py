@@ -279,8 +279,12 @@ class VisionTransformer(nn.Module):
             return self.pos_embed
         pre = self.pos_embed[:, : self.num_prefix_tokens]
         if self.spec.pos_embed == "sincos":
-            grid = sincos_pos_embed_2d(gh, gw, self.embed_dim, layout=self.spec.sincos_layout)
-            grid = grid.to(self.pos_embed.device)[None]
+            key = (gh, gw, str(self.pos_embed.device))
+            cache = self.__dict__.setdefault("_sincos_cache", {})  # not a buffer: not in checkpoints
+            if key not in cache:  # computed on the host and copied once, not at every forward
+                grid = sincos_pos_embed_2d(gh, gw, self.embed_dim, layout=self.spec.sincos_layout)
+                cache[key] = grid.to(self.pos_embed.device)[None]
+            grid = cache[key]
         else:
             H0, W0 = self.patch_embed.grid_size
             g = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, H0, W0, -1).permute(0, 3, 1, 2)
