@@ -66,21 +66,28 @@ def legacy_two_views(path: str, g, size: int = 224):
     return out
 
 
-def legacy_center_crop(path: str, size: int = 224, crop_ratio: float = 0.875):
-    """The evaluation path before: full Pillow decode, Pillow resize of the short side, center crop."""
-    import torch
+def pillow_center_crop(im, size: int, crop_ratio: float):
+    """The evaluation preprocessing as Pillow does it (the first path; tests/test_fast_decode.py's reference):
+    a PIL image's short side resized to size / crop_ratio (BILINEAR), then the center ``size`` crop."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
     short = int(round(size / crop_ratio))
     W, H = im.size
     scale = short / min(W, H)
     im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
     W, H = im.size
     left, top = (W - size) // 2, (H - size) // 2
-    im = im.crop((left, top, left + size, top + size))
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    return im.crop((left, top, left + size, top + size))
+
+
+def legacy_center_crop(path: str, size: int = 224, crop_ratio: float = 0.875):
+    """The evaluation path before: full Pillow decode, then :func:`pillow_center_crop`."""
+    import torch
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    return torch.from_numpy(np.asarray(pillow_center_crop(im, size, crop_ratio)).copy()).permute(2, 0, 1)
 
 
 def per_worker(fn, paths, repeat: int = 2) -> float:

@@ -212,7 +212,8 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
         model = du.wrap_ddp(method, rt.device)
     patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
         if cfg.optim.patch_clip_grad > 0 else []
-    if use_compile(cfg, rt.device):
+    compiled = use_compile(cfg, rt.device)
+    if compiled:
         # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
         model = torch.compile(model)
     return TrainState(
@@ -220,7 +221,8 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
         device=rt.device, precision=rt.precision,
         lr_at=lambda s: lr_at(s, total, warmup, peak_lr),
         momentum_at=lambda s: momentum_at(s, total, cfg.method.momentum, cfg.method.momentum_schedule),
-        augment=TwoViewAugment(cfg.data, compile=use_compile(cfg, rt.device)), seed=cfg.train.seed, rank=rt.rank, clip_grad=cfg.optim.clip_grad,
+        augment=TwoViewAugment(cfg.data, compile=compiled), seed=cfg.train.seed, rank=rt.rank,
+        clip_grad=cfg.optim.clip_grad,
         patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
         monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
 

@@ -55,11 +55,12 @@ class StorageError(MocoError):
     exit_code = 1
 
 
-def root_cause(e: BaseException) -> BaseException:
-    """The innermost cause of a wrapped error (torch.compile wraps a compiler's error in its own)."""
+def root_cause(e: BaseException) -> str:
+    """``Type: first line`` of the innermost cause of a wrapped error (torch.compile wraps a compiler's
+    error in its own, whose first line says only which backend raised)."""
     while (getattr(e, "inner_exception", None) or e.__cause__) is not None:
         e = getattr(e, "inner_exception", None) or e.__cause__
-    return e
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

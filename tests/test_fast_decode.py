@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import math
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,9 @@ from PIL import Image
 from mocov3.data.augment import sample_crop_box, sample_crop_boxes
 from mocov3.data import files
 from mocov3.data.datasets import decode_crops
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from data_throughput import pillow_center_crop  # noqa: E402  (the first evaluation path: the reference)
 
 
 def _ks(a, b) -> float:
@@ -155,15 +160,8 @@ def test_paths_files_and_bytes_give_the_same_crops(tmp_path):
 
 
 def _pillow_center_crop(img: np.ndarray, size: int, crop_ratio: float) -> np.ndarray:
-    """The evaluation preprocessing as Pillow does it (the reference): short side to size / ratio, center crop."""
-    im = Image.fromarray(img)
-    short = int(round(size / crop_ratio))
-    W, H = im.size
-    scale = short / min(W, H)
-    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
-    W, H = im.size
-    left, top = (W - size) // 2, (H - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    """The evaluation preprocessing as Pillow does it (the reference; bench/data_throughput.py's first path)."""
+    return np.asarray(pillow_center_crop(Image.fromarray(img), size, crop_ratio))
 
 
 @pytest.mark.parametrize("size,ratio", [(224, 0.875), (64, 0.875), (32, 1.0), (400, 1.0)])

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..runtime import first_line, root_cause
+from ..runtime import root_cause
 
 _GRAY = (0.299, 0.587, 0.114)
 log = logging.getLogger(__name__)
@@ -259,9 +259,9 @@ class TwoViewAugment:
     """Batched MoCo v3 / BYOL augmentation producing the two asymmetric views (docs/paper.md §3)."""
 
     def __init__(self, data_cfg, compile: bool = False):
-        """``compile``: run the photometric part of a view (:func:`photometric`) through ``torch.compile`` (the training loop turns it on
-        with ``train.compile``; on a GPU the eager ops are bound by memory traffic, one pass each). If the
-        compilation fails, the augmentation runs eagerly (logged once)."""
+        """``compile``: run the photometric part of a view (:func:`photometric`) through ``torch.compile``
+        (the training loop turns it on with ``train.compile``; on a GPU the eager ops are bound by memory
+        traffic, one pass each). If the compilation fails, the augmentation runs eagerly (logged once)."""
         self.cfg = data_cfg
         self.compile = compile
         self._compiled = None
@@ -291,7 +291,7 @@ class TwoViewAugment:
             boxes = sample_crop_boxes(B, H, W, scale or cfg.crop_scale, cfg.crop_ratio, g, dev)
         else:
             z = torch.zeros(B, device=dev)  # the whole image, made on the device (no host copy)
-            boxes = torch.stack([z, z, torch.full((B,), float(H), device=dev), torch.full((B,), float(W), device=dev)], 1)
+            boxes = torch.stack([z, z, z + H, z + W], 1)
         jitter = torch.rand(B, generator=g, device=dev) < cfg.jitter_prob[index]
         fb, fc, fs, fh, order = jitter_params(B, cfg.jitter_strength, g, dev)
         gray = torch.rand(B, generator=g, device=dev) < cfg.grayscale_prob[index]
@@ -326,9 +326,7 @@ class TwoViewAugment:
                 try:
                     return compiled(*args)
                 except Exception as e:  # noqa: BLE001 - an optimization: the eager ops give the same views
-                    root = root_cause(e)
-                    log.warning("compiling the augmentation failed (%s: %s); it runs eagerly",
-                                type(root).__name__, first_line(root))
+                    log.warning("compiling the augmentation failed (%s); it runs eagerly", root_cause(e))
                     self._compiled = photometric
                     return photometric(*args)
 

@@ -188,6 +188,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, spec: ViTSpec):
         super().__init__()
         self.spec = spec
+        self._sincos_cache: dict = {}  # sin-cos embeddings of other grids, on the device (not in checkpoints)
         D = spec.embed_dim
         self.embed_dim = self.num_features = D
         if spec.stem == "conv":
@@ -280,11 +281,10 @@ class VisionTransformer(nn.Module):
         pre = self.pos_embed[:, : self.num_prefix_tokens]
         if self.spec.pos_embed == "sincos":
             key = (gh, gw, str(self.pos_embed.device))
-            cache = self.__dict__.setdefault("_sincos_cache", {})  # not a buffer: not in checkpoints
-            if key not in cache:  # computed on the host and copied once, not at every forward
+            if key not in self._sincos_cache:  # computed on the host and copied once, not at every forward
                 grid = sincos_pos_embed_2d(gh, gw, self.embed_dim, layout=self.spec.sincos_layout)
-                cache[key] = grid.to(self.pos_embed.device)[None]
-            grid = cache[key]
+                self._sincos_cache[key] = grid.to(self.pos_embed.device)[None]
+            grid = self._sincos_cache[key]
         else:
             H0, W0 = self.patch_embed.grid_size
             g = self.pos_embed[:, self.num_prefix_tokens:].reshape(1, H0, W0, -1).permute(0, 3, 1, 2)

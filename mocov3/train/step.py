@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..data.augment import TwoViewAugment
-from ..runtime import TrainingError, autocast, first_line, root_cause, seed_for
+from ..runtime import TrainingError, autocast, root_cause, seed_for
 from .monitor import GradMonitor
 from .optim import clip_gradients, set_lr
 
@@ -167,9 +167,8 @@ def train_step(state: TrainState, batch: Batch, log: bool = False) -> dict:
         # torch.compile failed on this machine (an inductor / Triton error, at the first forward or the
         # first backward, or at a recompilation): the same step eagerly, and eagerly from now on. Nothing
         # was applied yet (the optimizer steps after the backward; the momentum update is not repeated).
-        root = root_cause(e)
-        log_.warning("train.compile: the compiled step failed (%s: %s); training continues without "
-                     "compilation (train.compile=false skips it)", type(root).__name__, first_line(root))
+        log_.warning("train.compile: the compiled step failed (%s); training continues without "
+                     "compilation (train.compile=false skips it)", root_cause(e))
         state.model = state.model._orig_mod
         out = optimize(state, lambda: state.model(*views)["loss"], log=log)
     out["momentum"] = m
