@@ -144,3 +144,56 @@ def test_in_memory_batches_copy_their_order_once_per_epoch(folder):
         with _HostCopySpy(calls):
             batches = list(stream.epoch(0))
         assert len(batches) == 9 and len(calls) == per_epoch, calls
+
+
+@pytest.mark.parametrize("extra", [[], ["data.in_memory=no"], ["shards"], ["train.grad_monitor=false", "optim.name=lamb"]])
+def test_no_host_sync_between_log_points_in_the_whole_training_loop(folder, tmp_path, monkeypatch, extra):
+    """The whole loop, not only the step: batches (in memory, streamed by workers, from shards), the metrics
+    hook, the gradient monitor, the kNN monitor, checkpoints and the stop signal. Every device -> host read
+    and blocking host -> device copy (:class:`_HostCopySpy`) made by mocov3's code is attributed to the step
+    being made (what runs after it, up to the next step, included); only the steps that end an epoch or the
+    run (the one log line here) may have any, and the first step (what is made once, lazily)."""
+    import json
+
+    import mocov3.train.loop as loop
+    from mocov3.cli import main
+
+    data = folder
+    if extra == ["shards"]:
+        data, extra = tmp_path / "shards", []
+        assert main(["shard", str(folder), str(data), "--shard-size", "20KB"]) == 0
+    current = {"step": 0}
+
+    class Attributed(list):
+        def append(self, what):
+            super().append((current["step"], what))
+
+    calls = Attributed()
+    real_step = loop.train_step
+
+    def step(state, batch, log=False):
+        current["step"] = state.step + 1
+        return real_step(state, batch, log=log)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            f = sys._getframe(1)
+            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
+                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    run = tmp_path / "run"
+    with _HostCopySpy(calls):
+        assert main(["pretrain", "--data", str(data), "--eval-data", str(folder), "--output-dir", str(run),
+                     "--no-progress"] + TINY + ["epochs=3", "train.log_every=1000"] + extra) == 0
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    per_epoch, last = start["steps_per_epoch"], 3 * start["steps_per_epoch"]
+    # step 1 also: what is made once, lazily (the optimizer's state, constants cached on the device)
+    allowed = {1} | {s for s in range(1, last + 1) if s % per_epoch == 0 or s == last}
+    assert per_epoch >= 3 and {s for s, _ in calls} & allowed, "the spies saw nothing: they would miss a sync"
+    between = [c for c in calls if c[0] not in allowed and c[0] != 0]  # 0: the set-up before the first step
+    assert between == [], between

@@ -294,7 +294,7 @@ class _GlobalBatches:
                                              num_workers=self.num_workers, pin_memory=self.device.type == "cuda",
                                              collate_fn=collate_planned if planned else None)
         for *items, skipped in loader:  # (crop, crop), (crop, label), (planned,) or (planned, label)
-            n = int(skipped.sum())
+            n = int(skipped.numpy().sum())  # the workers' count: a host tensor (.numpy() refuses a device one)
             if planned:
                 views, bad, src = self.cropper(items[0])
                 items = views + [labels_of(y, src) for y in items[1:]]

@@ -360,10 +360,10 @@ class _ShardStream(torch.utils.data.IterableDataset):
                 keys.append(_key_id(key))
             if planned:  # the bytes and boxes; labelled: and the labels
                 second = torch.tensor(b, dtype=torch.long) if self.labelled else None
-                yield collate_planned([(plan, 0) for plan in a])[0], second, torch.tensor(keys), torch.tensor(bad)
+                yield collate_planned([(plan, 0) for plan in a])[0], second, torch.tensor(keys), bad
                 continue
             second = torch.tensor(b, dtype=torch.long) if self.labelled else torch.stack(b)
-            yield torch.stack(a), second, torch.tensor(keys), torch.tensor(bad)
+            yield torch.stack(a), second, torch.tensor(keys), bad
 
 
 class ShardTrainBatches:
@@ -394,9 +394,9 @@ class ShardTrainBatches:
                 if self.cropper is not None:  # a planned batch: decode and crop on the device
                     views, more, src = self.cropper(a)
                     a, b = (views[0], labels_of(b, src)) if self.stream.labelled else views
-                    bad = int(bad) + more
-                if int(bad):
-                    self.unreadable += int(bad)
+                    bad += more
+                if bad:  # a Python int from the workers (no device read)
+                    self.unreadable += bad
                 self.last_keys = keys
                 yield a.to(self.device, non_blocking=True), b.to(self.device, non_blocking=True), False
         except DataError:
