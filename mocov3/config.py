@@ -149,6 +149,9 @@ class TrainConfig:
     checkpoint_every_steps: int = _f(0, "also checkpoint every N steps; 0 = only at epoch ends")
     save_epochs: tuple[int, ...] = _f((), "epochs after which a numbered checkpoint copy is kept")
     max_steps: int = _f(0, "stop after this many steps in total (0 = full schedule); for smoke runs")
+    budget_minutes: float = _f(0.0, "wall-clock budget of the run in minutes (0 = off): after its first steps the "
+                                    "run measures its pace and sets the epochs (train.epochs is then the most) so "
+                                    "that the whole schedule and its kNN points end inside the budget")
     grad_monitor: bool = _f(True, "per-layer gradient norms on the log lines, and gradient-spike events")
     spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs the tensorboard package)")
@@ -428,7 +431,7 @@ RANGES: dict[str, tuple] = {
     "optim.patch_clip_grad": (0, None, True, None),
     "train.epochs": (1, None, True, None), "train.batch_size": (1, None, True, None),
     "train.log_every": (1, None, True, None), "train.checkpoint_every_steps": (0, None, True, None),
-    "train.max_steps": (0, None, True, None), "train.spike_factor": (1, None, False, None),
+    "train.max_steps": (0, None, True, None), "train.budget_minutes": (0, None, True, None), "train.spike_factor": (1, None, False, None),
     "train.threads": (0, None, True, None), "train.peak_tflops": (0, None, True, None),
     "eval.knn_every": (0, None, True, None), "eval.knn_k": (1, None, True, None),
     "eval.knn_temperature": (0, None, False, None), "eval.knn_bank_size": (0, None, True, None),

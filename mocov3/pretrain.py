@@ -26,15 +26,15 @@ from .models.factory import build_from_spec
 from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
                       resolve_device, resolve_precision, storage_error)
 from .tracking import open_sinks
-from .train import sharded
+from .train import budget, sharded
 from .train.checkpoint import (COMPUTE_ONLY, backbone_state_from_checkpoint, check_same_model, load_checkpoint,
                                normalized_config, refuse_changes, remove_stale_tmp, rng_state, save_checkpoint,
                                set_rng_state, spec_from_config)
-from .train.flops import peak_flops, step_flops_per_image
+from .train.flops import backbone_forward_flops, peak_flops, step_flops_per_image
 from .train.loop import Hook, MetricsHook, Progress, fit
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
-from .train.schedules import lr_at, momentum_at
+from .train.schedules import RunSchedule
 from .train.step import TrainState
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
     """Pretrain ``cfg`` on ``cfg.data.path`` (kNN monitor on ``cfg.data.eval_path``) into ``output_dir``,
     resuming its checkpoint (or ``resume``) if present. A resume whose settings or data differ from the
     checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``."""
+    started = budget.clock()  # the time budget (train.budget_minutes) counts from here
     rt = build_runtime(cfg)
     with du.locked_folder(Path(output_dir)):
         run = open_run_folder(cfg, Path(output_dir), resume)
@@ -100,6 +101,8 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
                                   extra=lambda: {"unreadable_images": data.batches.unreadable}
                                   if data.batches.unreadable else {}, state=state, mfu=build_mfu(cfg, rt, state)),
                  CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path, shard_layout(cfg, rt)))]
+        if cfg.train.budget_minutes > 0 and "budget" not in ckpt:
+            hooks.insert(0, time_budget(cfg, rt, run, state, data, plan, hooks[-1], started))
         try:
             stopped = fit(state, data.batches, plan, hooks)
         finally:
@@ -212,6 +215,7 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
         model = du.wrap_ddp(method, rt.device)
     patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
         if cfg.optim.patch_clip_grad > 0 else []
+    schedule = RunSchedule(total, warmup, peak_lr, cfg.method.momentum, cfg.method.momentum_schedule)
     compiled = use_compile(cfg, rt.device)
     if compiled:
         # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
@@ -219,12 +223,43 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
     return TrainState(
         module=method, model=model, optimizer=build_optimizer(method, cfg.optim, peak_lr),
         device=rt.device, precision=rt.precision,
-        lr_at=lambda s: lr_at(s, total, warmup, peak_lr),
-        momentum_at=lambda s: momentum_at(s, total, cfg.method.momentum, cfg.method.momentum_schedule),
+        lr_at=schedule.lr, momentum_at=schedule.momentum, schedule=schedule,
         augment=TwoViewAugment(cfg.data, compile=compiled), seed=cfg.train.seed, rank=rt.rank,
         clip_grad=cfg.optim.clip_grad,
         patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
         monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
+
+
+def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, data: RunData, plan: Progress,
+                checkpoints: "CheckpointHook", started: float) -> budget.TimeBudget:
+    """The hook of ``train.budget_minutes``: once it has decided the epochs, the schedule, the saved config
+    and every later checkpoint (``budget``: what decided it, so that a resume keeps them) follow."""
+    B_local = cfg.train.batch_size // rt.world
+    step_flops = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
+    eval_flops = backbone_forward_flops(state.module.backbone, cfg.data.image_size)
+    n_eval = 0
+    if data.bank is not None:
+        n_eval = (min(len(data.bank), cfg.eval.knn_bank_size) if cfg.eval.knn_bank_size else len(data.bank)) \
+            + len(data.test)
+
+    def knn_seconds(steps_per_epoch: int, seconds_per_step: float) -> float:
+        # one full kNN point: its forward passes at half the training step's FLOP rate (eager, small batches)
+        return 2.0 * n_eval * eval_flops / (step_flops * B_local) * seconds_per_step
+
+    def apply(epochs: int, info: dict) -> None:
+        if plan.step > state.schedule.warmup_steps:
+            log.warning("the time budget set the epochs after the warm-up ended (step %d > %d): the cosine decay "
+                        "changes course here; an optim.warmup_epochs of more than %d steps avoids that", plan.step,
+                        state.schedule.warmup_steps, budget.WARM_STEPS + budget.PROBE_STEPS)
+        cfg.train.epochs = epochs
+        state.schedule.total_steps = epochs * plan.steps_per_epoch
+        checkpoints.extra["budget"] = info
+        write_run_config(run, cfg)
+        run.metrics.write({"step": plan.step, "epoch": plan.epoch, "event": "budget", **info})
+
+    every = cfg.eval.knn_every if data.bank is not None else 0
+    return budget.TimeBudget(cfg.train.budget_minutes * 60.0, started, cfg.train.epochs, every, knn_seconds, apply,
+                      rt.device, start_step=state.step)
 
 
 def use_compile(cfg: Config, device: torch.device) -> bool:
@@ -294,7 +329,12 @@ def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_
     # a sharded run reads its own shards of a sharded checkpoint later (resume_run); others read it whole
     ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True,
                            materialize=not (cfg.train.strategy == "fsdp" and rt.world > 1))
-    now, old = to_dict(cfg), normalized_config(ckpt["config"], run.checkpoint)
+    old = normalized_config(ckpt["config"], run.checkpoint)
+    if ckpt.get("budget") and cfg.train.budget_minutes > 0:
+        # the epochs a time budget decided (train.epochs was their upper bound): the run keeps them
+        cfg.train.epochs = int(old["train"]["epochs"])
+        log.info("resuming a run whose time budget set %d epochs", cfg.train.epochs)
+    now = to_dict(cfg)
     check_same_model(old, now, run.checkpoint)
     diffs = {k: (_get(old, k), _get(now, k)) for k in run_differences(old, now)}
     ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path, shard_layout(cfg, rt))
@@ -421,6 +461,7 @@ class CheckpointHook(Hook):
     def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor, data_identity: dict):
         self.cfg, self.run, self.state, self.knn, self.data_identity = cfg, run, state, knn, data_identity
         self.saved_at = -1
+        self.extra: dict = {}  # more entries of every later checkpoint (the time budget's decision)
 
     def payload(self, p: Progress) -> dict:
         s = self.state
@@ -474,7 +515,7 @@ class CheckpointHook(Hook):
         return {"scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
                 "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
                 "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
-                "data_identity": self.data_identity}
+                "data_identity": self.data_identity, **self.extra}
 
 
 __all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "build_runtime", "open_run_folder", "build_data",

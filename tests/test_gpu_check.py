@@ -15,37 +15,10 @@ import pytest
 from conftest import make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import _gpu_check  # noqa: E402
 
 TINY_RUN = ("model.embed_dim=32 model.depth=2 model.num_heads=2 method.proj_hidden_dim=64 "
             "method.pred_hidden_dim=64 method.out_dim=32 batch_size=32 optim.warmup_epochs=1 train.log_every=1 "
             "eval.batch_size=64 train.precision=fp32 data.num_workers=0")
-
-
-def test_fit_epochs_fills_the_budget_and_falls_back():
-    # 6000 img/s at 85% for 180 - 60 s = 612,000 images = 12.24 epochs of 50,000
-    assert _gpu_check.fit_epochs(6000.0, 180, 50_000, default=30) == 12
-    assert _gpu_check.fit_epochs(None, 180, 50_000, default=30) == 30
-    assert _gpu_check.fit_epochs(float("nan"), 180, 50_000, default=30) == 30
-    assert _gpu_check.fit_epochs(10.0, 180, 50_000, default=30) == 3        # at least a few epochs
-    assert _gpu_check.fit_epochs(1e9, 180, 50_000, default=30) == 200       # at most 200
-    assert _gpu_check.fit_epochs(6000.0, 30, 50_000, default=30) == 3       # less time than overhead
-
-
-def test_step_throughput_row_compiled_first(tmp_path):
-    p = tmp_path / "t.json"
-    rows = [{"case": "cifar_vits4", "mode": "eager", "images_per_sec": 100.0},
-            {"case": "cifar_vits4", "mode": "compiled", "images_per_sec": 150.0},
-            {"case": "vit_small_224", "mode": "compiled", "images_per_sec": 9.0},
-            {"case": "cifar_vits4", "mode": "compiled", "error": "x"}]
-    p.write_text(json.dumps({"results": rows}))
-    assert _gpu_check.step_images_per_sec(p, "cifar_vits4") == 150.0
-    p.write_text(json.dumps({"results": rows[:1]}))
-    assert _gpu_check.step_images_per_sec(p, "cifar_vits4") == 100.0
-    p.write_text(json.dumps({"results": [rows[3]]}))
-    assert _gpu_check.step_images_per_sec(p, "cifar_vits4") is None
-    assert _gpu_check.step_images_per_sec(tmp_path / "missing.json", "cifar_vits4") is None
 
 
 @pytest.mark.slow
@@ -64,7 +37,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("BUDGET", "LARGE_VITS", "SKIP_GPU_SECTIONS",
                                                            "CIFAR_SECONDS", "CIFAR_CONFIG")}
     env.update(PYTHON=sys.executable, OUT=str(out), WORK=str(tmp_path / "work"), CIFAR_TAR=str(tar), DATA_N="8",
-               CIFAR_OVERRIDES=TINY_RUN + " epochs=2")
+               CIFAR_OVERRIDES=TINY_RUN + " epochs=25")
     r = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -78,11 +51,13 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
         assert stage in progress, progress
     assert "pytest rc=" in logs["pytest_gpu.txt"]
     assert "pretrain rc=0" in logs["cifar_pretrain.txt"], logs["cifar_pretrain.txt"][-2000:]
-    # no CUDA here: every step row is an error row, so the epochs came from the recipe (overridden to 2 after)
-    rows = json.loads((out / "step_throughput_gpu.json").read_text())["results"]
+    rows = json.loads((out / "step_throughput_gpu.json").read_text())["results"]  # no CUDA: error rows
     assert len(rows) == 9 and all("error" in row for row in rows)
     res = json.loads((out / "cifar10_e2e_gpu.json").read_text())
-    assert res["epochs_planned"] == 30 and res["epochs_done"] == 2.0 and "epochs=2" in res["overrides"]
+    # 72 images, batch 32: 2 steps per epoch, 50 at most; the time budget decided after its probe (40 steps)
+    assert res["budget"]["at_step"] == 40 and 20 <= res["budget"]["epochs"] <= 25, res["budget"]
+    assert res["epochs_planned"] == res["epochs_done"] == res["budget"]["epochs"]
+    assert any(o.startswith("train.budget_minutes=") for o in res["overrides"])
     assert 0.0 <= res["knn_top1"] <= 100.0 and res["knn_curve"] and res["images_per_sec_median"] > 0
     assert json.loads((out / "env.json").read_text())["cuda_available"] is False
 

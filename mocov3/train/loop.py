@@ -84,6 +84,8 @@ class MetricsHook(Hook):
         if log_line or p.stop_signal:  # the log points: the only places that wait for the device
             self._write(p, out, log_line)
         if self.bar is not None:
+            if self.bar.total != p.max_steps:  # a time budget set the run's length
+                self.bar.total = p.max_steps
             self.bar.update(1)
 
     def _write(self, p: Progress, out: dict, log_line: bool) -> None:

@@ -20,3 +20,20 @@ def momentum_at(step: int, total_steps: int, base_momentum: float, schedule: str
         return base_momentum
     progress = min(1.0, step / max(1, total_steps))
     return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class RunSchedule:
+    """The pretraining schedules of a run of ``total_steps`` steps: ``lr(step)`` (:func:`lr_at`) and
+    ``momentum(step)`` (:func:`momentum_at`). ``total_steps`` may be set once more early in the run, by a
+    time budget (:mod:`.budget`), while the lr is still in its warm-up, which does not depend on it."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, peak_lr: float, base_momentum: float,
+                 momentum_schedule: str = "cosine"):
+        self.total_steps, self.warmup_steps, self.peak_lr = total_steps, warmup_steps, peak_lr
+        self.base_momentum, self.momentum_schedule = base_momentum, momentum_schedule
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
+
+    def momentum(self, step: int) -> float:
+        return momentum_at(step, self.total_steps, self.base_momentum, self.momentum_schedule)

@@ -52,6 +52,7 @@ class TrainState:
     monitor: Optional[GradMonitor] = None
     channels_last: bool = False
     step: int = 0
+    schedule: Optional[object] = None  # what lr_at / momentum_at read (pretraining: a schedules.RunSchedule)
 
     def __post_init__(self):
         if self.scaler is None:

@@ -1,0 +1,135 @@
+"""train.budget_minutes (mocov3/train/budget.py): the epochs planned against a slow obvious simulation, the
+hook on a fake clock, and a budgeted run end to end: its schedule ends inside the budget, its config and
+checkpoint record the decision, and a resume keeps it."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import TINY
+
+
+def _simulate(budget, elapsed, step, spe, sps, epochs, every, eval_s, margin):
+    """Run the rest of a run of ``epochs`` epochs step by step; the time it ends at."""
+    t = elapsed
+    for s in range(step + 1, epochs * spe + 1):
+        t += sps
+        if s % spe == 0 and every > 0:
+            e = s // spe
+            if e % every == 0 or e == epochs:
+                t += eval_s
+    return t <= (1 - margin) * budget
+
+
+@pytest.mark.parametrize("budget,elapsed,step,spe,sps,max_epochs,every,eval_s", [
+    (100.0, 10.0, 40, 10, 0.2, 200, 0, 0.0),
+    (100.0, 10.0, 40, 10, 0.2, 30, 5, 3.0),   # the upper bound decides
+    (300.0, 55.0, 45, 97, 0.09, 200, 5, 2.5),
+    (100.0, 10.0, 43, 7, 0.5, 50, 1, 1.0),
+    (10.0, 30.0, 40, 10, 0.2, 50, 2, 1.0),    # over budget already: the epoch in progress is finished
+])
+def test_plan_epochs_is_the_most_that_fit(budget, elapsed, step, spe, sps, max_epochs, every, eval_s):
+    from mocov3.train.budget import MARGIN, plan_epochs
+
+    got = plan_epochs(budget, elapsed, step, spe, sps, max_epochs, every, eval_s)
+    low = max(1, math.ceil(step / spe))
+    fits = [e for e in range(low, max_epochs + 1) if _simulate(budget, elapsed, step, spe, sps, e, every, eval_s, MARGIN)]
+    assert got == (max(fits) if fits else low)
+
+
+def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch):
+    from mocov3.train import budget
+    from mocov3.train.loop import Progress
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(budget, "clock", lambda: now["t"])
+    decided = []
+    hook = budget.TimeBudget(60.0, 0.0, 100, 0, lambda spe, sps: 0.0, lambda e, info: decided.append((e, info)),
+                             torch.device("cpu"))
+    p = Progress(0, 10, 1000, 500, 1000)  # train.max_steps=500 caps this invocation
+    for s in range(1, 200):
+        now["t"] += 0.25 if s > budget.WARM_STEPS else 2.0  # slow first steps (compilation) are not timed
+        p.step = s
+        if s == 20:
+            p.eval_seconds += 4.0  # an evaluation inside the probe is not a step's time
+            now["t"] += 4.0
+        hook.after_step(p, {})
+    assert len(decided) == 1
+    epochs, info = decided[0]
+    assert info["at_step"] == budget.WARM_STEPS + budget.PROBE_STEPS
+    assert info["seconds_per_step"] == pytest.approx(0.25)
+    assert epochs == budget.plan_epochs(60.0, info["elapsed_seconds"], info["at_step"], 10, 0.25, 100)
+    assert p.total_steps == epochs * 10 and p.max_steps == min(500, epochs * 10)
+
+
+@pytest.fixture
+def fake_time(monkeypatch):
+    """The budget's clock advances 0.1 s per training step (and not otherwise): a run's pace is fixed."""
+    import mocov3.train.loop as loop
+    from mocov3.train import budget
+
+    now = {"t": 0.0}
+    real = loop.train_step
+
+    def step(state, batch, log=False):
+        now["t"] += 0.1
+        return real(state, batch, log=log)
+
+    monkeypatch.setattr(loop, "train_step", step)
+    monkeypatch.setattr(budget, "clock", lambda: now["t"])
+    return now
+
+
+def _lines(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_budgeted_run_ends_its_schedule_inside_the_budget_and_a_resume_keeps_its_epochs(folder, tmp_path, fake_time):
+    from mocov3.cli import main
+    from mocov3.train.budget import MARGIN, PROBE_STEPS, WARM_STEPS
+
+    run = tmp_path / "run"
+    # 72 images, batch 16: 4 steps per epoch; 0.2 min = 12 s at 0.1 s per step; at most 100 epochs
+    args = ["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY + [
+        "epochs=100", "train.budget_minutes=0.2", "train.log_every=4", "optim.warmup_epochs=12"]
+    assert main(args + ["train.max_steps=60"]) == 0  # stopped (as if killed) after the decision
+    events = [l for l in _lines(run) if l.get("event") == "budget"]
+    assert len(events) == 1 and events[0]["at_step"] == WARM_STEPS + PROBE_STEPS
+    epochs = events[0]["epochs"]
+    # at step 40, 4 s used; (1 - MARGIN) x 12 s - 4 s = 7.4 s left: 74 more steps, 114 in all -> 28 epochs
+    assert MARGIN == 0.05 and epochs == 28
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == epochs
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 60 and ck["budget"]["epochs"] == epochs and ck["config"]["train"]["epochs"] == epochs
+
+    assert main(args) == 0  # the same command again: resumes, keeps the 28 epochs (not 100, no new probe)
+    lines = _lines(run)
+    assert len([l for l in lines if l.get("event") == "budget"]) == 1
+    train = [l for l in lines if "loss" in l]
+    assert train[-1]["step"] == epochs * 4
+    peak = next(l["lr_peak"] for l in lines if l.get("event") == "start")
+    assert train[-1]["lr"] < 0.01 * peak  # the cosine ran to its end inside the budget
+    assert max(l["lr"] for l in train) == pytest.approx(peak, rel=0.1)
+
+
+def test_no_budget_event_when_the_schedule_already_fits(folder, tmp_path, fake_time):
+    from mocov3.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY + [
+        "epochs=12", "train.budget_minutes=10"]) == 0
+    lines = _lines(run)
+    assert [l["epochs"] for l in lines if l.get("event") == "budget"] == [12]  # the upper bound fits
+    assert [l for l in lines if "loss" in l][-1]["step"] == 48
+
+
+def test_budget_minutes_is_checked(tmp_path, capsys, folder):
+    from mocov3.cli import main
+
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(tmp_path / "r")] + TINY
+                + ["train.budget_minutes=-1"]) == 2
+    assert "budget_minutes" in capsys.readouterr().err
