@@ -85,6 +85,30 @@ def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path, extra):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
+def test_torchrun_time_budget_decides_once_for_both_processes(folder, tmp_path):
+    """train.budget_minutes under 2 gloo processes: one decision (an all-reduce of the pace), the same
+    schedule on both ranks (a mismatch would leave one rank waiting in a collective), the run ends at it."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3",
+           "pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "epochs=15",
+           "train.budget_minutes=30", "train.log_every=5"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [l for l in lines if l.get("event") == "budget"]
+    assert len(events) == 1 and events[0]["epochs"] == 15 and events[0]["at_step"] == 40, events
+    assert [l for l in lines if "loss" in l][-1]["step"] == 60
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["budget"]["epochs"] == 15
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
 def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
     """Fine-tuning and the full linear probe under torchrun (2 gloo processes) on streamed data."""
     from mocov3.cli import main
