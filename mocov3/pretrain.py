@@ -237,14 +237,17 @@ def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, dat
     B_local = cfg.train.batch_size // rt.world
     step_flops = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
     eval_flops = backbone_forward_flops(state.module.backbone, cfg.data.image_size)
-    n_eval = 0
+    n_full = n_fine = fine_every = 0
     if data.bank is not None:
-        n_eval = (min(len(data.bank), cfg.eval.knn_bank_size) if cfg.eval.knn_bank_size else len(data.bank)) \
-            + len(data.test)
+        e = cfg.eval
+        n_full = (min(len(data.bank), e.knn_bank_size) if e.knn_bank_size else len(data.bank)) + len(data.test)
+        n_fine, fine_every = min(len(data.bank), e.knn_fine_bank) + min(len(data.test), e.knn_fine_test), e.knn_every_steps
 
-    def knn_seconds(steps_per_epoch: int, seconds_per_step: float) -> float:
-        # one full kNN point: its forward passes at half the training step's FLOP rate (eager, small batches)
-        return 2.0 * n_eval * eval_flops / (step_flops * B_local) * seconds_per_step
+    def knn_seconds(seconds_per_step: float) -> tuple[float, float]:
+        """(one full kNN point, the fine kNN points' share of every step): their forward passes at half the
+        training step's FLOP rate (eager, no fused backward)."""
+        per_image = 2.0 * eval_flops / (step_flops * B_local) * seconds_per_step
+        return n_full * per_image, (n_fine * per_image / fine_every if fine_every else 0.0)
 
     def apply(epochs: int, info: dict) -> None:
         if plan.step > state.schedule.warmup_steps:

@@ -41,15 +41,16 @@ def test_plan_epochs_is_the_most_that_fit(budget, elapsed, step, spe, sps, max_e
     assert got == (max(fits) if fits else low)
 
 
-def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch):
+@pytest.mark.parametrize("every,full_s,fine_s", [(0, 0.0, 0.0), (2, 1.5, 0.0), (1, 0.5, 0.05)])
+def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch, every, full_s, fine_s):
     from mocov3.train import budget
     from mocov3.train.loop import Progress
 
     now = {"t": 0.0}
     monkeypatch.setattr(budget, "clock", lambda: now["t"])
     decided = []
-    hook = budget.TimeBudget(60.0, 0.0, 100, 0, lambda spe, sps: 0.0, lambda e, info: decided.append((e, info)),
-                             torch.device("cpu"))
+    hook = budget.TimeBudget(60.0, 0.0, 100, every, lambda sps: (full_s, fine_s),
+                             lambda e, info: decided.append((e, info)), torch.device("cpu"))
     p = Progress(0, 10, 1000, 500, 1000)  # train.max_steps=500 caps this invocation
     for s in range(1, 200):
         now["t"] += 0.25 if s > budget.WARM_STEPS else 2.0  # slow first steps (compilation) are not timed
@@ -62,7 +63,10 @@ def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch):
     epochs, info = decided[0]
     assert info["at_step"] == budget.WARM_STEPS + budget.PROBE_STEPS
     assert info["seconds_per_step"] == pytest.approx(0.25)
-    assert epochs == budget.plan_epochs(60.0, info["elapsed_seconds"], info["at_step"], 10, 0.25, 100)
+    # the fine kNN points' share is added to every step; a full point counted every `every` epochs
+    assert epochs == budget.plan_epochs(60.0, info["elapsed_seconds"], info["at_step"], 10, 0.25 + fine_s, 100,
+                                        every, full_s)
+    assert epochs < budget.plan_epochs(60.0, info["elapsed_seconds"], info["at_step"], 10, 0.25, 100) or not every
     assert p.total_steps == epochs * 10 and p.max_steps == min(500, epochs * 10)
 
 

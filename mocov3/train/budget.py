@@ -60,12 +60,12 @@ def plan_epochs(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: i
 class TimeBudget(Hook):
     """Decides the run's epochs once (see the module docstring) and hands them to ``apply(epochs, info)``
     (which sets the schedule, the progress and the saved config). ``started``: the run's start on
-    :func:`clock`; ``eval_seconds(steps_per_epoch, seconds_per_step)``: the estimated cost of one full kNN
-    point. Under several processes the slowest pace and the longest elapsed time decide, the same on every
+    :func:`clock`; ``eval_seconds(seconds_per_step)``: the estimated cost of one full kNN point and the fine
+    kNN points' share of each step (``eval.knn_every_steps``), from the measured pace. Under several processes the slowest pace and the longest elapsed time decide, the same on every
     rank."""
 
     def __init__(self, budget_s: float, started: float, max_epochs: int, eval_every: int,
-                 eval_seconds: Callable[[int, float], float], apply: Callable[[int, dict], None],
+                 eval_seconds: Callable[[float], tuple[float, float]], apply: Callable[[int, dict], None],
                  device: torch.device, start_step: int = 0):
         self.budget_s, self.started, self.max_epochs, self.eval_every = budget_s, started, max_epochs, eval_every
         self.eval_seconds, self.apply, self.device = eval_seconds, apply, device
@@ -93,12 +93,14 @@ class TimeBudget(Hook):
         if du.world_size() > 1:  # one decision for all ranks
             both = du.all_reduce_max(torch.tensor([pace, elapsed], dtype=torch.float64, device=self.device))
             pace, elapsed = (float(v) for v in both.tolist())
-        knn_s = self.eval_seconds(p.steps_per_epoch, pace) if self.eval_every > 0 else 0.0
-        epochs = plan_epochs(self.budget_s, elapsed, p.step, p.steps_per_epoch, pace, self.max_epochs,
+        knn_s, fine_s = self.eval_seconds(pace)
+        epochs = plan_epochs(self.budget_s, elapsed, p.step, p.steps_per_epoch, pace + fine_s, self.max_epochs,
                              self.eval_every, knn_s)
         self.decided = True
         info = {"budget_seconds": self.budget_s, "elapsed_seconds": elapsed, "seconds_per_step": pace,
-                "knn_seconds_estimate": knn_s, "epochs": epochs, "at_step": p.step}
+                "knn_seconds_estimate": knn_s if self.eval_every > 0 else 0.0, "epochs": epochs, "at_step": p.step}
+        if fine_s:
+            info["fine_knn_seconds_per_step_estimate"] = fine_s
         self.apply(epochs, info)
         capped = p.max_steps < p.total_steps  # train.max_steps limits this invocation
         p.total_steps = epochs * p.steps_per_epoch
