@@ -17,6 +17,17 @@ from mocov3 import distributed as du
 from conftest import TINY
 
 
+def _torchrun_two(*args: str) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m mocov3 ARGS`` on this machine (gloo, a free port, one thread each)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                           "-m", "mocov3", *args], env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_helpers_work_without_a_process_group():
     assert du.rank() == 0 and du.world_size() == 1 and du.is_main()
     x = torch.randn(3, 2, requires_grad=True)
@@ -64,15 +75,9 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, nam
     ["method=simclr", "model.freeze_patch_embed=false", "eval.knn_every_steps=2"],
 ], ids=["mocov3", "swav_resnet_multicrop", "simclr"])
 def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path, extra):
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3", "pretrain", "--data", str(folder),
-           "--eval-data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "train.max_steps=3", *extra]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = _torchrun_two("pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+                        "--no-progress", *TINY, "train.max_steps=3", *extra)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert '"world_size": 2' in lines[0]
@@ -88,16 +93,9 @@ def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path, extra):
 def test_torchrun_time_budget_decides_once_for_both_processes(folder, tmp_path):
     """train.budget_minutes under 2 gloo processes: one decision (an all-reduce of the pace), the same
     schedule on both ranks (a mismatch would leave one rank waiting in a collective), the run ends at it."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3",
-           "pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, "epochs=15",
-           "train.budget_minutes=30", "train.log_every=5"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = _torchrun_two("pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY,
+                        "epochs=15", "train.budget_minutes=30", "train.log_every=5")
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     events = [l for l in lines if l.get("event") == "budget"]
@@ -116,19 +114,13 @@ def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
     run = tmp_path / "run"
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress"] + TINY
                 + ["train.max_steps=1"]) == 0
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
     common = ["--checkpoint", str(run / "checkpoint.pt"), "--train-data", str(folder), "--test-data", str(folder)]
     stream = ["data.in_memory=no", "data.num_workers=0"]
     for cmd in (["finetune", "--output-dir", str(tmp_path / "ft"), *common, "finetune.epochs=1",
                  "finetune.batch_size=16", *stream],
                 ["linear", "--output-dir", str(tmp_path / "lin"), *common, "linear.epochs=10", "linear.batch_size=16",
                  "linear.base_lr=1.0", *stream]):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        res = subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                              "-m", "mocov3", *cmd], env=env, capture_output=True, text=True, timeout=300)
+        res = _torchrun_two(*cmd)
         assert res.returncode == 0, res.stderr[-2000:]
         lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
         assert len(lines) == 1  # only rank 0 reports

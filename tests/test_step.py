@@ -50,6 +50,21 @@ class _HostCopySpy(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _spy_on_reads(monkeypatch, calls: list) -> None:
+    """Append to ``calls`` every tensor -> Python conversion (item, tolist, bool, float, int, index) that
+    mocov3's own code makes: on a GPU each one waits for the device."""
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            f = sys._getframe(1)
+            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
+                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+
 @pytest.mark.parametrize("extra", [[], ["optim.name=lamb"], ["method=swav", "method.num_prototypes=8",
                                                              "method.freeze_prototypes_steps=1",
                                                              "data.small_crops=2", "data.small_crop_size=8"]])
@@ -63,16 +78,7 @@ def test_no_host_sync_in_the_step_outside_log_points(monkeypatch, extra):
     images = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8)
     train_step(state, RawBatch(images, images))  # warm-up (lazy state)
     calls = []
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        real = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _real=real, _name=name, **k):
-            f = sys._getframe(1)
-            if "/mocov3/" in f.f_code.co_filename.replace("\\\\", "/"):
-                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
-            return _real(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    _spy_on_reads(monkeypatch, calls)
     with _HostCopySpy(calls):
         for crop in (True, True, False):  # False: the streaming path's two worker crops
             train_step(state, RawBatch(images, images, crop), log=False)
@@ -176,16 +182,7 @@ def test_no_host_sync_between_log_points_in_the_whole_training_loop(folder, tmp_
         return real_step(state, batch, log=log)
 
     monkeypatch.setattr(loop, "train_step", step)
-    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
-        real = getattr(torch.Tensor, name)
-
-        def spy(self, *a, _real=real, _name=name, **k):
-            f = sys._getframe(1)
-            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
-                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
-            return _real(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, spy)
+    _spy_on_reads(monkeypatch, calls)
     run = tmp_path / "run"
     with _HostCopySpy(calls):
         assert main(["pretrain", "--data", str(data), "--eval-data", str(folder), "--output-dir", str(run),

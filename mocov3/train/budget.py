@@ -1,7 +1,7 @@
 """A wall-clock budget for a pretraining run (``train.budget_minutes``): the run measures its own pace
 early, then sets its number of epochs so that the whole schedule (warm-up, cosine decay to zero, the kNN
-points) ends inside the budget, instead of being cut part-way (a cut cosine schedule stops near its peak
-learning rate, where the features are worst).
+points) ends inside the budget, instead of being cut part-way with its learning rate still high. (Whether
+that gives better features than the cut run depends on the scale: docs/results.md has a CPU A/B.)
 
 The decision is made once, after :data:`WARM_STEPS` steps (compilation, caches) and :data:`PROBE_STEPS`
 timed ones, while the learning rate is still in its warm-up (which depends only on
