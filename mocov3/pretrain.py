@@ -262,7 +262,7 @@ def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, dat
 
     every = cfg.eval.knn_every if data.bank is not None else 0
     return budget.TimeBudget(cfg.train.budget_minutes * 60.0, started, cfg.train.epochs, every, knn_seconds, apply,
-                      rt.device, start_step=state.step)
+                      rt.device, start_step=state.step, refine_at=state.schedule.warmup_steps)
 
 
 def use_compile(cfg: Config, device: torch.device) -> bool:

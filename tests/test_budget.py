@@ -70,6 +70,36 @@ def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch, 
     assert p.total_steps == epochs * 10 and p.max_steps == min(500, epochs * 10)
 
 
+@pytest.mark.parametrize("refine_at", [100, 60])
+def test_the_decision_is_made_again_at_the_end_of_a_long_warm_up(monkeypatch, refine_at):
+    """Steps get faster after the first decision: at the warm-up's last step the pace of every timed step
+    decides again (the cosine has not begun); a warm-up too short for a second probe gives no second one."""
+    from mocov3.train import budget
+    from mocov3.train.loop import Progress
+
+    now = {"t": 0.0}
+    monkeypatch.setattr(budget, "clock", lambda: now["t"])
+    decided = []
+    hook = budget.TimeBudget(120.0, 0.0, 100, 0, lambda sps: (0.0, 0.0), lambda e, info: decided.append((e, info)),
+                             torch.device("cpu"), refine_at=refine_at)
+    p = Progress(0, 10, 1000, 1000, 1000)
+    for s in range(1, 150):
+        now["t"] += 0.3 if s <= 40 else 0.2
+        p.step = s
+        hook.after_step(p, {})
+    first = decided[0][1]
+    assert first["at_step"] == 40 and first["seconds_per_step"] == pytest.approx(0.3)
+    if refine_at < budget.WARM_STEPS + 2 * budget.PROBE_STEPS:
+        assert len(decided) == 1
+        return
+    assert len(decided) == 2
+    epochs, info = decided[1]
+    assert info["at_step"] == 100 and info["decision"] == 2
+    assert info["seconds_per_step"] == pytest.approx((30 * 0.3 + 60 * 0.2) / 90)
+    assert epochs == budget.plan_epochs(120.0, info["elapsed_seconds"], 100, 10, info["seconds_per_step"], 100)
+    assert epochs > decided[0][0] and p.total_steps == p.max_steps == epochs * 10
+
+
 @pytest.fixture
 def fake_time(monkeypatch):
     """The budget's clock advances 0.1 s per training step (and not otherwise): a run's pace is fixed."""

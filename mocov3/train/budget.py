@@ -3,10 +3,11 @@ early, then sets its number of epochs so that the whole schedule (warm-up, cosin
 points) ends inside the budget, instead of being cut part-way with its learning rate still high. (Whether
 that gives better features than the cut run depends on the scale: docs/results.md has a CPU A/B.)
 
-The decision is made once, after :data:`WARM_STEPS` steps (compilation, caches) and :data:`PROBE_STEPS`
-timed ones, while the learning rate is still in its warm-up (which depends only on
-``optim.warmup_epochs``): what changes is where the cosine decay ends, and the momentum schedule (which
-has hardly moved by then). ``train.epochs`` is the upper bound.
+The decision is made after :data:`WARM_STEPS` steps (compilation, caches) and :data:`PROBE_STEPS` timed
+ones, while the learning rate is still in its warm-up (which depends only on ``optim.warmup_epochs``):
+what changes is where the cosine decay ends, and the momentum schedule (which has hardly moved by then).
+When the warm-up is long enough, it is made once more at its last step, from the pace of every step timed
+so far. ``train.epochs`` is the upper bound.
 """
 from __future__ import annotations
 
@@ -58,35 +59,41 @@ def plan_epochs(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: i
 
 
 class TimeBudget(Hook):
-    """Decides the run's epochs once (see the module docstring) and hands them to ``apply(epochs, info)``
-    (which sets the schedule, the progress and the saved config). ``started``: the run's start on
-    :func:`clock`; ``eval_seconds(seconds_per_step)``: the estimated cost of one full kNN point and the fine
-    kNN points' share of each step (``eval.knn_every_steps``), from the measured pace. Under several processes the slowest pace and the longest elapsed time decide, the same on every
-    rank."""
+    """Decides the run's epochs (see the module docstring) and hands them to ``apply(epochs, info)`` (which
+    sets the schedule, the progress and the saved config). ``started``: the run's start on :func:`clock`;
+    ``eval_seconds(seconds_per_step)``: the estimated cost of one full kNN point and the fine kNN points'
+    share of each step (``eval.knn_every_steps``), from the measured pace. ``refine_at``: the last step of
+    the warm-up, where the decision is made once more from the pace of all the steps since the timing began
+    (the first steps run slower than the steady pace, and the cosine decay has not begun: nothing jumps);
+    0 or a step closer than :data:`PROBE_STEPS` to the first decision: no second one. Under several
+    processes the slowest pace and the longest elapsed time decide, the same on every rank."""
 
     def __init__(self, budget_s: float, started: float, max_epochs: int, eval_every: int,
                  eval_seconds: Callable[[float], tuple[float, float]], apply: Callable[[int, dict], None],
-                 device: torch.device, start_step: int = 0):
+                 device: torch.device, start_step: int = 0, refine_at: int = 0):
         self.budget_s, self.started, self.max_epochs, self.eval_every = budget_s, started, max_epochs, eval_every
         self.eval_seconds, self.apply, self.device = eval_seconds, apply, device
-        self.start_step, self.decided = start_step, False
+        self.start_step, self.decisions = start_step, 0
+        self.refine_at = refine_at if refine_at >= start_step + WARM_STEPS + 2 * PROBE_STEPS else 0
         self.t0: Optional[float] = None
         self.s0 = self.e0 = 0
 
     def _now(self) -> float:
-        if self.device.type == "cuda":  # twice per run: the pace is what the device did, not what was queued
+        if self.device.type == "cuda":  # at most 3 times per run: the pace is what the device did
             torch.cuda.synchronize(self.device)
         return clock()
 
     def after_step(self, p: Progress, out: dict) -> None:
-        if self.decided:
-            return
         if self.t0 is None:
             if p.step >= self.start_step + WARM_STEPS:
                 self.t0, self.s0, self.e0 = self._now(), p.step, p.eval_seconds
             return
-        if p.step - self.s0 < PROBE_STEPS:
-            return
+        first = self.decisions == 0 and p.step - self.s0 >= PROBE_STEPS
+        again = self.decisions == 1 and p.step == self.refine_at
+        if first or again:
+            self._decide(p)
+
+    def _decide(self, p: Progress) -> None:
         now = self._now()
         pace = (now - self.t0 - (p.eval_seconds - self.e0)) / (p.step - self.s0)
         elapsed = now - self.started
@@ -96,9 +103,10 @@ class TimeBudget(Hook):
         knn_s, fine_s = self.eval_seconds(pace)
         epochs = plan_epochs(self.budget_s, elapsed, p.step, p.steps_per_epoch, pace + fine_s, self.max_epochs,
                              self.eval_every, knn_s)
-        self.decided = True
+        self.decisions += 1
         info = {"budget_seconds": self.budget_s, "elapsed_seconds": elapsed, "seconds_per_step": pace,
-                "knn_seconds_estimate": knn_s if self.eval_every > 0 else 0.0, "epochs": epochs, "at_step": p.step}
+                "knn_seconds_estimate": knn_s if self.eval_every > 0 else 0.0, "epochs": epochs, "at_step": p.step,
+                "decision": self.decisions}
         if fine_s:
             info["fine_knn_seconds_per_step_estimate"] = fine_s
         self.apply(epochs, info)
