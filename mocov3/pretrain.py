@@ -240,7 +240,8 @@ def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, dat
     n_full = n_fine = fine_every = 0
     if data.bank is not None:
         e = cfg.eval
-        n_full = (min(len(data.bank), e.knn_bank_size) if e.knn_bank_size else len(data.bank)) + len(data.test)
+        if e.knn_every > 0:
+            n_full = (min(len(data.bank), e.knn_bank_size) if e.knn_bank_size else len(data.bank)) + len(data.test)
         n_fine, fine_every = min(len(data.bank), e.knn_fine_bank) + min(len(data.test), e.knn_fine_test), e.knn_every_steps
 
     def knn_seconds(seconds_per_step: float) -> tuple[float, float]:
@@ -262,7 +263,7 @@ def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, dat
 
     every = cfg.eval.knn_every if data.bank is not None else 0
     return budget.TimeBudget(cfg.train.budget_minutes * 60.0, started, cfg.train.epochs, every, knn_seconds, apply,
-                      rt.device, start_step=state.step, refine_at=state.schedule.warmup_steps)
+                             rt.device, start_step=state.step, refine_at=state.schedule.warmup_steps)
 
 
 def use_compile(cfg: Config, device: torch.device) -> bool:

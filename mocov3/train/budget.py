@@ -105,7 +105,7 @@ class TimeBudget(Hook):
                              self.eval_every, knn_s)
         self.decisions += 1
         info = {"budget_seconds": self.budget_s, "elapsed_seconds": elapsed, "seconds_per_step": pace,
-                "knn_seconds_estimate": knn_s if self.eval_every > 0 else 0.0, "epochs": epochs, "at_step": p.step,
+                "knn_seconds_estimate": knn_s, "epochs": epochs, "at_step": p.step,
                 "decision": self.decisions}
         if fine_s:
             info["fine_knn_seconds_per_step_estimate"] = fine_s

@@ -24,8 +24,8 @@ def momentum_at(step: int, total_steps: int, base_momentum: float, schedule: str
 
 class RunSchedule:
     """The pretraining schedules of a run of ``total_steps`` steps: ``lr(step)`` (:func:`lr_at`) and
-    ``momentum(step)`` (:func:`momentum_at`). ``total_steps`` may be set once more early in the run, by a
-    time budget (:mod:`.budget`), while the lr is still in its warm-up, which does not depend on it."""
+    ``momentum(step)`` (:func:`momentum_at`). ``total_steps`` may be set again early in the run, by a time
+    budget (:mod:`.budget`), while the lr is still in its warm-up, which does not depend on it."""
 
     def __init__(self, total_steps: int, warmup_steps: int, peak_lr: float, base_momentum: float,
                  momentum_schedule: str = "cosine"):
