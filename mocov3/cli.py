@@ -73,6 +73,23 @@ def _eval_parser(sub, name: str, help: str, example: str) -> argparse.ArgumentPa
     return p
 
 
+def _run_options(p: argparse.ArgumentParser, what: str) -> None:
+    """Options of the commands that are runs (resumable, signal-safe): fine-tuning and the full probe."""
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-changed", default="", metavar="KEY[,KEY]",
+                   help=f"resume the run folder although {what} differ, or train.precision")
+
+
+def _allowed(args) -> list[str]:
+    return [k.strip() for k in args.allow_changed.split(",") if k.strip()]
+
+
+def _stopped(res: dict) -> int:
+    """A run that a signal stopped: the exit status of that signal (the command resumes when re-run)."""
+    log.warning("stopped at step %d; run the same command again to resume", res["step"])
+    return 128 + res["interrupted_by"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mocov3", description="MoCo v3 self-supervised pretraining of ViTs")
     parser.add_argument("--version", action="version", version=f"mocov3 {__version__}")
@@ -86,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "linear.epochs=100 linear.lr_sweep=[0.1,1.0] linear.bn=false")
     p.add_argument("--fast", action="store_true",
                    help="train on cached features (no augmentation) with an lr sweep chosen on a held-out split")
-    p.add_argument("--output-dir", help="folder for config.yaml and result.json")
+    p.add_argument("--output-dir", help="folder for config.yaml and result.json; the full probe is a run there "
+                                        "(checkpoint.pt, metrics.jsonl; re-running resumes it)")
+    _run_options(p, "the probed checkpoint (source) or linear.epochs / linear.batch_size")
     p = _eval_parser(sub, "finetune", "end-to-end fine-tuning of a checkpoint's backbone (or from scratch)",
                      "finetune.epochs=10 finetune.batch_size=256 finetune.layer_decay=0.65")
-    p.add_argument("--allow-changed", default="", metavar="KEY[,KEY]",
-                   help="resume the fine-tuning folder although its source (checkpoint, from scratch) or "
-                        "finetune.epochs differ: source, finetune.epochs")
+    _run_options(p, "its source (checkpoint, from scratch) or finetune.epochs / finetune.batch_size")
     p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoint.pt")
     p.add_argument("--from-scratch", action="store_true",
                    help="same architecture from random init (the checkpoint only supplies the architecture)")
@@ -169,11 +186,9 @@ def cmd_pretrain(args) -> int:
     out = Path(args.output_dir)
     cfg = resolve_config(args.config, args.overrides, out, args.data, args.eval_data, args.resume)
     _setup_logging(out)
-    allow = [k.strip() for k in args.allow_changed.split(",") if k.strip()]
-    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=allow)
+    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=_allowed(args))
     if res.interrupted_by:
-        log.warning("stopped at step %d; run the same command again to resume", res.step)
-        return 128 + res.interrupted_by
+        return _stopped({"step": res.step, "interrupted_by": res.interrupted_by})
     msg = {"step": res.step, "finished": res.finished, "output_dir": str(out)}
     if res.last_knn:
         msg.update({"knn_top1": res.last_knn["top1"], "knn_top5": res.last_knn["top5"]})
@@ -197,7 +212,10 @@ def cmd_linear(args) -> int:
     _setup_logging(Path(args.output_dir) if args.output_dir else None)
     setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
                           use_cache=not args.no_cache)
-    out = run_linear(setup, args.fast, not args.no_cache, Path(args.output_dir) if args.output_dir else None)
+    out = run_linear(setup, args.fast, not args.no_cache, Path(args.output_dir) if args.output_dir else None,
+                     progress=not args.no_progress, allow_changed=_allowed(args))
+    if "interrupted_by" in out:
+        return _stopped(out)
     if out:
         print(f"linear probe ({out['mode']}) of {args.checkpoint}: top-1 {out['top1']:.2f}  "
               f"top-5 {out['top5']:.2f}  base_lr {out['lr']}")
@@ -209,8 +227,11 @@ def cmd_finetune(args) -> int:
     _setup_logging(Path(args.output_dir))
     setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
                           use_cache=not args.no_cache)
-    allow = [k.strip() for k in args.allow_changed.split(",") if k.strip()]
-    _print_json(run_finetune(setup, Path(args.output_dir), args.from_scratch, allow_changed=allow))
+    res = run_finetune(setup, Path(args.output_dir), args.from_scratch, progress=not args.no_progress,
+                       allow_changed=_allowed(args))
+    if "interrupted_by" in res:
+        return _stopped(res)
+    _print_json(res)
     return 0
 
 

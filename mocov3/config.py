@@ -323,6 +323,8 @@ def merge_dict(cfg: Config, data: dict, source: str = "config") -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
     for key, value in data.items():
+        if key == "run":  # what a run decided (config.yaml of a run folder): a record, not a setting
+            continue
         if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section {key!r} must be a mapping")

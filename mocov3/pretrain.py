@@ -1,8 +1,9 @@
 """Pretraining, as a table of contents.
 
-``pretrain`` = runtime -> run folder -> data -> method, optimizer and schedules -> resume -> hooks
-(kNN monitor, metrics, checkpoints) -> fit. Each step is one ``build_*`` function below; the loop
-itself is :func:`mocov3.train.loop.fit` and one step is :func:`mocov3.train.step.train_step`.
+``pretrain`` = a :class:`~mocov3.train.run.Run` (runtime, locked folder, resume guards, precision, sinks) ->
+data -> method, optimizer and schedules -> restore or start -> hooks (kNN monitor, metrics, checkpoints, time
+budget) -> fit. The loop is :func:`mocov3.train.loop.fit` (the same for every trainer) and one step is
+:func:`mocov3.train.step.train_step`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import distributed as du
-from .config import Config, is_resnet, load_config, save_config, scaled_lr, to_dict
+from .config import Config, is_resnet, load_config, scaled_lr, to_dict
 from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset, require_labels
 from .data.gpu_decode import wants_gpu_decode
@@ -23,23 +24,32 @@ from .data.shards import ShardTrainBatches
 from .eval.knn import knn_evaluate
 from .methods import build_method
 from .models.factory import build_from_spec
-from .runtime import (CheckpointError, ConfigError, DataError, MetricsWriter, StorageError, TrainingError, first_line,
-                      resolve_device, resolve_precision, storage_error)
-from .tracking import open_sinks
-from .train import budget, sharded
-from .train.checkpoint import (COMPUTE_ONLY, backbone_state_from_checkpoint, check_same_model, load_checkpoint,
-                               normalized_config, refuse_changes, remove_stale_tmp, rng_state, save_checkpoint,
-                               set_rng_state, spec_from_config)
-from .train.flops import backbone_forward_flops, peak_flops, step_flops_per_image
-from .train.loop import Hook, MetricsHook, Progress, fit
+from .runtime import DataError, MetricsWriter
+from .train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, spec_from_config
+from .train.flops import backbone_forward_flops, step_flops_per_image
+from .train.loop import Hook, Progress, RunLength, pretrain_step
 from .train.monitor import GradMonitor
 from .train.optim import build_optimizer
+from .train.run import CHECKPOINT_NAME, Run, Runtime, Trainer, use_compile
 from .train.schedules import RunSchedule
 from .train.step import TrainState
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+#: Pretraining as a trainer: the settings that define a run (a resume that changes one is refused,
+#: docs/reliability.md) and the changes ``--allow-changed`` may accept (the run's state stays meaningful).
+_AUG_KEYS = ("image_size", "crop_scale", "crop_ratio", "jitter_prob", "jitter_strength", "grayscale_prob",
+             "blur_prob", "blur_sigma", "solarize_prob", "flip_prob", "small_crops", "small_crop_size",
+             "small_crop_scale", "mean", "std")
+PRETRAIN = Trainer(
+    task="pretrain",
+    run_keys={"model": None, "method": None, "optim": None, "train": ("epochs", "batch_size", "seed"),
+              "data": _AUG_KEYS},
+    sound_changes=("train.epochs", "train.precision", "optim.base_lr", "optim.weight_decay", "optim.warmup_epochs",
+                   "optim.clip_grad", "optim.patch_clip_grad", "optim.trust_coefficient", "optim.betas",
+                   "optim.sgd_momentum", "data") + tuple(f"data.{k}" for k in _AUG_KEYS
+                                                         if k not in ("image_size", "small_crops")),
+    batch_size="train.batch_size", epochs="train.epochs")
 
 
 @dataclass
@@ -49,25 +59,6 @@ class RunResult:
     interrupted_by: int
     last_knn: Optional[dict]
     output_dir: Path
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    precision: str
-    world: int
-    rank: int
-
-
-@dataclass
-class RunFolder:
-    path: Path
-    checkpoint: Path  # the checkpoint to resume from (may not exist)
-    metrics: MetricsWriter
-
-    @property
-    def resuming(self) -> bool:
-        return self.checkpoint.is_file()
 
 
 @dataclass
@@ -83,31 +74,37 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
     """Pretrain ``cfg`` on ``cfg.data.path`` (kNN monitor on ``cfg.data.eval_path``) into ``output_dir``,
     resuming its checkpoint (or ``resume``) if present. A resume whose settings or data differ from the
     checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``."""
-    started = budget.clock()  # the time budget (train.budget_minutes) counts from here
-    rt = build_runtime(cfg)
-    with du.locked_folder(Path(output_dir)):
-        run = open_run_folder(cfg, Path(output_dir), resume)
-        data = build_data(cfg, rt)
-        ckpt = check_resume(run, cfg, data, rt, allow_changed) if run.resuming else {}
-        write_run_config(run, cfg)
-        run.metrics.sinks = open_sinks(run.path, cfg.train, to_dict(cfg), du.is_main())
-        state = build_train_state(cfg, rt, data.batches.steps_per_epoch)
-        resume_run(run, state, ckpt) if run.resuming else start_run(run, cfg, rt, data)
-        plan = build_progress(cfg, state.step, data.batches.steps_per_epoch)
-        knn = KnnMonitor(cfg, rt, data, state.module, run.metrics, ckpt.get("last_knn"))
-        if not run.resuming:
+    if cfg.data.path is None:
+        raise DataError("no training data: give --data (or data.path in the recipe)")
+    with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
+        data = build_data(cfg, run.rt)
+        identity = data_identity(data.train, cfg.data.path, shard_layout(cfg, run.rt))
+        # a sharded run reads its own shards of a sharded checkpoint (Run.restore); others read it whole
+        ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity),
+                        materialize=not (cfg.train.strategy == "fsdp" and run.rt.world > 1))
+        length = run.make_length(data.batches.steps_per_epoch)
+        state = build_train_state(cfg, run.rt, length)
+        if ckpt is not None:
+            run.restore(state)
+        else:
+            run.start({"lr_peak": scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
+                       "batch_size": cfg.train.batch_size, "steps_per_epoch": length.steps_per_epoch,
+                       "data": cfg.data.path, "eval_data": cfg.data.eval_path})
+        knn = KnnMonitor(cfg, run.rt, data, state.module, run.folder.metrics,
+                         ckpt.extra.get("last_knn") if ckpt else None)
+        if ckpt is None:
             knn.initial_point()
-        hooks = [knn, MetricsHook(run.metrics, cfg.train.batch_size, progress, state.step, plan.max_steps,
-                                  extra=lambda: {"unreadable_images": data.batches.unreadable}
-                                  if data.batches.unreadable else {}, state=state, mfu=build_mfu(cfg, rt, state)),
-                 CheckpointHook(cfg, run, state, knn, data_identity(data.train, cfg.data.path, shard_layout(cfg, rt)))]
-        if cfg.train.budget_minutes > 0 and "budget" not in ckpt:
-            hooks.insert(0, time_budget(cfg, rt, run, state, data, plan, hooks[-1], started))
-        try:
-            stopped = fit(state, data.batches, plan, hooks)
-        finally:
-            run.metrics.close()
-    return RunResult(state.step, state.step >= plan.total_steps, stopped, knn.last, run.path)
+        per_image = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops,
+                                         cfg.data.small_crop_size)
+        log.info("%.3g GFLOPs per image per step", per_image / 1e9)
+        unreadable = lambda: {"unreadable_images": data.batches.unreadable} if data.batches.unreadable else {}  # noqa: E731
+        hooks = [run.time_budget(state, knn_cost(cfg, run.rt, state, data), knn.full_every),
+                 knn, run.metrics_hook(state, cfg.train.batch_size, unreadable, per_image),
+                 run.checkpoint_hook(state, lambda: {
+                     "last_knn": knn.last, "data_identity": identity,
+                     "monitor": state.monitor.state_dict() if state.monitor is not None else {}})]
+        stopped = run.fit(state, data.batches, pretrain_step, hooks)
+    return RunResult(state.step, state.step >= length.total_steps, stopped, knn.last, run.folder.path)
 
 
 def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: Path, data: Optional[str] = None,
@@ -126,44 +123,6 @@ def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: 
     if eval_data is not None:
         cfg.data.eval_path = str(eval_data)
     return cfg
-
-
-def build_runtime(cfg: Config) -> Runtime:
-    """Device (this rank's GPU under torchrun), process group, threads, precision."""
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # before NCCL initializes, so each rank owns its GPU
-    du.init_from_env(device.type)
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    world, rank = du.world_size(), du.rank()
-    if cfg.train.batch_size % world != 0:
-        raise TrainingError(f"batch_size {cfg.train.batch_size} is not divisible by the {world} processes")
-    return Runtime(device, resolve_precision(cfg.train.precision, device), world, rank)
-
-
-def open_run_folder(cfg: Config, output_dir: Path, resume: Optional[Path]) -> RunFolder:
-    """The run folder (``config.yaml``, ``metrics.jsonl``, checkpoints); temporary files of a save that a
-    kill interrupted are removed. Nothing else is written yet."""
-    ckpt = Path(resume) if resume else output_dir / CHECKPOINT_NAME
-    if resume and not ckpt.is_file():
-        raise CheckpointError(f"checkpoint not found: {resume}")
-    if cfg.data.path is None:
-        raise DataError("no training data: give --data (or data.path in the recipe)")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise StorageError(f"output folder {output_dir} is a file")
-    if du.is_main():
-        remove_stale_tmp(output_dir)
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", du.is_main())
-    return RunFolder(output_dir, ckpt, metrics)
-
-
-def write_run_config(run: RunFolder, cfg: Config) -> None:
-    if du.is_main():
-        try:
-            save_config(cfg, run.path / "config.yaml")
-        except OSError as e:
-            raise storage_error("write", run.path / "config.yaml", e) from None
 
 
 def build_data(cfg: Config, rt: Runtime) -> RunData:
@@ -190,15 +149,17 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
     return RunData(train, batches, bank, test)
 
 
-def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainState:
-    """Method (seeded), DDP wrapper, optimizer, schedules, gradient monitor, augmentation."""
+def build_train_state(cfg: Config, rt: Runtime, length: RunLength) -> TrainState:
+    """Method (seeded), DDP or FSDP wrapper, optimizer, schedules (ending where ``length`` ends), gradient
+    monitor, augmentation, compilation (``train.compile``)."""
+    steps_per_epoch = length.steps_per_epoch
     torch.manual_seed(cfg.train.seed)
     method = build_method(cfg).to(rt.device)
     channels_last = rt.device.type == "cuda" and is_resnet(cfg.model.name)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)
     peak_lr = scaled_lr(cfg.optim.base_lr, cfg.train.batch_size)
-    total = cfg.train.epochs * steps_per_epoch
+    total = length.total_steps
     warmup = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     n_train = sum(p.numel() for p in method.parameters() if p.requires_grad)
     log.info("lr = base_lr %.3g x batch %d / 256 = %.4g; %d steps/epoch, %d steps, warmup %d; "
@@ -215,25 +176,34 @@ def build_train_state(cfg: Config, rt: Runtime, steps_per_epoch: int) -> TrainSt
         model = du.wrap_ddp(method, rt.device)
     patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
         if cfg.optim.patch_clip_grad > 0 else []
-    schedule = RunSchedule(total, warmup, peak_lr, cfg.method.momentum, cfg.method.momentum_schedule)
-    compiled = use_compile(cfg, rt.device)
+    schedule = RunSchedule(length, warmup, peak_lr, cfg.method.momentum, cfg.method.momentum_schedule)
+    compiled = use_compile(cfg.train.compile, rt.device)
     if compiled:
         # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
         model = torch.compile(model)
     return TrainState(
         module=method, model=model, optimizer=build_optimizer(method, cfg.optim, peak_lr),
         device=rt.device, precision=rt.precision,
-        lr_at=schedule.lr, momentum_at=schedule.momentum, schedule=schedule,
+        lr_at=schedule.lr, momentum_at=schedule.momentum, schedule=schedule, warmup_steps=warmup,
         augment=TwoViewAugment(cfg.data, compile=compiled), seed=cfg.train.seed, rank=rt.rank,
         clip_grad=cfg.optim.clip_grad,
         patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
         monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
 
 
-def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, data: RunData, plan: Progress,
-                checkpoints: "CheckpointHook", started: float) -> budget.TimeBudget:
-    """The hook of ``train.budget_minutes``: once it has decided the epochs, the schedule, the saved config
-    and every later checkpoint (``budget``: what decided it, so that a resume keeps them) follow."""
+def data_differences(recorded: Optional[dict], now: dict) -> dict:
+    """``{"data": (before, now)}`` when the training data's identity (count, fingerprint, shard layout)
+    differs from the one the checkpoint recorded."""
+    if recorded and (recorded.get("count"), recorded.get("fingerprint"), recorded.get("layout")) != (
+            now["count"], now["fingerprint"], now.get("layout")):
+        return {"data": (f"{recorded.get('path')} ({recorded.get('count')} images)",
+                         f"{now['path']} ({now['count']} images)")}
+    return {}
+
+
+def knn_cost(cfg: Config, rt: Runtime, state: TrainState, data: RunData):
+    """For the time budget: ``seconds_per_step -> (one full kNN point, the fine kNN points' share of every
+    step)``, their forward passes at half the training step's FLOP rate (eager, no fused backward)."""
     B_local = cfg.train.batch_size // rt.world
     step_flops = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
     eval_flops = backbone_forward_flops(state.module.backbone, cfg.data.image_size)
@@ -244,153 +214,16 @@ def time_budget(cfg: Config, rt: Runtime, run: RunFolder, state: TrainState, dat
             n_full = (min(len(data.bank), e.knn_bank_size) if e.knn_bank_size else len(data.bank)) + len(data.test)
         n_fine, fine_every = min(len(data.bank), e.knn_fine_bank) + min(len(data.test), e.knn_fine_test), e.knn_every_steps
 
-    def knn_seconds(seconds_per_step: float) -> tuple[float, float]:
-        """(one full kNN point, the fine kNN points' share of every step): their forward passes at half the
-        training step's FLOP rate (eager, no fused backward)."""
+    def seconds(seconds_per_step: float) -> tuple[float, float]:
         per_image = 2.0 * eval_flops / (step_flops * B_local) * seconds_per_step
         return n_full * per_image, (n_fine * per_image / fine_every if fine_every else 0.0)
 
-    def apply(epochs: int, info: dict) -> None:
-        if plan.step > state.schedule.warmup_steps:
-            log.warning("the time budget set the epochs after the warm-up ended (step %d > %d): the cosine decay "
-                        "changes course here; an optim.warmup_epochs of more than %d steps avoids that", plan.step,
-                        state.schedule.warmup_steps, budget.WARM_STEPS + budget.PROBE_STEPS)
-        cfg.train.epochs = epochs
-        state.schedule.total_steps = epochs * plan.steps_per_epoch
-        checkpoints.extra["budget"] = info
-        write_run_config(run, cfg)
-        run.metrics.write({"step": plan.step, "epoch": plan.epoch, "event": "budget", **info})
-
-    every = cfg.eval.knn_every if data.bank is not None else 0
-    return budget.TimeBudget(cfg.train.budget_minutes * 60.0, started, cfg.train.epochs, every, knn_seconds, apply,
-                             rt.device, start_step=state.step, refine_at=state.schedule.warmup_steps)
-
-
-def use_compile(cfg: Config, device: torch.device) -> bool:
-    return cfg.train.compile == "true" or (cfg.train.compile == "auto" and device.type == "cuda")
-
-
-def build_mfu(cfg: Config, rt: Runtime, state: TrainState):
-    """images/s -> model FLOPs utilization of one device (None when the peak is unknown, e.g. on CPU)."""
-    peak = peak_flops(rt.device, cfg.train.peak_tflops)
-    per_image = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
-    log.info("%.3g GFLOPs per image per step%s", per_image / 1e9,
-             f"; peak {peak / 1e12:.0f} TFLOPS per device" if peak else "")
-    if not peak:
-        return None
-    return lambda images_per_sec: per_image * images_per_sec / rt.world / peak
-
-
-def build_progress(cfg: Config, step: int, steps_per_epoch: int) -> Progress:
-    total = cfg.train.epochs * steps_per_epoch
-    max_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
-    return Progress(step, steps_per_epoch, total, max_steps, cfg.train.log_every)
-
-
-def start_run(run: RunFolder, cfg: Config, rt: Runtime, data: RunData) -> dict:
-    """A new run: an empty metrics file starting with a ``start`` record."""
-    run.metrics.truncate_after(-1)
-    run.metrics.write({"step": 0, "epoch": 0.0, "event": "start",
-                       "lr_peak": scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
-                       "batch_size": cfg.train.batch_size, "world_size": rt.world,
-                       "steps_per_epoch": data.batches.steps_per_epoch, "data": cfg.data.path,
-                       "eval_data": cfg.data.eval_path})
-    return {}
-
-
-#: Settings that define a run: a resume that changes one is refused (docs/reliability.md).
-RUN_KEYS = {
-    "model": None, "method": None,  # every key (the architecture: never allowed to change)
-    "optim": None,
-    "train": ("epochs", "batch_size", "seed"),
-    "data": ("image_size", "crop_scale", "crop_ratio", "jitter_prob", "jitter_strength", "grayscale_prob",
-             "blur_prob", "blur_sigma", "solarize_prob", "flip_prob", "small_crops", "small_crop_size",
-             "small_crop_scale", "mean", "std"),
-}
-#: The changes ``--allow-changed`` may accept: the run's state stays meaningful after them.
-SOUND_CHANGES = ("train.epochs", "optim.base_lr", "optim.weight_decay", "optim.warmup_epochs", "optim.clip_grad",
-                 "optim.patch_clip_grad", "optim.trust_coefficient", "optim.betas", "optim.sgd_momentum", "data")
-SOUND_CHANGES += tuple(f"data.{k}" for k in RUN_KEYS["data"] if k not in ("image_size", "small_crops"))
-
-
-def run_differences(old: dict, new: dict) -> list[str]:
-    """The run-defining keys (:data:`RUN_KEYS`) whose values differ between two config dicts."""
-    out = []
-    for sec, keys in RUN_KEYS.items():
-        for k in (keys or sorted(set(old.get(sec, {})) | set(new.get(sec, {})))):
-            if (sec, k) not in COMPUTE_ONLY and old.get(sec, {}).get(k) != new.get(sec, {}).get(k):
-                out.append(f"{sec}.{k}")
-    return out
-
-
-def check_resume(run: RunFolder, cfg: Config, data: RunData, rt: Runtime, allow_changed: Sequence[str]) -> dict:
-    """Read the checkpoint to resume and compare what defines the run (:data:`RUN_KEYS` and the training
-    data's identity) with the current settings; refuse a difference not in ``allow_changed``."""
-    bad = [k for k in allow_changed if k not in SOUND_CHANGES]
-    if bad:
-        raise ConfigError(f"--allow-changed {', '.join(bad)}: not a change a run can resume through "
-                          f"(allowed: {', '.join(SOUND_CHANGES)})")
-    # a sharded run reads its own shards of a sharded checkpoint later (resume_run); others read it whole
-    ckpt = load_checkpoint(run.checkpoint, map_location=rt.device, for_resume=True,
-                           materialize=not (cfg.train.strategy == "fsdp" and rt.world > 1))
-    old = normalized_config(ckpt["config"], run.checkpoint)
-    if ckpt.get("budget") and cfg.train.budget_minutes > 0:
-        # the epochs a time budget decided (train.epochs was their upper bound): the run keeps them
-        cfg.train.epochs = int(old["train"]["epochs"])
-        log.info("resuming a run whose time budget set %d epochs", cfg.train.epochs)
-    now = to_dict(cfg)
-    check_same_model(old, now, run.checkpoint)
-    diffs = {k: (_get(old, k), _get(now, k)) for k in run_differences(old, now)}
-    ident, cur = ckpt.get("data_identity"), data_identity(data.train, cfg.data.path, shard_layout(cfg, rt))
-    if ident and (ident.get("count"), ident.get("fingerprint"), ident.get("layout")) != (
-            cur["count"], cur["fingerprint"], cur.get("layout")):
-        diffs["data"] = (f"{ident.get('path')} ({ident.get('count')} images)", f"{cur['path']} ({cur['count']} images)")
-    allowed = set(allow_changed) | ({k for k in diffs if k.startswith("data.")} if "data" in allow_changed else set())
-    refuse_changes(diffs, allowed, f"{run.checkpoint} was trained with other settings",
-                   "resume with the same ones, use another --output-dir, or accept a sound change with", shown=4)
-    if diffs:
-        log.warning("resuming with changed settings (allowed): %s", ", ".join(diffs))
-    return ckpt
+    return seconds
 
 
 def shard_layout(cfg: Config, rt: Runtime) -> tuple[int, int]:
     """What fixes a sharded set's order besides (seed, epoch): processes and workers per process."""
     return rt.world, max(1, cfg.data.num_workers)
-
-
-def _get(cfg: dict, dotted: str):
-    sec, key = dotted.split(".")
-    return cfg.get(sec, {}).get(key)
-
-
-def resume_run(run: RunFolder, state: TrainState, ckpt: dict) -> None:
-    """Load model, optimizer, scaler, step, RNG and monitor state; drop metrics logged after the checkpoint."""
-    if "sharded_folder" in ckpt and not ckpt["model"]:  # every rank reads its own shards (see check_resume)
-        try:
-            sharded.load_into(state.module, state.optimizer, ckpt["sharded_folder"], ckpt["sharded"]["param_groups"])
-        except CheckpointError:
-            raise
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
-    else:
-        try:
-            du.load_full_state_dict(state.module, ckpt["model"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {run.checkpoint} does not fit this model: {first_line(e)}") from None
-    try:
-        if ckpt["optimizer"]:
-            du.load_full_optimizer_state(state.module, state.optimizer, ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            state.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        if state.monitor is not None and ckpt.get("monitor"):
-            state.monitor.load_state_dict(ckpt["monitor"])
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {run.checkpoint}: optimizer or RNG state does not fit ({first_line(e)})") \
-            from None
-    state.step = int(ckpt["step"])
-    run.metrics.truncate_after(state.step)
-    log.info("resumed from %s at step %d", run.checkpoint, state.step)
 
 
 class KnnMonitor(Hook):
@@ -403,6 +236,7 @@ class KnnMonitor(Hook):
         self.cfg, self.rt, self.data, self.method, self.metrics, self.last = cfg, rt, data, method, metrics, last
         self.enabled = data.bank is not None
         self.fine_every = cfg.eval.knn_every_steps if self.enabled else 0
+        self.full_every = cfg.eval.knn_every if self.enabled else 0
 
     def _backbone(self):
         """The query backbone to evaluate on rank 0: the module's own, or under FSDP a plain copy built
@@ -458,69 +292,5 @@ class KnnMonitor(Hook):
         p.eval_seconds += time.time() - t0
 
 
-class CheckpointHook(Hook):
-    """An atomic ``checkpoint.pt`` at each epoch end (plus numbered copies for ``train.save_epochs``),
-    every ``train.checkpoint_every_steps`` steps, at the last step and when a stop signal arrives."""
-
-    def __init__(self, cfg: Config, run: RunFolder, state: TrainState, knn: KnnMonitor, data_identity: dict):
-        self.cfg, self.run, self.state, self.knn, self.data_identity = cfg, run, state, knn, data_identity
-        self.saved_at = -1
-        self.extra: dict = {}  # more entries of every later checkpoint (the time budget's decision)
-
-    def payload(self, p: Progress) -> dict:
-        s = self.state
-        return {"model": du.full_state_dict(s.module), "optimizer": du.full_optimizer_state(s.module, s.optimizer),
-                **self.payload_rest(p)}
-
-    def after_step(self, p: Progress, out: dict) -> None:
-        every = self.cfg.train.checkpoint_every_steps
-        if p.end_of_epoch or p.stop_signal or p.last_step or (every and p.step % every == 0):
-            self.save(p)
-
-    def on_stop(self, p: Progress) -> None:
-        if self.saved_at != p.step:
-            self.save(p)
-
-    def sharded(self) -> bool:
-        """Whether checkpoints are written as shards (``train.checkpoint_format``)."""
-        fmt = self.cfg.train.checkpoint_format
-        return du.is_sharded(self.state.module) and fmt in ("auto", "sharded")
-
-    def save(self, p: Progress) -> None:
-        self.state.raise_if_nonfinite()  # never a checkpoint of a step after a non-finite loss
-        self.saved_at = p.step
-        if self.sharded():
-            payload = self.sharded_payload(p)
-        elif du.is_main() or du.is_sharded(self.state.module):
-            payload = self.payload(p)  # under FSDP every rank takes part in gathering the full state
-        else:
-            return
-        if not du.is_main():
-            return
-        save_checkpoint(self.run.path / CHECKPOINT_NAME, payload)
-        ep = p.step // p.steps_per_epoch
-        if p.end_of_epoch and ep in self.cfg.train.save_epochs:
-            save_checkpoint(self.run.path / f"checkpoint_epoch{ep:04d}.pt", payload)
-        if self.sharded():
-            sharded.remove_unreferenced(self.run.path)
-
-    def sharded_payload(self, p: Progress) -> dict:
-        """Every rank writes its shards into ``checkpoint-stepNNNNNNNNN.dcp``; the payload (for rank 0's
-        ``checkpoint.pt``) names that folder and holds everything else."""
-        s = self.state
-        folder = sharded.new_folder(self.run.path, p.step)
-        groups = sharded.save(s.module, s.optimizer, folder)
-        payload = self.payload_rest(p)
-        payload.update(model={}, optimizer={}, sharded={"folder": folder.name, "param_groups": groups})
-        return payload
-
-    def payload_rest(self, p: Progress) -> dict:
-        s = self.state
-        return {"scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
-                "step": p.step, "epoch": p.epoch, "config": to_dict(self.cfg), "rng": rng_state(),
-                "last_knn": self.knn.last, "monitor": s.monitor.state_dict() if s.monitor is not None else {},
-                "data_identity": self.data_identity, **self.extra}
-
-
-__all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "build_runtime", "open_run_folder", "build_data",
-           "build_train_state", "KnnMonitor", "CheckpointHook"]
+__all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "PRETRAIN", "build_data",
+           "build_train_state", "KnnMonitor"]

@@ -41,17 +41,24 @@ def test_plan_epochs_is_the_most_that_fit(budget, elapsed, step, spe, sps, max_e
     assert got == (max(fits) if fits else low)
 
 
+def _apply(decided: list):
+    """The budget's ``apply``: records the decision and sets the run's length, as Run.time_budget does."""
+    def apply(epochs, info, p):
+        decided.append((epochs, info))
+        p.length.set_epochs(epochs, info)
+    return apply
+
+
 @pytest.mark.parametrize("every,full_s,fine_s", [(0, 0.0, 0.0), (2, 1.5, 0.0), (1, 0.5, 0.05)])
 def test_the_hook_decides_once_on_its_probe_and_keeps_a_step_limit(monkeypatch, every, full_s, fine_s):
     from mocov3.train import budget
-    from mocov3.train.loop import Progress
+    from mocov3.train.loop import Progress, RunLength
 
     now = {"t": 0.0}
     monkeypatch.setattr(budget, "clock", lambda: now["t"])
     decided = []
-    hook = budget.TimeBudget(60.0, 0.0, 100, every, lambda sps: (full_s, fine_s),
-                             lambda e, info: decided.append((e, info)), torch.device("cpu"))
-    p = Progress(0, 10, 1000, 500, 1000)  # train.max_steps=500 caps this invocation
+    hook = budget.TimeBudget(60.0, 0.0, 100, every, lambda sps: (full_s, fine_s), _apply(decided), torch.device("cpu"))
+    p = Progress(0, RunLength(100, 10, 500), 1000)  # train.max_steps=500 caps this invocation
     for s in range(1, 200):
         now["t"] += 0.25 if s > budget.WARM_STEPS else 2.0  # slow first steps (compilation) are not timed
         p.step = s
@@ -75,14 +82,14 @@ def test_the_decision_is_made_again_at_the_end_of_a_long_warm_up(monkeypatch, re
     """Steps get faster after the first decision: at the warm-up's last step the pace of every timed step
     decides again (the cosine has not begun); a warm-up too short for a second probe gives no second one."""
     from mocov3.train import budget
-    from mocov3.train.loop import Progress
+    from mocov3.train.loop import Progress, RunLength
 
     now = {"t": 0.0}
     monkeypatch.setattr(budget, "clock", lambda: now["t"])
     decided = []
-    hook = budget.TimeBudget(120.0, 0.0, 100, 0, lambda sps: (0.0, 0.0), lambda e, info: decided.append((e, info)),
-                             torch.device("cpu"), refine_at=refine_at)
-    p = Progress(0, 10, 1000, 1000, 1000)
+    hook = budget.TimeBudget(120.0, 0.0, 100, 0, lambda sps: (0.0, 0.0), _apply(decided), torch.device("cpu"),
+                             refine_at=refine_at)
+    p = Progress(0, RunLength(100, 10), 1000)
     for s in range(1, 150):
         now["t"] += 0.3 if s <= 40 else 0.2
         p.step = s
@@ -136,9 +143,10 @@ def test_a_budgeted_run_ends_its_schedule_inside_the_budget_and_a_resume_keeps_i
     epochs = events[0]["epochs"]
     # at step 40, 4 s used; (1 - MARGIN) x 12 s - 4 s = 7.4 s left: 74 more steps, 114 in all -> 28 epochs
     assert MARGIN == 0.05 and epochs == 28
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == epochs
+    saved = yaml.safe_load((run / "config.yaml").read_text())  # the bound stays the setting; run: the decision
+    assert saved["run"]["epochs"] == epochs and saved["train"]["epochs"] == 100
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ck["step"] == 60 and ck["budget"]["epochs"] == epochs and ck["config"]["train"]["epochs"] == epochs
+    assert ck["step"] == 60 and ck["budget"]["epochs"] == epochs and ck["config"]["train"]["epochs"] == 100
 
     assert main(args) == 0  # the same command again: resumes, keeps the 28 epochs (not 100, no new probe)
     lines = _lines(run)

@@ -6,6 +6,8 @@ full linear probe and fine-tuning also under torchrun (rank 0 returns the result
 from __future__ import annotations
 
 import json
+import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,12 +21,15 @@ from ..config import Config, load_config, save_config
 from ..data.cache import resolve_cache_dir
 from ..data.datasets import ImageData, load_dataset, require_labels
 from ..methods import build_method
-from ..runtime import ConfigError, DataError, resolve_device, resolve_precision
+from ..runtime import ConfigError, DataError
 from ..train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, load_state_strict
+from ..train.run import Runtime, build_runtime, eval_precision
 from .features import cached_features, feature_cache_key
 from .finetune import finetune
 from .knn import knn_grid
 from .linear import assert_unchanged, fast_linear_probe, full_linear_probe, snapshot
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,10 +40,18 @@ class EvalSetup:
     checkpoint: Path
     step: Optional[int]
     backbone: nn.Module
-    device: torch.device
-    precision: str
+    rt: Runtime
+    precision: str  # of one-off evaluations here (kNN, the fast probe); a run (probe, fine-tune) decides its own
     train: ImageData
     test: ImageData
+
+    @property
+    def device(self) -> torch.device:
+        return self.rt.device
+
+    def source(self, **more) -> dict:
+        """What a run folder records as the checkpoint it evaluates (checked on resume)."""
+        return {"checkpoint": str(self.checkpoint.resolve()), "step": self.step, **more}
 
 
 def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str = "auto",
@@ -47,11 +60,10 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     (through the decode cache unless ``use_cache`` is false) and their classes checked."""
     checkpoint = Path(checkpoint)
     ckpt = load_checkpoint(checkpoint)
-    cfg = load_config(None, list(overrides), base=ckpt["config"])
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    du.init_from_env(dev.type)  # under torchrun: the process group, before folders are locked
+    base = {**ckpt["config"], "train": {**ckpt["config"].get("train", {}), "max_steps": 0}}  # per invocation
+    cfg = load_config(None, list(overrides), base=base)
+    rt = build_runtime(device, cfg.train.threads)  # under torchrun: the process group, before folders are locked
+    dev = rt.device
     method = build_method(cfg)
     load_state_strict(method, ckpt["model"], checkpoint)
     train = load_dataset(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
@@ -61,8 +73,8 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     if train.classes != test.classes:
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")
-    return EvalSetup(cfg, checkpoint, ckpt.get("step"), method.backbone.to(dev), dev,
-                     resolve_precision(cfg.train.precision, dev), train, test)
+    return EvalSetup(cfg, checkpoint, ckpt.get("step"), method.backbone.to(dev), rt,
+                     eval_precision(cfg.train.precision, dev), train, test)
 
 
 def _features(setup: EvalSetup, sets, use_cache: bool) -> list:
@@ -96,60 +108,71 @@ def run_knn(setup: EvalSetup, ks: Optional[Sequence[int]] = None, temperatures: 
 
 
 def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
-               output_dir: Optional[Path] = None) -> dict:
-    """Linear probe (fast: on cached features with an lr sweep; else the paper's protocol). Checks that the
-    backbone is bit-identical afterwards; writes ``config.yaml`` and ``result.json`` into ``output_dir``
-    (locked for the run)."""
-    du.init_from_env(setup.device.type)
-    if fast and not du.is_main():
-        return {}  # the fast probe is cheap: rank 0 does it alone
-    if output_dir is None:
-        return _linear(setup, fast, use_cache)
-    output_dir = Path(output_dir)
-    with du.locked_folder(output_dir):
-        out = _linear(setup, fast, use_cache)
-        if out:
-            save_config(setup.cfg, output_dir / "config.yaml")
-            (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
-    return out
-
-
-def _linear(setup: EvalSetup, fast: bool, use_cache: bool) -> dict:
-    cfg = setup.cfg
+               output_dir: Optional[Path] = None, progress: bool = False, allow_changed: Sequence[str] = ()) -> dict:
+    """Linear probe (fast: on cached features with an lr sweep; else the paper's protocol, a run in
+    ``output_dir`` that checkpoints and resumes). Checks that the backbone is bit-identical afterwards; writes
+    ``config.yaml`` and ``result.json`` into ``output_dir`` (locked for the run). The full probe without
+    ``output_dir`` runs in a temporary folder of its own (no resume)."""
     before = snapshot(setup.backbone)
     if fast:
-        (fa, la), (fb, lb) = _features(setup, ((setup.train, 0), (setup.test, 0)), use_cache)
-        res = fast_linear_probe(fa, la, fb, lb, len(setup.train.classes), cfg.linear)
-    else:
-        res = full_linear_probe(setup.backbone, setup.train, setup.test, cfg.data, cfg.linear, setup.device,
-                                setup.precision)
+        if not du.is_main():
+            return {}  # the fast probe is cheap: rank 0 does it alone
+        if output_dir is None:
+            return _fast_linear(setup, use_cache, before)
+        with du.locked_folder(Path(output_dir)):
+            out = _fast_linear(setup, use_cache, before)
+            save_config(setup.cfg, Path(output_dir) / "config.yaml")
+            _write_result(Path(output_dir), out)
+        return out
+    if output_dir is None:
+        log.warning("full linear probe without --output-dir: it keeps no checkpoint and cannot resume")
+        with tempfile.TemporaryDirectory(prefix="mocov3-probe-") as tmp:
+            return _full_linear(setup, Path(tmp), progress, allow_changed, before, write=False)
+    return _full_linear(setup, Path(output_dir), progress, allow_changed, before, write=True)
+
+
+def _fast_linear(setup: EvalSetup, use_cache: bool, before: dict) -> dict:
+    cfg = setup.cfg
+    (fa, la), (fb, lb) = _features(setup, ((setup.train, 0), (setup.test, 0)), use_cache)
+    res = fast_linear_probe(fa, la, fb, lb, len(setup.train.classes), cfg.linear)
     assert_unchanged(setup.backbone, before)
-    if not du.is_main():
-        return {}
-    out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast" if fast else "full",
-           "epochs": cfg.linear.epochs, "step": setup.step}
-    if "sweep" in res:
-        out["sweep"] = res["sweep"]
+    return {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast",
+            "epochs": cfg.linear.epochs, "step": setup.step, "sweep": res["sweep"]}
+
+
+def _full_linear(setup: EvalSetup, output_dir: Path, progress: bool, allow_changed, before: dict, write: bool) -> dict:
+    res = full_linear_probe(setup.cfg, setup.backbone, setup.train, setup.test, output_dir, setup.rt,
+                            setup.source(), allow_changed, progress)
+    assert_unchanged(setup.backbone, before)
+    if not res or "interrupted_by" in res:
+        return res
+    out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "full",
+           "epochs": setup.cfg.linear.epochs, "step": setup.step}
+    if write:
+        _write_result(output_dir, out)
     return out
+
+
+def _write_result(output_dir: Path, out: dict) -> None:
+    if du.is_main() and out:
+        (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
 
 
 def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False, progress: bool = False,
                  allow_changed: Sequence[str] = ()) -> dict:
-    """End-to-end fine-tuning of the checkpoint's backbone (or the same architecture from random init);
-    writes ``result.json`` into ``output_dir`` beside the run's own files. The folder is locked for the run;
-    re-running on it resumes, if the source and settings are the same."""
+    """End-to-end fine-tuning of the checkpoint's backbone (or the same architecture from random init), a run
+    in ``output_dir`` (locked; re-running on it resumes, if the source and settings are the same); writes
+    ``result.json`` beside the run's own files. ``{"interrupted_by": signum, ...}`` when a signal stopped it."""
     ckpt = load_checkpoint(setup.checkpoint)
     state = None if from_scratch else backbone_state_from_checkpoint(ckpt)
     output_dir = Path(output_dir)
-    source = {"checkpoint": str(setup.checkpoint.resolve()), "step": setup.step, "from_scratch": from_scratch}
-    with du.locked_folder(output_dir):
-        res = finetune(setup.cfg, state, setup.train, setup.test, output_dir, setup.device, setup.precision,
-                       progress, source=source, allow_changed=allow_changed)
-    if not du.is_main():
-        return {}
+    res = finetune(setup.cfg, state, setup.train, setup.test, output_dir, setup.rt, progress,
+                   source=setup.source(from_scratch=from_scratch), allow_changed=allow_changed)
+    if not du.is_main() or "interrupted_by" in res:
+        return res if du.is_main() else {}
     out = {"top1": res["top1"], "top5": res["top5"], "from_scratch": from_scratch,
            "epochs": setup.cfg.finetune.epochs, "output_dir": str(output_dir)}
-    (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+    _write_result(output_dir, out)
     return out
 
 

@@ -1,35 +1,35 @@
 """End-to-end fine-tuning (docs/paper.md §8, DeiT-style recipe): AdamW with layer-wise lr decay, drop path,
 label smoothing, RandAugment, mixup / cutmix, warmup + cosine; from a pretrained checkpoint or from scratch.
 
-Runs in one process or under torchrun, on in-memory or streamed data; the run folder follows the
-pretraining conventions: ``config.yaml``, ``metrics.jsonl``, an atomic ``checkpoint.pt``, resume by re-running.
+A :class:`~mocov3.train.run.Run` on the one loop (:func:`mocov3.train.loop.fit`) with its own step
+(:func:`finetune_step`) and hooks: the test accuracy at epoch ends, metrics, checkpoints, a time budget. The
+run folder, its guarantees and its files are pretraining's: ``config.yaml``, ``metrics.jsonl``, an atomic
+``checkpoint.pt``, resume by re-running, SIGTERM -> a checkpoint after the current step.
 """
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as du
-from ..config import Config, save_config, scaled_lr, to_dict
+from ..config import Config, scaled_lr, to_dict
 from ..data.augment import random_crop_flip
 from ..data.datasets import ImageData, eval_batches, labelled_batches
 from ..data.gpu_decode import wants_gpu_decode
 from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
-from ..runtime import ConfigError, MetricsWriter, Stream, autocast, seed_for
-from ..tracking import open_sinks
-from ..train.checkpoint import (check_same_model, load_checkpoint, load_state_strict, normalized_config,
-                                refuse_changes, remove_stale_tmp, rng_state, save_checkpoint, set_rng_state)
+from ..runtime import Stream, autocast, seed_for
+from ..train.flops import backbone_forward_flops
 from ..train.optim import no_decay_names
-from ..train.schedules import lr_at
-from ..train.step import TrainState, optimize
+from ..train.run import EpochEvalHook, Run, Runtime, Trainer, use_compile
+from ..train.schedules import RunSchedule
+from ..train.step import TrainState, optimize_model
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -134,130 +134,159 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return torch.sum(-target * F.log_softmax(logits.float(), dim=1), dim=1).mean()
 
 
-#: Fine-tuning settings that define a fine-tuning run (a resume that changes one is refused).
-FINETUNE_KEYS = ("batch_size", "base_lr", "weight_decay", "layer_decay", "drop_path", "label_smoothing",
-                 "warmup_epochs", "mixup", "cutmix", "crop_scale", "randaugment", "randaugment_magnitude", "epochs")
-FINETUNE_SOUND_CHANGES = ("source", "finetune.epochs")
+#: Fine-tuning as a trainer (:class:`~mocov3.train.run.Trainer`): the settings that define a run (a resume that
+#: changes one is refused) and the changes ``--allow-changed`` may accept; ``source`` is the fine-tuned checkpoint.
+FINETUNE = Trainer(
+    task="finetune",
+    run_keys={"finetune": ("batch_size", "base_lr", "weight_decay", "layer_decay", "drop_path", "label_smoothing",
+                           "warmup_epochs", "mixup", "cutmix", "crop_scale", "randaugment", "randaugment_magnitude",
+                           "epochs"),
+              "train": ("seed",)},
+    sound_changes=("source", "finetune.epochs", "finetune.batch_size", "train.precision"),
+    batch_size="finetune.batch_size", epochs="finetune.epochs")
 
 
-def check_finetune_resume(ck: dict, cfg: Config, source: dict, allow_changed, path: Path) -> None:
-    """Refuse to resume a fine-tuning folder with another source (checkpoint file, from scratch or not),
-    another architecture or other fine-tuning settings, unless ``allow_changed`` accepts it."""
-    bad = [k for k in allow_changed if k not in FINETUNE_SOUND_CHANGES]
-    if bad:
-        raise ConfigError(f"--allow-changed {', '.join(bad)}: a fine-tuning run can only go on through "
-                          f"{', '.join(FINETUNE_SOUND_CHANGES)}")
-    now, old_cfg = to_dict(cfg), normalized_config(ck["config"], path)
-    check_same_model(old_cfg, now, path)
-    diffs = {f"finetune.{k}": (old_cfg["finetune"][k], now["finetune"][k]) for k in FINETUNE_KEYS
-             if old_cfg["finetune"][k] != now["finetune"][k]}
-    old = ck.get("source")
-    if old is not None and old != source:
-        diffs["source"] = (old, source)
-    refuse_changes(diffs, set(allow_changed), f"{path} is a fine-tuning run with other settings",
-                   "use another --output-dir, or", shown=3)
+def source_differences(recorded: Optional[dict], source: dict) -> dict:
+    """``{"source": (before, now)}`` when a run folder fine-tunes (or probes) another checkpoint."""
+    return {"source": (recorded, source)} if recorded is not None and recorded != source else {}
+
+
+def supervised_inputs(x: torch.Tensor, cropped: bool, state: TrainState, size: int, scale, ratio, mean, std,
+                      randaugment: float = 0.0) -> torch.Tensor:
+    """A labelled batch's training inputs: RandomResizedCrop (streamed: the workers cut it) + flip, optional
+    RandAugment (magnitude ``randaugment``), normalization; seeded by ``(seed, step, rank)``, so a resumed
+    run draws the same."""
+    g = torch.Generator(device=x.device).manual_seed(seed_for(state.seed, state.step, state.rank,
+                                                              Stream.SUPERVISED_AUG))
+    if cropped:  # streamed: workers cut the crop; flip here
+        x = random_crop_flip(x, size, (1.0, 1.0), (1.0, 1.0), g)
+    else:
+        x = random_crop_flip(x, size, scale, ratio, g)
+    if randaugment:
+        x = rand_augment(x, g, magnitude=randaugment)
+    return (x - mean) / std
+
+
+def finetune_step(cfg: Config, num_classes: int, device: torch.device):
+    """The fine-tuning step (a :data:`~mocov3.train.loop.StepFn`): augment, mixup / cutmix, soft
+    cross-entropy, :func:`~mocov3.train.step.optimize_model`."""
+    ft = cfg.finetune
+    m = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
+
+    def step(state: TrainState, batch, log: bool) -> dict:
+        x, y, cropped = batch
+        x = supervised_inputs(x, cropped, state, cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, m, s,
+                              ft.randaugment_magnitude if ft.randaugment else 0.0)
+        g = torch.Generator().manual_seed(seed_for(cfg.train.seed, state.step, state.rank, Stream.SUPERVISED_AUG))
+        x, target = mix_batch(x, y, num_classes, ft.mixup, ft.cutmix, ft.label_smoothing, state.step, g)
+        return optimize_model(state, lambda model: soft_cross_entropy(model(x), target), log=log)
+
+    return step
+
+
+def plain_copy(model: nn.Module, build: Callable[[], nn.Module], device: torch.device) -> Optional[nn.Module]:
+    """``model`` itself, or under FSDP a plain copy from its gathered weights on rank 0 (None on the others;
+    every rank takes part in the gathering)."""
+    if not du.is_sharded(model):
+        return model
+    state = du.full_state_dict(model)
+    if not du.is_main():
+        return None
+    net = build()
+    net.load_state_dict(state, strict=True)
+    return net.to(device)
 
 
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
-             device: torch.device, precision: str, progress: bool = False, source: Optional[dict] = None,
-             allow_changed=()) -> dict:
+             rt: Runtime, progress: bool = False, source: Optional[dict] = None, allow_changed=()) -> dict:
     """Fine-tune (or, with ``backbone_state=None``, train from scratch) and return the last test accuracy.
 
-    Works in one process or under torchrun (DDP; the global batch ``finetune.batch_size`` is split over
-    the processes, BatchNorm is synchronized, rank 0 evaluates and writes), on in-memory or streamed data.
-    Each step is :func:`mocov3.train.step.optimize` (autocast, non-finite guard, GradScaler for fp16).
-    """
-    du.init_from_env(device.type)
-    world, rank, main = du.world_size(), du.rank(), du.is_main()
+    A :class:`~mocov3.train.run.Run` like pretraining (lock, resume guards, SIGTERM -> checkpoint, exact
+    resume, time budget, compile, FSDP for large ViTs, sinks, progress bar, mfu); one process or torchrun (the
+    global batch ``finetune.batch_size`` is split over the processes, BatchNorm is synchronized, rank 0
+    evaluates and writes); in-memory or streamed data. Returns ``{}`` when a signal stopped it
+    (``{"interrupted_by": signum, "step": ...}``)."""
     ft = cfg.finetune
     source = source or {"from_scratch": backbone_state is None}
-    ckpt_path = output_dir / "checkpoint.pt"
-    if main and output_dir.is_dir():
-        remove_stale_tmp(output_dir)
-    ck = None
-    if ckpt_path.is_file():  # checked before anything in the folder changes
-        ck = load_checkpoint(ckpt_path, map_location=device, for_resume=True)
-        check_finetune_resume(ck, cfg, source, allow_changed, ckpt_path)
-    if main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    spec = backbone_spec(cfg.model, cfg.data.image_size)
-    if isinstance(spec, ViTSpec):
-        spec.freeze_patch_embed = False  # fine-tuning trains every layer
-        spec.drop_path_rate = ft.drop_path
-    torch.manual_seed(cfg.train.seed)
-    backbone = build_from_spec(spec)
-    if backbone_state is not None:
-        backbone.load_state_dict(backbone_state, strict=True)
-    model = Classifier(backbone, len(train.classes)).to(device)
-    groups = layer_decay_groups(model, ft.weight_decay, ft.layer_decay)
-    peak = scaled_lr(ft.base_lr, ft.batch_size)
-    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=peak)
-    batches = labelled_batches(train, ft.batch_size, rank, world, cfg.train.seed, device, cfg.data.image_size,
-                              ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers,
-                              gpu_decode=wants_gpu_decode(cfg.data.decode, device, streaming=not train.in_memory))
-    steps_per_epoch = batches.steps_per_epoch
-    total = ft.epochs * steps_per_epoch
-    warmup = int(round(ft.warmup_epochs * steps_per_epoch))
-    state = TrainState(module=model, model=du.wrap_ddp(model, device), optimizer=opt, device=device,
-                       precision=precision, lr_at=lambda s: lr_at(s, total, warmup, peak), seed=cfg.train.seed,
-                       rank=rank)
-    metrics = MetricsWriter(output_dir / "metrics.jsonl", main,
-                            open_sinks(output_dir, cfg.train, {**to_dict(cfg), "task": "finetune"}, main))
-    last = None
-    if ck is not None:
-        load_state_strict(model, ck["model"], ckpt_path)
-        opt.load_state_dict(ck["optimizer"])
-        if ck.get("scaler"):
-            state.scaler.load_state_dict(ck["scaler"])
-        state.step, last = int(ck["step"]), ck.get("last_eval")
-        set_rng_state(ck["rng"])
-        metrics.truncate_after(state.step)
-        log.info("resumed fine-tuning at step %d", state.step)
-    else:
-        metrics.truncate_after(-1)
-    log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s, %d process(es)", peak,
-             ft.base_lr, ft.batch_size, total, ft.layer_decay, "from scratch" if backbone_state is None else "pretrained",
-             world)
-    m = torch.tensor(cfg.data.mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(cfg.data.std, device=device).view(1, 3, 1, 1)
-    model.train()
-    t0 = time.time()
-    while state.step < total:
-        epoch = state.step // steps_per_epoch
-        for x, y, cropped in batches.epoch(epoch, state.step - epoch * steps_per_epoch):
-            seed = seed_for(cfg.train.seed, state.step, rank, Stream.SUPERVISED_AUG)
-            g = torch.Generator().manual_seed(seed)
-            gd = torch.Generator(device=device).manual_seed(seed)
-            if cropped:  # streamed: workers cut the crop; flip here
-                x = random_crop_flip(x, cfg.data.image_size, (1.0, 1.0), (1.0, 1.0), gd)
-            else:
-                x = random_crop_flip(x, cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, gd)
-            if ft.randaugment:
-                x = rand_augment(x, gd, magnitude=ft.randaugment_magnitude)
-            x = (x - m) / s
-            x, target = mix_batch(x, y, len(train.classes), ft.mixup, ft.cutmix, ft.label_smoothing, state.step, g)
-            log_step = (state.step + 1) % cfg.train.log_every == 0
-            out = optimize(state, lambda: soft_cross_entropy(state.model(x), target), log=log_step)
-            if log_step:
-                metrics.write({"step": state.step, "epoch": state.step / steps_per_epoch,
-                               "loss": du.all_reduce_mean(out["loss"]).item(), "lr": out["lr"]})
-        state.raise_if_nonfinite()  # before this epoch's evaluation and checkpoint
-        ep = state.step // steps_per_epoch
-        if ep % ft.eval_every == 0 or state.step == total:
-            if main:
-                last = evaluate(model, test, cfg.data, device, precision)
-                metrics.write({"step": state.step, "epoch": float(ep), "test_top1": last["top1"],
-                               "test_top5": last["top5"]})
-                log.info("epoch %d: test top-1 %.2f (%.0f s)", ep, last["top1"], time.time() - t0)
-            du.barrier()
-        if main:
-            save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                        "scaler": state.scaler.state_dict() if state.scaler.is_enabled() else {},
-                                        "step": state.step, "config": to_dict(cfg), "rng": rng_state(),
-                                        "last_eval": last, "source": source})
-    if last is None and main:
-        last = evaluate(model, test, cfg.data, device, precision)
-    metrics.close()
-    du.barrier()
+    with Run(FINETUNE, cfg, output_dir, None, allow_changed, progress, rt=rt,
+             sink_config={**to_dict(cfg), "task": "finetune"}) as run:
+        ckpt = run.open(lambda p: source_differences(p.extra.get("source"), source),
+                        materialize=not (cfg.train.strategy == "fsdp" and rt.world > 1))
+        spec = backbone_spec(cfg.model, cfg.data.image_size)
+        if isinstance(spec, ViTSpec):
+            spec.freeze_patch_embed = False  # fine-tuning trains every layer
+            spec.drop_path_rate = ft.drop_path
+        build = lambda: Classifier(build_from_spec(spec), len(train.classes))  # noqa: E731
+        torch.manual_seed(cfg.train.seed)
+        backbone = build_from_spec(spec)
+        if backbone_state is not None:
+            backbone.load_state_dict(backbone_state, strict=True)
+        model = Classifier(backbone, len(train.classes)).to(rt.device)
+        batches = labelled_batches(train, ft.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
+                                   cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers,
+                                   gpu_decode=wants_gpu_decode(cfg.data.decode, rt.device, streaming=not train.in_memory))
+        length = run.make_length(batches.steps_per_epoch)
+        state = supervised_state(cfg, rt, model, length, ft.batch_size, ft.base_lr, ft.warmup_epochs,
+                                 lambda m: layer_decay_groups(m, ft.weight_decay, ft.layer_decay))
+        if ckpt is not None:
+            run.restore(state)
+        else:
+            run.start({"batch_size": ft.batch_size, "steps_per_epoch": length.steps_per_epoch, "source": source})
+        log.info("fine-tune: lr %.3g (base %.3g x %d / 256), %d steps, layer decay %.2f, %s, %d process(es), %s",
+                 state.schedule.peak_lr, ft.base_lr, ft.batch_size, length.total_steps, ft.layer_decay,
+                 "from scratch" if backbone_state is None else "pretrained", rt.world, rt.precision)
+
+        def evaluate_now() -> dict:
+            net = plain_copy(model, build, rt.device)
+            return evaluate(net, test, cfg.data, rt.device, rt.precision) if du.is_main() else {}
+
+        evals = EpochEvalHook(evaluate_now, ft.eval_every, run.folder.metrics, "test_",
+                              ckpt.extra.get("last_eval") if ckpt else None)
+        n_test = len(test)
+        hooks = [run.time_budget(state, eval_cost(n_test, ft.batch_size // rt.world), ft.eval_every), evals,
+                 run.metrics_hook(state, ft.batch_size, flops_per_image=lambda: 3 * classifier_flops(model, cfg)),
+                 run.checkpoint_hook(state, lambda: {"last_eval": evals.last, "source": source})]
+        stopped = run.fit(state, batches, finetune_step(cfg, len(train.classes), rt.device), hooks)
+        if stopped:
+            return {"interrupted_by": stopped, "step": state.step}
+        last = evals.last
+        # no evaluation in this invocation and none recorded (rank 0's word, the same decision on every rank)
+        if not evals.ran and du.broadcast_int(int(last is None)):
+            last = evaluate_now()
+        du.barrier()
     return last or {}
+
+
+def supervised_state(cfg: Config, rt: Runtime, model: nn.Module, length, batch_size: int, base_lr: float,
+                     warmup_epochs: float, groups: Callable[[nn.Module], list[dict]], fsdp: bool = True,
+                     optimizer: str = "adamw", weight_decay: float = 0.0) -> TrainState:
+    """A supervised trainer's state: DDP (or FSDP under ``train.strategy=fsdp`` when ``fsdp``) around
+    ``model``, the optimizer (AdamW on ``groups(model)``, or SGD momentum 0.9), the lr schedule
+    (``base_lr * batch / 256``, warm-up, cosine to where ``length`` ends), compilation (``train.compile``)."""
+    if fsdp and cfg.train.strategy == "fsdp" and rt.world > 1:
+        net = du.wrap_fsdp(model, rt.precision)  # sharded in place
+    else:
+        net = du.wrap_ddp(model, rt.device)
+    peak = scaled_lr(base_lr, batch_size)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups(model)], lr=peak)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=weight_decay)
+    warmup = int(round(warmup_epochs * length.steps_per_epoch))
+    schedule = RunSchedule(length, warmup, peak)
+    if use_compile(cfg.train.compile, rt.device):
+        net = torch.compile(net)
+    return TrainState(module=model, model=net, optimizer=opt, device=rt.device, precision=rt.precision,
+                      lr_at=schedule.lr, schedule=schedule, warmup_steps=warmup, seed=cfg.train.seed, rank=rt.rank)
+
+
+def eval_cost(n_test: int, batch_local: int) -> Callable[[float], tuple[float, float]]:
+    """For the time budget: ``seconds_per_step -> (one test evaluation, 0)``, its forward passes taken at a
+    third of a training step's cost per image (a forward of the three passes of a step)."""
+    return lambda seconds_per_step: (n_test * seconds_per_step / max(1, batch_local) / 3.0, 0.0)
+
+
+def classifier_flops(model: Classifier, cfg: Config) -> float:
+    """Forward FLOPs of one image through the classifier's backbone (the head is negligible)."""
+    return float(backbone_forward_flops(model.backbone, cfg.data.image_size))

@@ -5,26 +5,30 @@ Two modes:
 * **fast**: features extracted once (no augmentation), the probe trained on them; an lr sweep is cheap,
   and the lr is chosen on a held-out split of the *training* set, never on the test set.
 Both use SGD momentum 0.9, cosine decay, ``lr = base_lr * batch / 256`` and an optional affine-free
-BatchNorm before the classifier, and both check afterwards that no backbone weight changed.
+BatchNorm before the classifier, and both check afterwards that no backbone weight changed. The full probe
+is a :class:`~mocov3.train.run.Run` (checkpoints, resume, signals) on the one loop with :func:`probe_step`.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as du
-from ..config import scaled_lr
-from ..data.augment import random_crop_flip
+from ..config import Config, scaled_lr, to_dict
 from ..data.datasets import ImageData, labelled_batches
 from ..data.gpu_decode import wants_gpu_decode
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
+from ..train.run import Run, Runtime, Trainer
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
 from .features import extract_features
+from .finetune import eval_cost, source_differences, supervised_inputs, supervised_state
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -100,50 +104,76 @@ def fast_linear_probe(train_feats, train_labels, test_feats, test_labels, num_cl
     return {**res, "base_lr": best["base_lr"], "sweep": sweep}
 
 
-def full_linear_probe(backbone: nn.Module, train: ImageData, test: ImageData, data_cfg, cfg, device,
-                      precision: str = "fp32", seed: int = 0) -> dict:
-    """The paper's protocol: frozen backbone (eval mode), RandomResizedCrop + flip each epoch.
+#: The full probe as a trainer (:class:`~mocov3.train.run.Trainer`); ``source`` is the probed checkpoint.
+LINEAR = Trainer(
+    task="linear",
+    run_keys={"linear": ("epochs", "batch_size", "base_lr", "weight_decay", "bn"), "train": ("seed",)},
+    sound_changes=("source", "linear.epochs", "linear.batch_size", "train.precision"),
+    batch_size="linear.batch_size", epochs="linear.epochs")
 
-    In memory or streamed; under torchrun the global batch ``linear.batch_size`` is split over the
-    processes and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates. Each
-    step is :func:`mocov3.train.step.optimize` on the probe's cross-entropy.
-    """
-    du.init_from_env(device.type)
-    world, rank = du.world_size(), du.rank()
+
+def probe_step(backbone: nn.Module, data_cfg, precision: str, device: torch.device):
+    """The full probe's step: RandomResizedCrop + flip, the frozen backbone's features (no gradient, under
+    autocast), the probe's cross-entropy (fp32) -> :func:`~mocov3.train.step.optimize`."""
+    m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
+
+    def step(state: TrainState, batch, log: bool) -> dict:
+        x, y, cropped = batch
+        x = supervised_inputs(x, cropped, state, data_cfg.image_size, (0.08, 1.0), (3 / 4, 4 / 3), m, s)
+        with torch.no_grad(), autocast(device, precision):
+            feats = backbone(x).float()
+        return optimize(state, lambda: F.cross_entropy(state.model(feats), y), log=log)
+
+    return step
+
+
+def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: ImageData, output_dir: Path,
+                      rt: Runtime, source: Optional[dict] = None, allow_changed=(), progress: bool = False) -> dict:
+    """The paper's protocol: frozen backbone (eval mode), RandomResizedCrop + flip each epoch, SGD on the probe.
+
+    A :class:`~mocov3.train.run.Run` in ``output_dir`` like pretraining and fine-tuning (checkpoints of the
+    probe, SIGTERM -> a checkpoint after the current step, exact resume, resume guards, time budget, sinks);
+    in memory or streamed; under torchrun the global batch ``linear.batch_size`` is split over the processes
+    and the probe is trained with DDP (its BatchNorm synchronized); rank 0 evaluates. Returns ``{}`` on the
+    other ranks and ``{"interrupted_by": signum, "step": ...}`` when a signal stopped it."""
+    lc, data_cfg = cfg.linear, cfg.data
+    source = source or {}
     backbone.eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(seed)
-    probe = LinearProbe(backbone.num_features, len(train.classes), cfg.bn).to(device)
-    bs = min(cfg.batch_size, len(train))
-    bs -= bs % world
-    lr = scaled_lr(cfg.base_lr, bs)
-    batches = labelled_batches(train, bs, rank, world, seed, device, data_cfg.image_size, (0.08, 1.0),
-                              (3 / 4, 4 / 3), data_cfg.num_workers,
-                              gpu_decode=wants_gpu_decode(data_cfg.decode, device, streaming=not train.in_memory))
-    total = cfg.epochs * batches.steps_per_epoch
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    # fp32 for the probe itself: its input features are computed under autocast below
-    state = TrainState(module=probe, model=du.wrap_ddp(probe, device), optimizer=opt, device=device,
-                       precision="fp32", lr_at=lambda s: lr_at(s, total, 0, lr), seed=seed, rank=rank)
-    m = torch.tensor(data_cfg.mean, device=device).view(1, 3, 1, 1)
-    s = torch.tensor(data_cfg.std, device=device).view(1, 3, 1, 1)
-    for epoch in range(cfg.epochs):
-        for x, y, cropped in batches.epoch(epoch):
-            g = torch.Generator(device=device).manual_seed(seed_for(seed, state.step, rank, Stream.SUPERVISED_AUG))
-            scale = (1.0, 1.0) if cropped else (0.08, 1.0)
-            ratio = (1.0, 1.0) if cropped else (3 / 4, 4 / 3)
-            x = (random_crop_flip(x, data_cfg.image_size, scale, ratio, g) - m) / s
-            with torch.no_grad(), autocast(device, precision):
-                feats = backbone(x).float()
-            optimize(state, lambda: F.cross_entropy(state.model(feats), y))
-        state.raise_if_nonfinite()
-    res = {}
-    if du.is_main():
-        ft, lt = extract_features(backbone, test, data_cfg, device, 512, precision, normalize=False)
-        res = evaluate_probe(probe, ft, lt)
-    du.barrier()
-    return {**res, "base_lr": cfg.base_lr}
+    with Run(LINEAR, cfg, output_dir, None, allow_changed, progress, rt=rt,
+             sink_config={**to_dict(cfg), "task": "linear"}) as run:
+        ckpt = run.open(lambda p: source_differences(p.extra.get("source"), source))
+        bs = min(lc.batch_size, len(train))
+        bs -= bs % rt.world
+        batches = labelled_batches(train, bs, rt.rank, rt.world, cfg.train.seed, rt.device, data_cfg.image_size,
+                                   (0.08, 1.0), (3 / 4, 4 / 3), data_cfg.num_workers,
+                                   gpu_decode=wants_gpu_decode(data_cfg.decode, rt.device, streaming=not train.in_memory))
+        length = run.make_length(batches.steps_per_epoch)
+        torch.manual_seed(cfg.train.seed)
+        probe = LinearProbe(backbone.num_features, len(train.classes), lc.bn).to(rt.device)
+        state = supervised_state(cfg, rt, probe, length, bs, lc.base_lr, 0.0, None, fsdp=False, optimizer="sgd",
+                                 weight_decay=lc.weight_decay)
+        state.precision = "fp32"  # the probe itself; its input features are computed under rt.precision
+        if ckpt is not None:
+            run.restore(state)
+        else:
+            run.start({"batch_size": bs, "steps_per_epoch": length.steps_per_epoch, "source": source})
+        n_test = len(test)
+        hooks = [run.time_budget(state, eval_cost(n_test, bs // rt.world), 0),
+                 run.metrics_hook(state, bs), run.checkpoint_hook(state, lambda: {"source": source})]
+        stopped = run.fit(state, batches, probe_step(backbone, data_cfg, rt.precision, rt.device), hooks)
+        if stopped:
+            return {"interrupted_by": stopped, "step": state.step}
+        res = {}
+        if du.is_main():
+            ft, lt = extract_features(backbone, test, data_cfg, rt.device, 512, rt.precision, normalize=False)
+            res = evaluate_probe(probe, ft, lt)
+            run.folder.metrics.write({"step": state.step, "epoch": state.step / length.steps_per_epoch,
+                                      "test_top1": res["top1"], "test_top5": res["top5"]})
+        du.barrier()
+    return {**res, "base_lr": lc.base_lr} if res else {}
 
 
 def snapshot(module: nn.Module) -> dict:

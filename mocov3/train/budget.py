@@ -59,8 +59,9 @@ def plan_epochs(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: i
 
 
 class TimeBudget(Hook):
-    """Decides the run's epochs (see the module docstring) and hands them to ``apply(epochs, info)`` (which
-    sets the schedule, the progress and the saved config). ``started``: the run's start on :func:`clock`;
+    """Decides the run's epochs (see the module docstring) and hands them to ``apply(epochs, info, progress)``
+    (:meth:`~.run.Run.time_budget`: the run's :class:`~.loop.RunLength`, which the schedules and the loop
+    read, the saved config and a ``budget`` event). ``started``: the run's start on :func:`clock`;
     ``eval_seconds(seconds_per_step)``: the estimated cost of one full kNN point and the fine kNN points'
     share of each step (``eval.knn_every_steps``), from the measured pace. ``refine_at``: the last step of
     the warm-up, where the decision is made once more from the pace of all the steps since the timing began
@@ -69,7 +70,7 @@ class TimeBudget(Hook):
     processes the slowest pace and the longest elapsed time decide, the same on every rank."""
 
     def __init__(self, budget_s: float, started: float, max_epochs: int, eval_every: int,
-                 eval_seconds: Callable[[float], tuple[float, float]], apply: Callable[[int, dict], None],
+                 eval_seconds: Callable[[float], tuple[float, float]], apply: Callable[[int, dict, Progress], None],
                  device: torch.device, start_step: int = 0, refine_at: int = 0):
         self.budget_s, self.started, self.max_epochs, self.eval_every = budget_s, started, max_epochs, eval_every
         self.eval_seconds, self.apply, self.device = eval_seconds, apply, device
@@ -109,10 +110,7 @@ class TimeBudget(Hook):
                 "decision": self.decisions}
         if fine_s:
             info["fine_knn_seconds_per_step_estimate"] = fine_s
-        self.apply(epochs, info)
-        capped = p.max_steps < p.total_steps  # train.max_steps limits this invocation
-        p.total_steps = epochs * p.steps_per_epoch
-        p.max_steps = min(p.max_steps, p.total_steps) if capped else p.total_steps
+        self.apply(epochs, info, p)  # sets the run's length (RunLength.set_epochs), which p reads
         log.info("time budget %.1f min: %.3f s per step, %.0f s used -> %d epochs (%d steps)",
                  self.budget_s / 60, pace, elapsed, epochs, p.total_steps)
 

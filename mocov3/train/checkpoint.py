@@ -1,11 +1,13 @@
 """Checkpoints: written atomically, read with ``weights_only=True`` (never full pickle)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -16,11 +18,74 @@ from ..models.vit import ViTSpec
 from ..runtime import CheckpointError, MocoError, first_line, storage_error
 from . import sharded
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
+__all__ = ["CheckpointError", "Payload", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
            "rng_state", "set_rng_state", "backbone_state_from_checkpoint", "spec_from_config", "payload_checksum",
            "remove_stale_tmp", "normalized_config", "refuse_changes"]
 
-FORMAT_VERSION = 2  # 2: with a checksum of the payload
+FORMAT_VERSION = 3  # 2: with a checksum of the payload; 3: the typed payload (task, precision)
+
+#: The trainers that write checkpoints (``Payload.task``).
+TASKS = ("pretrain", "finetune", "linear")
+
+
+@dataclass
+class Payload:
+    """What every trainer's checkpoint holds, written (:meth:`write`) and read (:meth:`read`) here only.
+
+    On disk it is a flat dict of plain types and tensors (``torch.load(weights_only=True)`` reads it, and so
+    do mocov3 0.3's readers): the fields below, plus the trainer's own ``extra`` entries at the top level
+    (pretraining: ``last_knn``, ``monitor``, ``data_identity``, ``budget``; fine-tuning and the probe:
+    ``source``, ``last_eval``, ``budget``). ``precision`` is the autocast precision the run decided at its
+    start: a resume keeps it (None in files of mocov3 0.3, which decided anew). A sharded checkpoint has an
+    empty ``model`` / ``optimizer`` and names its shard folder in ``sharded`` (``sharded_folder`` when read).
+    """
+
+    task: str
+    model: dict
+    config: dict
+    step: int = 0
+    epoch: float = 0.0
+    optimizer: dict = field(default_factory=dict)
+    rng: dict = field(default_factory=dict)
+    scaler: dict = field(default_factory=dict)
+    precision: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+    sharded: Optional[dict] = None
+    sharded_folder: Optional[Path] = None  # where the shards are (read only, never written)
+
+    _FIELDS = ("task", "model", "config", "step", "epoch", "optimizer", "rng", "scaler", "precision", "sharded")
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in self._FIELDS}
+        if out["sharded"] is None:
+            del out["sharded"]
+        clash = set(self.extra) & (set(self._FIELDS) | {"format_version", "checksum"})
+        if clash:
+            raise ValueError(f"extra checkpoint entries shadow the payload's own: {sorted(clash)}")
+        return {**out, **self.extra}
+
+    @classmethod
+    def from_dict(cls, ckpt: dict) -> "Payload":
+        """A read checkpoint dict (:func:`load_checkpoint`) as a payload; files of mocov3 0.3 had no ``task``
+        (a fine-tuning run's had a ``source``) and no ``precision``."""
+        rest = {k: v for k, v in ckpt.items() if k not in cls._FIELDS and k not in
+                ("format_version", "checksum", "sharded_folder")}
+        task = ckpt.get("task") or ("finetune" if "source" in ckpt else "pretrain")
+        return cls(task=task, model=ckpt["model"], config=ckpt["config"], step=int(ckpt.get("step", 0)),
+                   epoch=float(ckpt.get("epoch", 0.0) or 0.0), optimizer=ckpt.get("optimizer") or {},
+                   rng=ckpt.get("rng") or {}, scaler=ckpt.get("scaler") or {}, precision=ckpt.get("precision"),
+                   extra=rest, sharded=ckpt.get("sharded"), sharded_folder=ckpt.get("sharded_folder"))
+
+    @classmethod
+    def read(cls, path: Path, map_location="cpu", for_resume: bool = False, materialize: bool = True) -> "Payload":
+        """:func:`load_checkpoint` (every check it makes), typed."""
+        return cls.from_dict(load_checkpoint(path, map_location, for_resume, materialize))
+
+    def write(self, path: Path) -> None:
+        """Atomically (:func:`save_checkpoint`)."""
+        if self.task not in TASKS:
+            raise ValueError(f"unknown checkpoint task {self.task!r}")
+        save_checkpoint(path, self.to_dict())
 
 
 def rng_state() -> dict:

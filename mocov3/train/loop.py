@@ -1,14 +1,17 @@
-"""The training loop: batches in, :func:`~.step.train_step` per batch, hooks after each step.
+"""The training loop of every trainer: batches in, one step per batch, hooks after each step.
 
-The loop knows nothing of logging, evaluation or checkpoints: those are hooks (:class:`Hook`) that the
-entry point assembles (``mocov3.pretrain``). It never branches on the method's name.
+The step is the trainer's (pretraining: :func:`pretrain_step`, i.e. :func:`~.step.train_step`; fine-tuning and
+the full linear probe: a supervised step built on :func:`~.step.optimize`). The loop knows nothing of
+logging, evaluation or checkpoints: those are hooks (:class:`Hook`) that the trainer and
+:class:`~.run.Run` assemble. It never branches on the method's or the trainer's name. How long the run is
+belongs to one object, :class:`RunLength`, which a time budget changes through :meth:`RunLength.set_epochs`.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -19,17 +22,50 @@ from .step import RawBatch, TrainState, train_step
 log = logging.getLogger(__name__)
 
 
+class RunLength:
+    """How long a run is: ``epochs`` of ``steps_per_epoch`` steps (``total_steps``, where the schedules end)
+    and, in this invocation, at most ``max_steps_limit`` steps in total (``train.max_steps``; 0 = no limit).
+    ``decision``: what a time budget decided (None: the configured epochs)."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, max_steps_limit: int = 0, decision: Optional[dict] = None):
+        self.epochs, self.steps_per_epoch, self.max_steps_limit = int(epochs), int(steps_per_epoch), max_steps_limit
+        self.decision = decision
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def max_steps(self) -> int:
+        return min(self.total_steps, self.max_steps_limit) if self.max_steps_limit > 0 else self.total_steps
+
+    def set_epochs(self, epochs: int, decision: dict) -> None:
+        """A time budget's decision: the schedules (which read :attr:`total_steps`) and the loop follow."""
+        self.epochs, self.decision = int(epochs), dict(decision)
+
+
 @dataclass
 class Progress:
-    """Where the loop is, shared with the hooks. ``step`` counts finished steps."""
+    """Where the loop is, shared with the hooks. ``step`` counts finished steps; the run's length is
+    ``length``'s."""
 
     step: int
-    steps_per_epoch: int
-    total_steps: int
-    max_steps: int
+    length: RunLength
     log_every: int
     stop_signal: int = 0
-    eval_seconds: float = 0.0  # time spent in evaluation hooks, excluded from images_per_sec
+    eval_seconds: float = 0.0  # time spent in evaluation hooks, excluded from images_per_sec and the budget
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.length.steps_per_epoch
+
+    @property
+    def total_steps(self) -> int:
+        return self.length.total_steps
+
+    @property
+    def max_steps(self) -> int:
+        return self.length.max_steps
 
     @property
     def epoch(self) -> float:
@@ -68,14 +104,14 @@ class MetricsHook(Hook):
     and a ``spike`` line whenever the gradient monitor flags one; an optional progress bar."""
 
     def __init__(self, metrics: MetricsWriter, batch_size: int, progress_bar: bool, initial_step: int,
-                 max_steps: int, extra: Optional[Callable[[], dict]] = None, state: Optional[TrainState] = None,
+                 length: RunLength, extra: Optional[Callable[[], dict]] = None, state: Optional[TrainState] = None,
                  mfu: Optional[Callable[[float], float]] = None):
         self.metrics, self.batch_size, self.extra, self.state, self.mfu = metrics, batch_size, extra, state, mfu
         self.bar = None
         if progress_bar and du.is_main():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=initial_step, unit="step", dynamic_ncols=True)
+            self.bar = tqdm(total=length.max_steps, initial=initial_step, unit="step", dynamic_ncols=True)
         self.t_last, self.n_since, self.eval_at_last = time.time(), 0, 0.0
 
     def after_step(self, p: Progress, out: dict) -> None:
@@ -130,9 +166,20 @@ def _global_signal(stop: StopFlag, device: torch.device, p: Optional[Progress] =
     return sig
 
 
-def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook]) -> int:
-    """Run from ``progress.step`` to ``progress.max_steps`` (or a stop signal). Returns the signal that
-    stopped the run (0 when it reached its end). ``batches.epoch(e, start)`` yields ``(a, b, crop)``."""
+#: One training step: ``step(state, batch, log) -> metrics`` (``{"loss": tensor, "lr": float, ...}``), where
+#: ``batch`` is what ``batches.epoch(e, start)`` yields and ``log`` says whether this step is a log step.
+StepFn = Callable[[TrainState, Sequence, bool], dict]
+
+
+def pretrain_step(state: TrainState, batch: Sequence, log: bool) -> dict:
+    """The pretraining step on a ``(a, b, crop)`` batch (:func:`~.step.train_step`)."""
+    return train_step(state, RawBatch(*batch), log=log)
+
+
+def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook], step: StepFn = pretrain_step) -> int:
+    """Run ``step`` from ``progress.step`` to ``progress.max_steps`` (or a stop signal). Returns the signal that
+    stopped the run (0 when it reached its end). ``batches.epoch(e, start)`` yields the batches of epoch ``e``
+    from its step ``start`` on (exact mid-epoch resume)."""
     hooks = list(hooks)
     state.module.train()
     stopped = 0
@@ -141,8 +188,8 @@ def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook]) -
             while progress.step < progress.max_steps and not stopped:
                 epoch = progress.step // progress.steps_per_epoch
                 start = progress.step - epoch * progress.steps_per_epoch
-                for a, b, crop in batches.epoch(epoch, start):
-                    out = train_step(state, RawBatch(a, b, crop), log=progress.log_now)
+                for batch in batches.epoch(epoch, start):
+                    out = step(state, batch, progress.log_now)
                     progress.step = state.step
                     progress.stop_signal = _global_signal(stop, state.device, progress)
                     if progress.stop_signal or progress.end_of_epoch or progress.last_step:
@@ -168,4 +215,4 @@ def fit(state: TrainState, batches, progress: Progress, hooks: Iterable[Hook]) -
     return stopped
 
 
-__all__ = ["Progress", "Hook", "MetricsHook", "fit"]
+__all__ = ["Progress", "RunLength", "Hook", "MetricsHook", "StepFn", "pretrain_step", "fit"]

@@ -23,17 +23,25 @@ def momentum_at(step: int, total_steps: int, base_momentum: float, schedule: str
 
 
 class RunSchedule:
-    """The pretraining schedules of a run of ``total_steps`` steps: ``lr(step)`` (:func:`lr_at`) and
-    ``momentum(step)`` (:func:`momentum_at`). ``total_steps`` may be set again early in the run, by a time
-    budget (:mod:`.budget`), while the lr is still in its warm-up, which does not depend on it."""
+    """The schedules of a run, as functions of the step: ``lr(step)`` (:func:`lr_at`: warm-up, then cosine to
+    zero at the run's end) and ``momentum(step)`` (:func:`momentum_at`; None without ``base_momentum``).
+    The end is read from ``length`` (a :class:`~.loop.RunLength`, or anything with ``total_steps``) at every
+    call, so a time budget that sets the run's length early (:mod:`.budget`, while the lr is still in its
+    warm-up, which does not depend on it) moves where the decay ends, and nothing else."""
 
-    def __init__(self, total_steps: int, warmup_steps: int, peak_lr: float, base_momentum: float,
+    def __init__(self, length, warmup_steps: int, peak_lr: float, base_momentum: float | None = None,
                  momentum_schedule: str = "cosine"):
-        self.total_steps, self.warmup_steps, self.peak_lr = total_steps, warmup_steps, peak_lr
+        self.length, self.warmup_steps, self.peak_lr = length, warmup_steps, peak_lr
         self.base_momentum, self.momentum_schedule = base_momentum, momentum_schedule
+
+    @property
+    def total_steps(self) -> int:
+        return self.length.total_steps
 
     def lr(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.warmup_steps, self.peak_lr)
 
-    def momentum(self, step: int) -> float:
+    def momentum(self, step: int) -> float | None:
+        if self.base_momentum is None:
+            return None
         return momentum_at(step, self.total_steps, self.base_momentum, self.momentum_schedule)

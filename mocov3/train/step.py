@@ -52,7 +52,8 @@ class TrainState:
     monitor: Optional[GradMonitor] = None
     channels_last: bool = False
     step: int = 0
-    schedule: Optional[object] = None  # what lr_at / momentum_at read (pretraining: a schedules.RunSchedule)
+    schedule: Optional[object] = None  # what lr_at / momentum_at read (a schedules.RunSchedule)
+    warmup_steps: int = 0  # the lr warm-up's length (a time budget decides before it ends)
 
     def __post_init__(self):
         if self.scaler is None:
@@ -134,6 +135,23 @@ def optimize(state: TrainState, compute_loss: Callable[[], torch.Tensor], log: b
     return out
 
 
+def optimize_model(state: TrainState, loss_of: Callable[[nn.Module], torch.Tensor], log: bool = False) -> dict:
+    """:func:`optimize` on ``loss_of(state.model)``; a compiled ``state.model`` (``train.compile``) that fails
+    on this machine is replaced by the eager module, once, and the step is taken eagerly."""
+    try:
+        return optimize(state, lambda: loss_of(state.model), log=log)
+    except Exception as e:  # noqa: BLE001 - only a compiled model's failure is retried; the rest re-raises
+        if isinstance(e, TrainingError) or not hasattr(state.model, "_orig_mod"):
+            raise
+        # torch.compile failed on this machine (an inductor / Triton error, at the first forward or the
+        # first backward, or at a recompilation): the same step eagerly, and eagerly from now on. Nothing
+        # was applied yet (the optimizer steps after the backward; a momentum update is not repeated).
+        log_.warning("train.compile: the compiled step failed (%s); training continues without "
+                     "compilation (train.compile=false skips it)", root_cause(e))
+        state.model = state.model._orig_mod
+        return optimize(state, lambda: loss_of(state.model), log=log)
+
+
 def make_views(state: TrainState, batch: Batch) -> list:
     """The views of a batch: given ones as they are; raw images augmented on the device with a
     generator seeded by ``seed_for(seed, step, rank)`` (the views are a pure function of them)."""
@@ -160,18 +178,7 @@ def train_step(state: TrainState, batch: Batch, log: bool = False) -> dict:
     m = state.momentum_at(state.step) if state.momentum_at is not None else None
     if m is not None:
         state.module.update_momentum(m)
-    try:
-        out = optimize(state, lambda: state.model(*views)["loss"], log=log)
-    except Exception as e:  # noqa: BLE001 - only a compiled model's failure is retried; the rest re-raises
-        if isinstance(e, TrainingError) or not hasattr(state.model, "_orig_mod"):
-            raise
-        # torch.compile failed on this machine (an inductor / Triton error, at the first forward or the
-        # first backward, or at a recompilation): the same step eagerly, and eagerly from now on. Nothing
-        # was applied yet (the optimizer steps after the backward; the momentum update is not repeated).
-        log_.warning("train.compile: the compiled step failed (%s); training continues without "
-                     "compilation (train.compile=false skips it)", root_cause(e))
-        state.model = state.model._orig_mod
-        out = optimize(state, lambda: state.model(*views)["loss"], log=log)
+    out = optimize_model(state, lambda model: model(*views)["loss"], log=log)
     out["momentum"] = m
     return out
 

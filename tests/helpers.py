@@ -1,0 +1,49 @@
+"""Helpers shared by the tests: one metrics reader, one torchrun launcher, one tiny pretraining run."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import TINY
+
+ROOT = Path(__file__).parents[1]
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+HAS_TORCHRUN = Path(TORCHRUN).exists()
+
+
+def metrics(run: Path, key: str | None = None) -> list[dict]:
+    """The records of ``run/metrics.jsonl`` (a half-written last line skipped); with ``key``, only the records
+    that have it."""
+    from mocov3.runtime import read_metrics
+
+    rows = read_metrics(Path(run) / "metrics.jsonl")
+    return [r for r in rows if key is None or key in r]
+
+
+def subprocess_env(**more: str) -> dict:
+    """The environment of a ``python -m mocov3`` child: this checkout importable, one thread."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **more}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_two(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m mocov3 ARGS`` on this machine (gloo, a free port, one thread each)."""
+    return subprocess.run([TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                           "-m", "mocov3", *args], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def pretrain_tiny(folder: Path, out: Path, *extra: str) -> int:
+    """``mocov3 pretrain`` of the tiny model on ``folder`` into ``out`` (in this process); its exit code."""
+    from mocov3.cli import main
+
+    return main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, *extra])
