@@ -40,7 +40,8 @@ def make_jpegs(root: Path, n: int) -> list[str]:
         y, x = np.mgrid[0:375, 0:500]
         base = np.stack([x / 500 * 255 * rng.uniform(0.3, 1), y / 375 * 255 * rng.uniform(0.3, 1),
                          np.full_like(x, rng.uniform(0, 255), dtype=float)], -1)
-        noise = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(0.6))
+        noise = Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8))
+        noise = noise.filter(ImageFilter.GaussianBlur(0.6))
         img = np.clip(base * 0.6 + np.asarray(noise) * 0.4, 0, 255).astype(np.uint8)
         p = root / f"{i:05d}.jpg"
         Image.fromarray(img).save(p, quality=90)
@@ -167,7 +168,7 @@ def main() -> None:
     for workers in sorted({1, args.workers}):
         loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers)
         t, n = time.perf_counter(), 0
-        for a, b, _ in loader:
+        for a, _b, _ in loader:
             n += a.shape[0]
         res[f"loader_total_{workers}_workers"] = n / (time.perf_counter() - t)
     res.update(machine_info())

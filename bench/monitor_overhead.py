@@ -41,7 +41,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--blocks", type=int, default=6, help="alternating blocks per setting")
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
-    ap.add_argument("--log-every", type=int, default=10, help="K: update ratios every K steps (train.log_every default)")
+    ap.add_argument("--log-every", type=int, default=10,
+                    help="K: update ratios every K steps (train.log_every default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)

@@ -67,10 +67,12 @@ def summarize(run: Path) -> dict:
         "frozen_patch": cfg["model"]["freeze_patch_embed"], "optimizer": cfg["optim"]["name"],
         "base_lr": cfg["optim"]["base_lr"], "weight_decay": cfg["optim"]["weight_decay"],
         "steps": max((l["step"] for l in train), default=0), "steps_per_epoch": steps_per_epoch,
-        "knn_init": knn.get(0, next((l["knn_init_top1"] for l in lines if "knn_init_top1" in l), None)), "knn_epoch1": knn.get(steps_per_epoch), "knn_epoch2": knn.get(2 * steps_per_epoch),
+        "knn_init": knn.get(0, next((l["knn_init_top1"] for l in lines if "knn_init_top1" in l), None)),
+        "knn_epoch1": knn.get(steps_per_epoch), "knn_epoch2": knn.get(2 * steps_per_epoch),
         "fine_points": len(fine), "fine_final": fine[-1][1] if fine else None,
         "fine_best": max(v for _, v in fine) if fine else None,
-        "dips_1pt": len(dips_with_steps(fine, 1.0)), "dips": len(dips), "max_dip_depth": max((d["depth"] for d in dips), default=0.0), "dip_list": dips,
+        "dips_1pt": len(dips_with_steps(fine, 1.0)), "dips": len(dips),
+        "max_dip_depth": max((d["depth"] for d in dips), default=0.0), "dip_list": dips,
         "dips_preceded_by_spike": sum(d["spikes_before"] > 0 for d in dips),
         "spikes": len(spikes), "spike_first_layers": first_layers,
         "final_loss": train[-1]["loss"] if train else None,
@@ -88,7 +90,8 @@ def run_probe(run: Path, root: Path) -> None:
     if out.is_file() or not (run / "checkpoint.pt").is_file():
         return
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "mocov3", "linear", "--fast", "--checkpoint", str(run / "checkpoint.pt"),
+    res = subprocess.run([sys.executable, "-m", "mocov3", "linear", "--fast",
+                          "--checkpoint", str(run / "checkpoint.pt"),
                           "--train-data", str(root / "train"), "--test-data", str(root / "test"), "linear.epochs=30",
                           "eval.batch_size=1000"], capture_output=True, text=True)
     if res.returncode != 0:
@@ -141,7 +144,8 @@ def main() -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r.get(c):.2f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols) + " |")
+        cells = (f"{r.get(c):.2f}" if isinstance(r.get(c), float) else str(r.get(c)) for c in cols)
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

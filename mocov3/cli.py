@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slurm, or local (this machine, submitit's local executor: tests and debugging)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and return its exit status")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the mocov3 command to run")
-    p = sub.add_parser("shard", help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
+    p = sub.add_parser("shard",
+                       help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
     p.add_argument("src", metavar="SRC_FOLDER", help="image folder with one subfolder per class")
     p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
     p.add_argument("--shard-size", default="512MB", help="largest shard (e.g. 512MB, 1GB)")

@@ -36,20 +36,35 @@ def is_resnet(name: str) -> bool:
     return name in RESNET_NAMES
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def _f(default: Any, help: str, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+       lt: Optional[float] = None) -> Any:
+    """A config field: its default, its help text and, for numbers, its valid range where it is defined
+    (``ge`` / ``gt``: lowest value, inclusive / exclusive; ``le`` / ``lt``: highest); :func:`validate` checks it."""
+    meta = {"help": help, "range": (ge if ge is not None else gt, le if le is not None else lt, gt is None, lt is None)}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def ranges() -> dict[str, tuple]:
+    """``{"section.key": (low, high, low inclusive, high inclusive)}`` of every field that declares a range."""
+    out = {}
+    for sec in dataclasses.fields(Config):
+        for f in dataclasses.fields(sec.default_factory()):
+            rng = f.metadata.get("range")
+            if rng and (rng[0] is not None or rng[1] is not None):
+                out[f"{sec.name}.{f.name}"] = rng
+    return out
 
 
 @dataclass
 class ModelConfig:
     name: ModelName = _f("vit_small", "backbone")
-    patch_size: int = _f(16, "ViT patch size (pixels)")
-    embed_dim: Optional[int] = _f(None, "override the preset's width")
-    depth: Optional[int] = _f(None, "override the preset's number of blocks")
-    num_heads: Optional[int] = _f(None, "override the preset's number of attention heads")
-    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim")
+    patch_size: int = _f(16, "ViT patch size (pixels)", ge=1)
+    embed_dim: Optional[int] = _f(None, "override the preset's width", ge=1)
+    depth: Optional[int] = _f(None, "override the preset's number of blocks", ge=1)
+    num_heads: Optional[int] = _f(None, "override the preset's number of attention heads", ge=1)
+    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim", gt=0)
     pos_embed: Literal["sincos", "learned", "none"] = _f("sincos", "position embedding (§2, §7)")
     sincos_layout: Literal["row_first", "col_first"] = _f(
         "row_first", "sin-cos embedding: row index in the first half (the reference code, §2) or the column "
@@ -72,22 +87,22 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: Literal["mocov3", "simclr", "byol", "swav"] = _f("mocov3", "self-supervised method (§6 compares them)")
-    temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)")
-    momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)")
+    temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)", gt=0)
+    momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)", ge=0, le=1)
     momentum_schedule: Literal["cosine", "constant"] = _f("cosine", "m rises to 1 by half-cosine, or stays")
-    proj_layers: int = _f(3, "projector depth (3 for ViT, 2 for ResNet)")
-    proj_hidden_dim: int = _f(4096, "projector hidden width")
-    out_dim: int = _f(256, "projector / predictor output width")
-    pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)")
-    pred_hidden_dim: int = _f(4096, "predictor hidden width")
+    proj_layers: int = _f(3, "projector depth (3 for ViT, 2 for ResNet)", ge=1)
+    proj_hidden_dim: int = _f(4096, "projector hidden width", ge=1)
+    out_dim: int = _f(256, "projector / predictor output width", ge=1)
+    pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)", ge=0)
+    pred_hidden_dim: int = _f(4096, "predictor hidden width", ge=1)
     pred_last_bn: bool = _f(True, "BN at the end of the predictor (ViT: yes; the ResNet recipe has none, §1)")
     head_bn: bool = _f(True, "BatchNorm in the MLP heads (§7 ablation)")
-    queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off")
-    queue_start_steps: int = _f(0, "SwAV: use the feature queue from this step on")
-    num_prototypes: int = _f(3000, "SwAV: number of prototypes")
-    sinkhorn_epsilon: float = _f(0.05, "SwAV: entropy regularization of Sinkhorn-Knopp")
-    sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations")
-    freeze_prototypes_steps: int = _f(313, "SwAV: prototypes receive no update for the first N steps")
+    queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off", ge=0)
+    queue_start_steps: int = _f(0, "SwAV: use the feature queue from this step on", ge=0)
+    num_prototypes: int = _f(3000, "SwAV: number of prototypes", ge=1)
+    sinkhorn_epsilon: float = _f(0.05, "SwAV: entropy regularization of Sinkhorn-Knopp", gt=0)
+    sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations", ge=1)
+    freeze_prototypes_steps: int = _f(313, "SwAV: prototypes receive no update for the first N steps", ge=0)
 
 
 @dataclass
@@ -95,25 +110,27 @@ class DataConfig:
     path: Optional[str] = _f(None, "training data (set by --data): image folder or cifar10 / cifar100; recorded "
                                    "so a run folder says what it was trained on")
     eval_path: Optional[str] = _f(None, "labelled test set of the kNN monitor (set by --eval-data), e.g. cifar10:test")
-    image_size: int = _f(224, "training crop size (pixels)")
+    image_size: int = _f(224, "training crop size (pixels)", ge=1)
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range (§3)")
     crop_ratio: tuple[float, float] = _f((0.75, 1.3333333), "RandomResizedCrop aspect-ratio range")
     jitter_prob: tuple[float, float] = _f((0.8, 0.8), "ColorJitter probability for view 1, view 2")
-    jitter_strength: tuple[float, float, float, float] = _f((0.4, 0.4, 0.2, 0.1), "brightness, contrast, saturation, hue")
+    jitter_strength: tuple[float, float, float, float] = _f((0.4, 0.4, 0.2, 0.1),
+                                                            "brightness, contrast, saturation, hue")
     grayscale_prob: tuple[float, float] = _f((0.2, 0.2), "grayscale probability per view")
     blur_prob: tuple[float, float] = _f((1.0, 0.1), "Gaussian blur probability per view")
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, in pixels of a 224-pixel image")
     solarize_prob: tuple[float, float] = _f((0.0, 0.2), "solarize probability per view")
-    flip_prob: float = _f(0.5, "horizontal flip probability")
-    small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)")
-    small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)")
-    small_crop_scale: tuple[float, float] = _f((0.05, 0.14), "multi-crop: RandomResizedCrop scale range of the small views")
+    flip_prob: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
+    small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)", ge=0)
+    small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)", ge=1)
+    small_crop_scale: tuple[float, float] = _f((0.05, 0.14),
+                                               "multi-crop: RandomResizedCrop scale range of the small views")
     mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "normalization mean")
     std: tuple[float, float, float] = _f((0.229, 0.224, 0.225), "normalization std")
-    eval_crop_ratio: float = _f(0.875, "evaluation: resize to image_size/ratio, center-crop image_size")
+    eval_crop_ratio: float = _f(0.875, "evaluation: resize to image_size/ratio, center-crop image_size", gt=0, le=1)
     in_memory: Literal["auto", "yes", "no"] = _f("auto", "hold decoded uint8 images on the device")
-    memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode")
-    num_workers: int = _f(4, "DataLoader workers when streaming")
+    memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode", ge=0)
+    num_workers: int = _f(4, "DataLoader workers when streaming", ge=0)
     decode: Literal["auto", "cpu", "gpu"] = _f(
         "auto", "where streamed training JPEGs are decoded (pretraining, fine-tuning, full probe): cpu = by the "
                 "workers; gpu = by nvJPEG in the training process (needs CUDA and torchvision; workers only read "
@@ -125,41 +142,42 @@ class DataConfig:
 class OptimConfig:
     name: Literal["adamw", "lamb", "lars", "sgd"] = _f(
         "adamw", "optimizer: adamw (recommended for ViT, §4), lamb, lars (ResNet recipe, §4) or sgd (momentum)")
-    base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)")
-    weight_decay: float = _f(0.1, "weight decay")
+    base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)", gt=0)
+    weight_decay: float = _f(0.1, "weight decay", ge=0)
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
-    sgd_momentum: float = _f(0.9, "LARS / SGD momentum")
-    trust_coefficient: float = _f(0.001, "LARS trust coefficient eta (§4)")
+    sgd_momentum: float = _f(0.9, "LARS / SGD momentum", ge=0, lt=1)
+    trust_coefficient: float = _f(0.001, "LARS trust coefficient eta (§4)", gt=0)
     exclude_1d_from_wd: bool = _f(False, "no weight decay on biases and norms (the reference decays all)")
-    warmup_epochs: float = _f(40.0, "linear warmup length (epochs)")
-    clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = off")
+    warmup_epochs: float = _f(40.0, "linear warmup length (epochs)", ge=0)
+    clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = off", ge=0)
     patch_clip_grad: float = _f(
-        0.0, "clip only the patch projection's gradient norm to this value (§2; frozen = the limit 0); 0 = off")
+        0.0, "clip only the patch projection's gradient norm to this value (§2; frozen = the limit 0); 0 = off", ge=0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(300, "number of epochs")
-    batch_size: int = _f(4096, "total batch over all processes")
-    seed: int = _f(0, "random seed (model init, data order, augmentations)")
+    epochs: int = _f(300, "number of epochs", ge=1)
+    batch_size: int = _f(4096, "total batch over all processes", ge=1)
+    seed: int = _f(0, "random seed (model init, data order, augmentations)", ge=0, le=2**63 - 1)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _f(
         "auto", "autocast precision; auto = bf16 where the device computes it natively, else fp32")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    log_every: int = _f(10, "write a metrics line every N steps")
-    checkpoint_every_steps: int = _f(0, "also checkpoint every N steps; 0 = only at epoch ends")
+    log_every: int = _f(10, "write a metrics line every N steps", ge=1)
+    checkpoint_every_steps: int = _f(0, "also checkpoint every N steps; 0 = only at epoch ends", ge=0)
     save_epochs: tuple[int, ...] = _f((), "epochs after which a numbered checkpoint copy is kept")
-    max_steps: int = _f(0, "stop after this many steps in total (0 = full schedule); for smoke runs")
+    max_steps: int = _f(0, "stop after this many steps in total (0 = full schedule); for smoke runs", ge=0)
     budget_minutes: float = _f(0.0, "wall-clock budget of the run in minutes (0 = off): after its first steps the "
                                     "run measures its pace and sets the epochs (train.epochs is then the most) so "
-                                    "that the whole schedule and its kNN points end inside the budget")
+                                    "that the whole schedule and its kNN points end inside the budget", ge=0)
     grad_monitor: bool = _f(True, "per-layer gradient norms on the log lines, and gradient-spike events")
-    spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median")
+    spike_factor: float = _f(5.0, "a spike: a layer's gradient norm above this multiple of its recent median", gt=1)
     tensorboard: bool = _f(False, "also write TensorBoard scalars (needs the tensorboard package)")
     wandb: bool = _f(False, "also log every metrics record and the config to Weights & Biases (needs the wandb "
-                            "package; WANDB_MODE=offline logs into the run folder); a resumed run continues its W&B run")
+                            "package; WANDB_MODE=offline logs into the run folder); a resumed run continues its "
+                            "W&B run")
     wandb_project: str = _f("mocov3", "W&B project")
     wandb_name: str = _f("", "W&B run name; empty = the run folder's name")
-    threads: int = _f(0, "torch CPU threads; 0 = leave torch's default")
+    threads: int = _f(0, "torch CPU threads; 0 = leave torch's default", ge=0)
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "with several processes: ddp = a full replica per rank; fsdp = parameters, gradients and optimizer "
                "state sharded over the ranks (FSDP2, per ViT block; for ViT-L/H); checkpoints load under either")
@@ -172,52 +190,54 @@ class TrainConfig:
                 "part: auto = on CUDA, off on CPU "
                 "(a cold CPU compile takes tens of seconds)")
     peak_tflops: float = _f(0.0, "the device's peak bf16 TFLOPS for the mfu on log lines; 0 = from the table of "
-                                 "known GPUs (A100, H100, H200), none on CPU")
+                                 "known GPUs (A100, H100, H200), none on CPU", ge=0)
 
 
 @dataclass
 class EvalConfig:
-    knn_every: int = _f(1, "run the kNN monitor every N epochs when --eval-data is given; 0 = never")
-    knn_k: int = _f(20, "neighbours of the weighted kNN")
-    knn_temperature: float = _f(0.07, "temperature of the weighted kNN")
-    knn_bank_size: int = _f(0, "use at most this many bank images (0 = all)")
+    knn_every: int = _f(1, "run the kNN monitor every N epochs when --eval-data is given; 0 = never", ge=0)
+    knn_k: int = _f(20, "neighbours of the weighted kNN", ge=1)
+    knn_temperature: float = _f(0.07, "temperature of the weighted kNN", gt=0)
+    knn_bank_size: int = _f(0, "use at most this many bank images (0 = all)", ge=0)
     knn_init: Literal["subset", "full", "off"] = _f(
         "subset", "kNN of the random-init backbone at step 0 (logged as knn_init_top1): on the fine monitor's "
                   "subsets (cheap), on the full bank, or not at all")
     knn_every_steps: int = _f(0, "fine-grained kNN monitor every N iterations on a small bank (0 = off), "
-                                 "to see the dips of §5")
-    knn_fine_bank: int = _f(5000, "fine kNN monitor: bank images (a fixed random subset of the training data)")
-    knn_fine_test: int = _f(2000, "fine kNN monitor: test images (a fixed random subset of --eval-data)")
-    batch_size: int = _f(512, "feature-extraction batch size")
+                                 "to see the dips of §5", ge=0)
+    knn_fine_bank: int = _f(5000, "fine kNN monitor: bank images (a fixed random subset of the training data)", ge=1)
+    knn_fine_test: int = _f(2000, "fine kNN monitor: test images (a fixed random subset of --eval-data)", ge=1)
+    batch_size: int = _f(512, "feature-extraction batch size", ge=1)
 
 
 @dataclass
 class LinearConfig:
-    epochs: int = _f(90, "linear probe epochs (§8: 90)")
-    batch_size: int = _f(1024, "linear probe batch size")
-    base_lr: float = _f(0.1, "probe lr = base_lr * batch / 256 (with the BN below the probe is robust to it)")
-    lr_sweep: tuple[float, ...] = _f((0.01, 0.03, 0.1, 0.3, 1.0, 3.0), "fast mode: base_lr values tried, chosen on a held-out split")
-    val_fraction: float = _f(0.1, "fast mode: share of the training set held out to choose the lr")
-    weight_decay: float = _f(0.0, "probe weight decay (0 in the paper)")
+    epochs: int = _f(90, "linear probe epochs (§8: 90)", ge=1)
+    batch_size: int = _f(1024, "linear probe batch size", ge=1)
+    base_lr: float = _f(0.1, "probe lr = base_lr * batch / 256 (with the BN below the probe is robust to it)", gt=0)
+    lr_sweep: tuple[float, ...] = _f((0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+                                     "fast mode: base_lr values tried, chosen on a held-out split")
+    val_fraction: float = _f(0.1, "fast mode: share of the training set held out to choose the lr", gt=0, lt=1)
+    weight_decay: float = _f(0.0, "probe weight decay (0 in the paper)", ge=0)
     bn: bool = _f(True, "BatchNorm without affine before the classifier (as MAE's probe)")
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = _f(100, "fine-tuning epochs")
-    batch_size: int = _f(1024, "fine-tuning batch size")
-    base_lr: float = _f(5e-4, "lr = base_lr * batch / 256 (AdamW)")
-    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens)")
-    layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets lr * layer_decay^(depth + 1 - (i + 1))")
-    drop_path: float = _f(0.1, "stochastic depth rate of the last block (linear in depth)")
-    label_smoothing: float = _f(0.1, "label smoothing")
-    warmup_epochs: float = _f(5.0, "linear warmup (epochs)")
-    mixup: float = _f(0.8, "mixup alpha; 0 = off")
-    cutmix: float = _f(1.0, "cutmix alpha; 0 = off (mixup and cutmix alternate per batch when both are on)")
+    epochs: int = _f(100, "fine-tuning epochs", ge=1)
+    batch_size: int = _f(1024, "fine-tuning batch size", ge=1)
+    base_lr: float = _f(5e-4, "lr = base_lr * batch / 256 (AdamW)", gt=0)
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on biases, norms, tokens)", ge=0)
+    layer_decay: float = _f(0.75, "layer-wise lr decay: block i gets lr * layer_decay^(depth + 1 - (i + 1))",
+                            gt=0, le=1)
+    drop_path: float = _f(0.1, "stochastic depth rate of the last block (linear in depth)", ge=0, lt=1)
+    label_smoothing: float = _f(0.1, "label smoothing", ge=0, lt=1)
+    warmup_epochs: float = _f(5.0, "linear warmup (epochs)", ge=0)
+    mixup: float = _f(0.8, "mixup alpha; 0 = off", ge=0)
+    cutmix: float = _f(1.0, "cutmix alpha; 0 = off (mixup and cutmix alternate per batch when both are on)", ge=0)
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range")
     randaugment: bool = _f(True, "RandAugment (2 ops, magnitude 9, std 0.5) after crop and flip")
-    randaugment_magnitude: float = _f(9.0, "RandAugment magnitude (0..10)")
-    eval_every: int = _f(1, "test accuracy every N epochs")
+    randaugment_magnitude: float = _f(9.0, "RandAugment magnitude (0..10)", ge=0, le=10)
+    eval_every: int = _f(1, "test accuracy every N epochs", ge=1)
 
 
 @dataclass
@@ -411,46 +431,6 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), ba
     return cfg
 
 
-#: Valid ranges of numeric fields: key -> (low, high, low inclusive, high inclusive); None = unbounded.
-RANGES: dict[str, tuple] = {
-    "model.patch_size": (1, None, True, None), "model.embed_dim": (1, None, True, None),
-    "model.depth": (1, None, True, None), "model.num_heads": (1, None, True, None),
-    "model.mlp_ratio": (0, None, False, None),
-    "method.temperature": (0, None, False, None), "method.momentum": (0, 1, True, True),
-    "method.proj_layers": (1, None, True, None), "method.proj_hidden_dim": (1, None, True, None),
-    "method.out_dim": (1, None, True, None), "method.pred_layers": (0, None, True, None),
-    "method.pred_hidden_dim": (1, None, True, None), "method.queue_size": (0, None, True, None),
-    "method.queue_start_steps": (0, None, True, None), "method.num_prototypes": (1, None, True, None),
-    "method.sinkhorn_epsilon": (0, None, False, None), "method.sinkhorn_iters": (1, None, True, None),
-    "method.freeze_prototypes_steps": (0, None, True, None),
-    "data.image_size": (1, None, True, None), "data.flip_prob": (0, 1, True, True),
-    "data.small_crops": (0, None, True, None), "data.small_crop_size": (1, None, True, None),
-    "data.eval_crop_ratio": (0, 1, False, True), "data.memory_limit_gb": (0, None, True, None),
-    "data.num_workers": (0, None, True, None),
-    "optim.base_lr": (0, None, False, None), "optim.weight_decay": (0, None, True, None),
-    "optim.sgd_momentum": (0, 1, True, False), "optim.trust_coefficient": (0, None, False, None),
-    "optim.warmup_epochs": (0, None, True, None), "optim.clip_grad": (0, None, True, None),
-    "optim.patch_clip_grad": (0, None, True, None),
-    "train.epochs": (1, None, True, None), "train.batch_size": (1, None, True, None),
-    "train.log_every": (1, None, True, None), "train.checkpoint_every_steps": (0, None, True, None),
-    "train.max_steps": (0, None, True, None), "train.budget_minutes": (0, None, True, None), "train.spike_factor": (1, None, False, None),
-    "train.threads": (0, None, True, None), "train.peak_tflops": (0, None, True, None),
-    "eval.knn_every": (0, None, True, None), "eval.knn_k": (1, None, True, None),
-    "eval.knn_temperature": (0, None, False, None), "eval.knn_bank_size": (0, None, True, None),
-    "eval.knn_every_steps": (0, None, True, None), "eval.knn_fine_bank": (1, None, True, None),
-    "eval.knn_fine_test": (1, None, True, None), "eval.batch_size": (1, None, True, None),
-    "linear.epochs": (1, None, True, None), "linear.batch_size": (1, None, True, None),
-    "linear.base_lr": (0, None, False, None), "linear.val_fraction": (0, 1, False, False),
-    "linear.weight_decay": (0, None, True, None),
-    "finetune.epochs": (1, None, True, None), "finetune.batch_size": (1, None, True, None),
-    "finetune.base_lr": (0, None, False, None), "finetune.weight_decay": (0, None, True, None),
-    "finetune.layer_decay": (0, 1, False, True), "finetune.drop_path": (0, 1, True, False),
-    "finetune.label_smoothing": (0, 1, True, False), "finetune.warmup_epochs": (0, None, True, None),
-    "finetune.mixup": (0, None, True, None), "finetune.cutmix": (0, None, True, None),
-    "finetune.randaugment_magnitude": (0, 10, True, True), "finetune.eval_every": (1, None, True, None),
-}
-
-
 def _check_range(key: str, value: float, low, high, low_incl, high_incl) -> None:
     ok_low = low is None or (value >= low if low_incl else value > low)
     ok_high = high is None or (value <= high if high_incl else value < high)
@@ -461,9 +441,9 @@ def _check_range(key: str, value: float, low, high, low_incl, high_incl) -> None
 
 
 def validate(cfg: Config) -> None:
-    """Range checks of every numeric field (:data:`RANGES`) and cross-field checks that types alone
-    cannot express. Pure: raises :class:`ConfigError`, never edits ``cfg``."""
-    for key, rng in RANGES.items():
+    """Range checks of every numeric field (declared where it is defined, :func:`_f`) and cross-field checks
+    that types alone cannot express. Pure: raises :class:`ConfigError`, never edits ``cfg``."""
+    for key, rng in ranges().items():
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
         if value is not None:
@@ -474,7 +454,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device {dev!r} is not one of auto, cpu, cuda, cuda:N")
     resnet = is_resnet(cfg.model.name)
     if not resnet and d.image_size % cfg.model.patch_size != 0:
-        raise ConfigError(f"data.image_size {d.image_size} is not a multiple of model.patch_size {cfg.model.patch_size}")
+        raise ConfigError(f"data.image_size {d.image_size} is not a multiple of model.patch_size "
+                          f"{cfg.model.patch_size}")
     for key in ("crop_scale", "small_crop_scale"):
         lo, hi = getattr(d, key)
         if not 0 < lo <= hi <= 1:

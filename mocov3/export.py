@@ -207,7 +207,8 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: bool = False) -> s
         lines += ["---", "library_name: timm", "tags:", *(f"- {t}" for t in tags),
                   "pipeline_tag: image-feature-extraction", "---", ""]
     lines += [
-        f"# {title} pretrained with {meta['method']} (mocov3)" + (", then fine-tuned" if meta.get("fine_tuned") else ""),
+        f"# {title} pretrained with {meta['method']} (mocov3)"
+        + (", then fine-tuned" if meta.get("fine_tuned") else ""),
         "",
         f"- backbone: {arch}",
         f"- pretraining: {meta['method']}, {epochs} epochs ({meta['pretrain_step']} steps) of "

@@ -138,7 +138,8 @@ def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partitio
                                  signal_delay_s=signal_delay_s)
         else:
             ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-            params = dict(nodes=nodes, tasks_per_node=tasks, timeout_min=math.ceil(minutes), cpus_per_task=cpus_per_task,
+            params = dict(nodes=nodes, tasks_per_node=tasks, timeout_min=math.ceil(minutes),
+                          cpus_per_task=cpus_per_task,
                           name=f"mocov3-{argv[0]}", slurm_partition=partition, slurm_account=account, slurm_qos=qos,
                           slurm_signal_delay_s=signal_delay_s, gpus_per_node=gpus_per_node or None, mem_gb=mem_gb)
             ex.update_parameters(**{k: v for k, v in params.items() if v is not None})

@@ -37,7 +37,8 @@ def run_name(combo: list[tuple[str, str]]) -> str:
 
 
 #: The summary table's columns (after the swept keys).
-SUMMARY_COLUMNS = ["epoch", "epochs", "init_knn", "final_knn", "best_knn", "final_fine_knn", "dips", "spikes", "spikes_first_in_patch_embed",
+SUMMARY_COLUMNS = ["epoch", "epochs", "init_knn", "final_knn", "best_knn", "final_fine_knn", "dips", "spikes",
+                   "spikes_first_in_patch_embed",
                    "final_loss"]
 
 

@@ -2,9 +2,12 @@
 # Install into .venv (if needed) and run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mocov3, pytest" 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c "import mocov3, pytest, ruff" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q "torch==2.13.0" -e ".[test]"
 fi
+# The linter first (pyproject.toml [tool.ruff]: pycodestyle with the 120-column limit, pyflakes, bugbear); a
+# collect-only call (--co, as .ci/run's first one) skips it.
+case " $* " in *" --co "*|*" --collect-only "*) ;; *) .venv/bin/python -m ruff check mocov3 tests bench scripts examples ;; esac
 # Every test, the slow ones (several processes, subprocess runs) included; plain `pytest` runs the fast ones.
 exec .venv/bin/python -m pytest -m "slow or not slow" "$@"

@@ -47,3 +47,40 @@ def pretrain_tiny(folder: Path, out: Path, *extra: str) -> int:
     from mocov3.cli import main
 
     return main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY, *extra])
+
+
+_KILLER = """
+import os, signal, sys
+import mocov3.train.checkpoint as ck
+import mocov3.train.step as st
+at, n = sys.argv[1], int(sys.argv[2])
+calls = [0]
+def count():
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+if at == "step":  # right after the n-th optimizer step (pretraining and fine-tuning), before its hooks
+    real = st.optimize
+    def step(*a, **k):
+        out = real(*a, **k)
+        count()
+        return out
+    st.optimize = step
+else:  # inside the n-th checkpoint save: the temporary file written and synced, not yet renamed
+    real_fsync = ck.os.fsync
+    def fsync(fd):
+        real_fsync(fd)
+        count()
+    ck.os.fsync = fsync
+from mocov3.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def killed_child(args: list[str], at: str = "step", n: int = 10**9) -> subprocess.CompletedProcess:
+    """``mocov3 ARGS`` in a child process that kill -9s itself at a chosen moment, deterministically: right after
+    its ``n``-th optimizer step (``at="step"``), or inside its ``n``-th checkpoint save, between writing the
+    temporary file and renaming it (``at="save"``). The default ``n`` never kills (a reference run in the same
+    kind of process: one thread, so that the two are bit for bit comparable)."""
+    return subprocess.run([sys.executable, "-c", _KILLER, at, str(n), *args], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)

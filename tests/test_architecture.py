@@ -1,7 +1,8 @@
 """The package's import graph is layered and acyclic, with internal imports at module top.
 
 Layers, bottom to top (docs/architecture.md): runtime < config, tracking < distributed < data, models <
-losses < methods < train < eval < pretrain, export < sweep < report < cli, the package's __init__ < __main__. A module imports only from lower layers
+losses < methods < train < eval < pretrain, export < sweep < report < cli, the package's __init__ < __main__.
+A module imports only from lower layers
 or from its own package; two packages of one layer (data, models) do not import each other.
 """
 from __future__ import annotations

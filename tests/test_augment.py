@@ -182,7 +182,8 @@ def test_normalization_and_jitter_in_a_view():
     x = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     aug = _only("none", mean="[0.5,0.4,0.3]", std="[0.2,0.25,0.5]")
     v = aug.view(x, 0, torch.Generator().manual_seed(0))
-    exp = (x.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+    exp = (x.float() / 255 - mean) / std
     assert torch.allclose(v, exp, atol=1e-5)
     # brightness only, strength 0.4: every pixel ratio out / in is one factor per image in [0.6, 1.4]
     aug = _only("jitter_prob", jitter_strength="[0.4,0.0,0.0,0.0]")

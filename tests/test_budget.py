@@ -37,7 +37,8 @@ def test_plan_epochs_is_the_most_that_fit(budget, elapsed, step, spe, sps, max_e
 
     got = plan_epochs(budget, elapsed, step, spe, sps, max_epochs, every, eval_s)
     low = max(1, math.ceil(step / spe))
-    fits = [e for e in range(low, max_epochs + 1) if _simulate(budget, elapsed, step, spe, sps, e, every, eval_s, MARGIN)]
+    fits = [e for e in range(low, max_epochs + 1)
+            if _simulate(budget, elapsed, step, spe, sps, e, every, eval_s, MARGIN)]
     assert got == (max(fits) if fits else low)
 
 

@@ -17,7 +17,8 @@ def _mkdocs(config: Path, site: Path) -> subprocess.CompletedProcess:
     pytest.importorskip("material")
     pytest.importorskip("mkdocstrings_handlers.python")
     return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
-                          cwd=ROOT, capture_output=True, text=True, env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
+                          cwd=ROOT, capture_output=True, text=True,
+                          env={"NO_MKDOCS_2_WARNING": "1", "PATH": "/usr/bin:/bin"})
 
 
 def test_docs_site_builds_strictly(tmp_path):

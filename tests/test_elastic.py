@@ -23,7 +23,8 @@ pytestmark = [pytest.mark.slow,
 
 def _cmd(folder, out, port, restarts):
     return [TORCHRUN, "--nproc_per_node=2", f"--max-restarts={restarts}", "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "mocov3", "pretrain", "--data", str(folder), "--output-dir", str(out),
+            f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "mocov3", "pretrain", "--data", str(folder),
+            "--output-dir", str(out),
             "--no-progress", *TINY, "epochs=6", "train.checkpoint_every_steps=2", "eval.knn_every=0"]
 
 

@@ -47,7 +47,8 @@ def test_python_sampler_matches_the_reference_distribution(H, W, scale):
 def test_the_sampler_test_can_fail():
     """The KS check above rejects a sampler with another scale range (so it is not vacuous)."""
     n, H, W = 20000, 375, 500
-    ref = sample_crop_boxes(n, H, W, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0)).numpy().astype(np.float64)
+    ref = sample_crop_boxes(n, H, W, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(0))
+    ref = ref.numpy().astype(np.float64)
     rng = random.Random(1)
     other = np.array([sample_crop_box(H, W, (0.15, 1.0), (3 / 4, 4 / 3), rng) for _ in range(n)], dtype=float)
     assert _ks(ref[:, 2] * ref[:, 3], other[:, 2] * other[:, 3]) > 1.63 * math.sqrt(2 / n)
@@ -128,10 +129,10 @@ def test_decoders_give_pillows_pixels(mode, fmt, backend):
 def test_truncated_or_corrupt_jpegs_raise(cut, backend):
     """So the workers skip and count them (never train on a half-grey picture)."""
     blob = _encode(_photo(), quality=90)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - any error: the workers catch them all and count the file
         files.decode_crops(blob[: int(cut * len(blob)) if cut < 1 else cut], 64, (0.08, 1.0), (3 / 4, 4 / 3),
                            random.Random(0), n=2)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017
         files.decode_crops(b"\xff\xd8 not a jpeg at all", 64, (0.08, 1.0), (3 / 4, 4 / 3), random.Random(0))
 
 

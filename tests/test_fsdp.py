@@ -58,7 +58,8 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_everywhere(folder, tmp_path, c
         assert len(ga) == 3 and ga[-1].keys() == gb[-1].keys()
         for x, y in zip(ga, gb):
             assert list(x.values()) == pytest.approx(list(y.values()), rel=1e-4, abs=1e-7)
-    ka, kb = [r["knn_init_top1"] for r in a if "knn_init_top1" in r], [r["knn_init_top1"] for r in b if "knn_init_top1" in r]
+    ka = [r["knn_init_top1"] for r in a if "knn_init_top1" in r]
+    kb = [r["knn_init_top1"] for r in b if "knn_init_top1" in r]
     assert ka == kb and len(ka) == 1
     ca = torch.load(ddp / "checkpoint.pt", weights_only=True)
     cb = torch.load(fsdp / "checkpoint.pt", weights_only=True)

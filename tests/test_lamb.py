@@ -36,5 +36,9 @@ def test_lamb_selectable_in_config():
 
     from conftest import tiny_cfg
 
-    cfg = tiny_cfg("optim.name=lamb", "optim.weight_decay=1e-3")
-    assert isinstance(build_optimizer(build_method(cfg), cfg.optim, 5e-4), Lamb)
+    cfg = tiny_cfg("optim.name=lamb", "optim.weight_decay=1e-3", "optim.betas=[0.8,0.95]")
+    opt = build_optimizer(build_method(cfg), cfg.optim, 5e-4)
+    assert type(opt) is Lamb  # the recipe's settings reach it
+    assert {g["lr"] for g in opt.param_groups} == {5e-4}
+    assert {tuple(g["betas"]) for g in opt.param_groups} == {(0.8, 0.95)}
+    assert max(g["weight_decay"] for g in opt.param_groups) == 1e-3

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +19,10 @@ import pytest
 import torch
 
 from mocov3.cli import main
+from mocov3.train.checkpoint import load_checkpoint
 
 from conftest import TINY, make_folder
+from helpers import killed_child, metrics
 
 ROOT_USER = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -61,7 +62,8 @@ def test_a_second_run_on_the_same_folder_is_refused_naming_the_holder(folder, tm
 
 def test_the_lock_of_a_killed_process_is_not_stale(folder, tmp_path):
     out = tmp_path / "run"
-    code = f"from mocov3.runtime import RunLock; import time; RunLock({str(out)!r}).__enter__(); print('ok', flush=True); time.sleep(60)"
+    code = (f"from mocov3.runtime import RunLock; import time; RunLock({str(out)!r}).__enter__(); "
+            f"print('ok', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert proc.stdout.readline().strip() == "ok"
@@ -507,32 +509,26 @@ def test_out_of_range_values_are_one_line_errors(folder, tmp_path, capsys, overr
 
 
 @pytest.mark.slow
-def test_kill_9_at_random_moments_never_loses_the_run(folder, tmp_path):
-    """kill -9 (no handler runs) at staggered moments of a run that checkpoints every step, so most kills
-    land in or near a save: the checkpoint always loads, and the resumed run ends with the metrics of an
-    uninterrupted one."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+def test_kill_9_at_chosen_moments_never_loses_the_run(folder, tmp_path):
+    """kill -9 (no handler runs) at moments chosen deterministically (helpers.killed_child): inside a save
+    (the temporary file written, not renamed), right after a step, and inside the save of the last step; each
+    time the checkpoint loads and is at most one interval behind, and the resumed run ends with the metrics
+    of an uninterrupted one."""
     ref, out = tmp_path / "ref", tmp_path / "run"
-    base = [sys.executable, "-m", "mocov3", "pretrain", "--data", str(folder), "--no-progress", *TINY, "epochs=25",
-            "train.checkpoint_every_steps=1", "eval.knn_every=0"]
-    assert subprocess.run(base + ["--output-dir", str(ref)], env=env, capture_output=True).returncode == 0
-    killed_mid_run = 0
-    for delay in (2.6, 3.3, 4.1):
-        proc = subprocess.Popen(base + ["--output-dir", str(out)], env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        if (out / "checkpoint.pt").exists():
-            from mocov3.train.checkpoint import load_checkpoint
-
-            step = load_checkpoint(out / "checkpoint.pt", for_resume=True)["step"]  # whole and verified
-            killed_mid_run += 0 < step < 100
-    assert killed_mid_run >= 1  # at least one kill landed while the run was saving checkpoints
-    assert subprocess.run(base + ["--output-dir", str(out)], env=env, capture_output=True).returncode == 0
+    base = ["pretrain", "--data", str(folder), "--no-progress", *TINY, "epochs=6", "train.checkpoint_every_steps=1",
+            "eval.knn_every=0"]
+    assert killed_child(base + ["--output-dir", str(ref)]).returncode == 0
+    last = 0
+    for at, n in (("save", 3), ("step", 7), ("save", 10)):  # run-relative: each attempt resumes the last one
+        res = killed_child(base + ["--output-dir", str(out)], at, n)
+        assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
+        step = load_checkpoint(out / "checkpoint.pt", for_resume=True)["step"]  # whole and verified
+        killed_at = last + n  # one save per step: the n-th save or step of this attempt is step last + n
+        assert killed_at - 1 <= step <= killed_at and step > last
+        last = step
+    assert killed_child(base + ["--output-dir", str(out)]).returncode == 0
     keys = ("step", "loss", "lr")
-    rows = lambda d: [{k: l[k] for k in keys} for l in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-                      if "loss" in l]
+    rows = lambda d: [{k: l[k] for k in keys} for l in metrics(d, "loss")]  # noqa: E731
     assert rows(out) == rows(ref)
 
 

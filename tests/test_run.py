@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from mocov3.cli import main
 from mocov3.train.checkpoint import Payload
 
 from conftest import make_folder
-from helpers import HAS_TORCHRUN, metrics, pretrain_tiny, subprocess_env, torchrun_two
+from helpers import HAS_TORCHRUN, killed_child, metrics, pretrain_tiny, torchrun_two
 
 LEGACY = Path(__file__).parent / "data" / "v0.3"
 SETTINGS = {"finetune": ["finetune.epochs=2", "finetune.batch_size=16", "finetune.warmup_epochs=1"],
@@ -90,52 +88,19 @@ def test_sigterm_at_a_random_step_then_resume_equals_the_uninterrupted_run(pretr
     assert [(r["top1"], r["top5"]) for r in res] == [(r["top1"], r["top5"]) for r in res[::-1]]
 
 
-_KILLER = """
-import os, signal, sys
-import mocov3.eval.finetune as ft
-import mocov3.train.checkpoint as ck
-at, n = sys.argv[1], int(sys.argv[2])
-calls = [0]
-def count():
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-if at == "step":  # right after the n-th optimizer step, before its hooks
-    real = ft.optimize_model
-    def step(*a, **k):
-        out = real(*a, **k)
-        count()
-        return out
-    ft.optimize_model = step
-else:  # inside the n-th checkpoint save: the temporary file written and synced, not yet renamed
-    real_fsync = ck.os.fsync
-    def fsync(fd):
-        real_fsync(fd)
-        count()
-    ck.os.fsync = fsync
-from mocov3.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("at,n", [("step", 5), ("save", 3)])
 def test_kill_9_then_resume_loses_at_most_one_checkpoint_interval(pretrained, folder, tmp_path, at, n):
     """kill -9 (no handler runs) at a chosen moment, deterministically: right after a step, or inside a save."""
     every = ["train.checkpoint_every_steps=2"]
     ref, run = tmp_path / "ref", tmp_path / "run"
-
-    def child(out: Path, at: str, n: int) -> subprocess.CompletedProcess:  # one thread, as every child here
-        cmd = [sys.executable, "-c", _KILLER, at, str(n), *_cmd("finetune", pretrained, folder, out, *every)]
-        return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-
-    assert child(ref, "step", 10**9).returncode == 0  # never killed
-    res = child(run, at, n)
+    assert killed_child(_cmd("finetune", pretrained, folder, ref, *every)).returncode == 0  # never killed
+    res = killed_child(_cmd("finetune", pretrained, folder, run, *every), at, n)
     assert res.returncode == -signal.SIGKILL, res.stderr[-2000:]
     saved = Payload.read(run / "checkpoint.pt", for_resume=True)  # whole and verified
     killed_at = n if at == "step" else 2 * n  # the n-th save is the one of step 2n
     assert killed_at - saved.step <= 2
-    assert child(run, "step", 10**9).returncode == 0
+    assert killed_child(_cmd("finetune", pretrained, folder, run, *every)).returncode == 0
     _same_weights(ref, run)
     assert _losses(run) == _losses(ref)
 

@@ -3,10 +3,12 @@ non-finite guard, and the same step for every caller."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import mocov3
 from conftest import TINY, tiny_cfg
 
 
@@ -45,9 +47,28 @@ class _HostCopySpy(torch.overrides.TorchFunctionMode):
             copy = name == "cuda" or isinstance(target, (str, torch.device))
         if copy:
             f = sys._getframe(1)
-            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
-                self.calls.append(f"{name}(device) in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+            if _ours(f.f_code.co_filename):
+                self.calls.append(f"{name}(device) in {_ours(f.f_code.co_filename)}:{f.f_lineno}")
         return func(*args, **kwargs)
+
+
+PACKAGE = Path(mocov3.__file__).resolve().parent
+
+
+def _ours(filename: str) -> str:
+    """The path inside the mocov3 package of a frame's file ("" for any other file: torch's own, even in a
+    virtual environment inside a checkout that is itself named mocov3)."""
+    try:
+        return str(Path(filename).resolve().relative_to(PACKAGE))
+    except ValueError:
+        return ""
+
+
+def test_only_the_package_s_own_files_count_as_ours():
+    venv_torch = PACKAGE.parent / ".venv" / "lib" / "python3.11" / "site-packages" / "torch" / "optim" / "optimizer.py"
+    clone = Path("/tmp/mocov3/mocov3/.venv/lib/torch/nn/utils/clip_grad.py")
+    assert _ours(str(venv_torch)) == "" and _ours(str(clone)) == ""
+    assert _ours(str(PACKAGE / "train" / "step.py")) == "train/step.py"
 
 
 def _spy_on_reads(monkeypatch, calls: list) -> None:
@@ -58,8 +79,8 @@ def _spy_on_reads(monkeypatch, calls: list) -> None:
 
         def spy(self, *a, _real=real, _name=name, **k):
             f = sys._getframe(1)
-            if "/mocov3/" in f.f_code.co_filename.replace("\\", "/"):
-                calls.append(f"{_name} in {f.f_code.co_filename.split('mocov3')[-1]}:{f.f_lineno}")
+            if _ours(f.f_code.co_filename):
+                calls.append(f"{_name} in {_ours(f.f_code.co_filename)}:{f.f_lineno}")
             return _real(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, spy)
@@ -116,7 +137,7 @@ def test_deferred_guard_names_the_first_bad_step():
     p = next(state.module.parameters())
     for _ in range(4):
         v = next(losses)
-        optimize(state, lambda: (p.sum() * 0 + v))
+        optimize(state, lambda v=v: (p.sum() * 0 + v))
     with pytest.raises(TrainingError, match="loss is nan at step 1"):
         state.raise_if_nonfinite()
 
@@ -152,7 +173,8 @@ def test_in_memory_batches_copy_their_order_once_per_epoch(folder):
         assert len(batches) == 9 and len(calls) == per_epoch, calls
 
 
-@pytest.mark.parametrize("extra", [[], ["data.in_memory=no"], ["shards"], ["train.grad_monitor=false", "optim.name=lamb"]])
+@pytest.mark.parametrize("extra", [[], ["data.in_memory=no"], ["shards"],
+                                   ["train.grad_monitor=false", "optim.name=lamb"]])
 def test_no_host_sync_between_log_points_in_the_whole_training_loop(folder, tmp_path, monkeypatch, extra):
     """The whole loop, not only the step: batches (in memory, streamed by workers, from shards), the metrics
     hook, the gradient monitor, the kNN monitor, checkpoints and the stop signal. Every device -> host read

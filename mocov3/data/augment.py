@@ -40,7 +40,8 @@ def sample_crop_boxes(n: int, height: torch.Tensor | int, width: torch.Tensor | 
             else torch.full((n,), float(v), device=device) for v in (height, width))  # sizes: no host copy
     area = (H * W)[:, None]
     target = area * (torch.rand(n, tries, generator=g, device=device) * (scale[1] - scale[0]) + scale[0])
-    log_r = torch.rand(n, tries, generator=g, device=device) * (math.log(ratio[1]) - math.log(ratio[0])) + math.log(ratio[0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    log_r = torch.rand(n, tries, generator=g, device=device) * (hi - lo) + lo
     ar = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * ar))
     h = torch.round(torch.sqrt(target / ar))

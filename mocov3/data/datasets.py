@@ -364,7 +364,8 @@ class StreamingCropSet(torch.utils.data.Dataset):
         rng = random.Random(seed_for(self.seed, self.epoch, idx, Stream.WORKER_CROP))
         # an unreadable file: the next one, with its label
         cut = plan_crops if self.planned else decode_crops  # the bytes and box, or the crop
-        j, out, skipped = _first_readable(self.data, idx, lambda path: cut(path, self.size, self.scale, self.ratio, rng))
+        j, out, skipped = _first_readable(self.data, idx,
+                                          lambda path: cut(path, self.size, self.scale, self.ratio, rng))
         return out if self.planned else out[0], int(self.data.labels[j]), skipped
 
 
@@ -393,7 +394,8 @@ class LabelledBatches(_GlobalBatches):
 
     def _indices(self, epoch: int) -> torch.Tensor:
         return self._slice(torch.randperm(len(self.data),
-                                          generator=torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.LABELLED_ORDER))))
+                                          generator=torch.Generator().manual_seed(
+                                              seed_for(self.seed, epoch, Stream.LABELLED_ORDER))))
 
     def epoch(self, epoch: int, start_step: int = 0):
         idx = self._indices(epoch)[start_step:]

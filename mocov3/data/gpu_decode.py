@@ -179,4 +179,5 @@ def wants_gpu_decode(mode: str, device, streaming: bool) -> bool:
     return device.type == "cuda" and _nvjpeg() is not None
 
 
-__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "make_cropper", "wants_gpu_decode", "labels_of"]
+__all__ = ["plan_crops", "collate_planned", "PlannedBatch", "GpuCropper", "make_cropper", "wants_gpu_decode",
+           "labels_of"]

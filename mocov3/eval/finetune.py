@@ -10,26 +10,24 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as du
-from ..config import Config, scaled_lr, to_dict
-from ..data.augment import random_crop_flip
+from ..config import Config, to_dict
 from ..data.datasets import ImageData, eval_batches, labelled_batches
 from ..data.gpu_decode import wants_gpu_decode
-from ..data.randaugment import rand_augment
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
 from ..runtime import Stream, autocast, seed_for
 from ..train.flops import backbone_forward_flops
 from ..train.optim import no_decay_names
-from ..train.run import EpochEvalHook, Run, Runtime, Trainer, use_compile
-from ..train.schedules import RunSchedule
+from ..train.run import EpochEvalHook, Run, Runtime, Trainer
 from ..train.step import TrainState, optimize_model
+from ..train.supervised import eval_cost, plain_copy, supervised_inputs, supervised_state
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -151,22 +149,6 @@ def source_differences(recorded: Optional[dict], source: dict) -> dict:
     return {"source": (recorded, source)} if recorded is not None and recorded != source else {}
 
 
-def supervised_inputs(x: torch.Tensor, cropped: bool, state: TrainState, size: int, scale, ratio, mean, std,
-                      randaugment: float = 0.0) -> torch.Tensor:
-    """A labelled batch's training inputs: RandomResizedCrop (streamed: the workers cut it) + flip, optional
-    RandAugment (magnitude ``randaugment``), normalization; seeded by ``(seed, step, rank)``, so a resumed
-    run draws the same."""
-    g = torch.Generator(device=x.device).manual_seed(seed_for(state.seed, state.step, state.rank,
-                                                              Stream.SUPERVISED_AUG))
-    if cropped:  # streamed: workers cut the crop; flip here
-        x = random_crop_flip(x, size, (1.0, 1.0), (1.0, 1.0), g)
-    else:
-        x = random_crop_flip(x, size, scale, ratio, g)
-    if randaugment:
-        x = rand_augment(x, g, magnitude=randaugment)
-    return (x - mean) / std
-
-
 def finetune_step(cfg: Config, num_classes: int, device: torch.device):
     """The fine-tuning step (a :data:`~mocov3.train.loop.StepFn`): augment, mixup / cutmix, soft
     cross-entropy, :func:`~mocov3.train.step.optimize_model`."""
@@ -183,19 +165,6 @@ def finetune_step(cfg: Config, num_classes: int, device: torch.device):
         return optimize_model(state, lambda model: soft_cross_entropy(model(x), target), log=log)
 
     return step
-
-
-def plain_copy(model: nn.Module, build: Callable[[], nn.Module], device: torch.device) -> Optional[nn.Module]:
-    """``model`` itself, or under FSDP a plain copy from its gathered weights on rank 0 (None on the others;
-    every rank takes part in the gathering)."""
-    if not du.is_sharded(model):
-        return model
-    state = du.full_state_dict(model)
-    if not du.is_main():
-        return None
-    net = build()
-    net.load_state_dict(state, strict=True)
-    return net.to(device)
 
 
 def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test: ImageData, output_dir: Path,
@@ -225,7 +194,8 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         model = Classifier(backbone, len(train.classes)).to(rt.device)
         batches = labelled_batches(train, ft.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
                                    cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers,
-                                   gpu_decode=wants_gpu_decode(cfg.data.decode, rt.device, streaming=not train.in_memory))
+                                   gpu_decode=wants_gpu_decode(cfg.data.decode, rt.device,
+                                                               streaming=not train.in_memory))
         length = run.make_length(batches.steps_per_epoch)
         state = supervised_state(cfg, rt, model, length, ft.batch_size, ft.base_lr, ft.warmup_epochs,
                                  lambda m: layer_decay_groups(m, ft.weight_decay, ft.layer_decay))
@@ -256,35 +226,6 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
             last = evaluate_now()
         du.barrier()
     return last or {}
-
-
-def supervised_state(cfg: Config, rt: Runtime, model: nn.Module, length, batch_size: int, base_lr: float,
-                     warmup_epochs: float, groups: Callable[[nn.Module], list[dict]], fsdp: bool = True,
-                     optimizer: str = "adamw", weight_decay: float = 0.0) -> TrainState:
-    """A supervised trainer's state: DDP (or FSDP under ``train.strategy=fsdp`` when ``fsdp``) around
-    ``model``, the optimizer (AdamW on ``groups(model)``, or SGD momentum 0.9), the lr schedule
-    (``base_lr * batch / 256``, warm-up, cosine to where ``length`` ends), compilation (``train.compile``)."""
-    if fsdp and cfg.train.strategy == "fsdp" and rt.world > 1:
-        net = du.wrap_fsdp(model, rt.precision)  # sharded in place
-    else:
-        net = du.wrap_ddp(model, rt.device)
-    peak = scaled_lr(base_lr, batch_size)
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups(model)], lr=peak)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=peak, momentum=0.9, weight_decay=weight_decay)
-    warmup = int(round(warmup_epochs * length.steps_per_epoch))
-    schedule = RunSchedule(length, warmup, peak)
-    if use_compile(cfg.train.compile, rt.device):
-        net = torch.compile(net)
-    return TrainState(module=model, model=net, optimizer=opt, device=rt.device, precision=rt.precision,
-                      lr_at=schedule.lr, schedule=schedule, warmup_steps=warmup, seed=cfg.train.seed, rank=rt.rank)
-
-
-def eval_cost(n_test: int, batch_local: int) -> Callable[[float], tuple[float, float]]:
-    """For the time budget: ``seconds_per_step -> (one test evaluation, 0)``, its forward passes taken at a
-    third of a training step's cost per image (a forward of the three passes of a step)."""
-    return lambda seconds_per_step: (n_test * seconds_per_step / max(1, batch_local) / 3.0, 0.0)
 
 
 def classifier_flops(model: Classifier, cfg: Config) -> float:

@@ -28,7 +28,8 @@ from ..train.run import Run, Runtime, Trainer
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
 from .features import extract_features
-from .finetune import eval_cost, source_differences, supervised_inputs, supervised_state
+from ..train.supervised import eval_cost, supervised_inputs, supervised_state
+from .finetune import source_differences
 from .knn import topk_accuracy
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_class
         perm = torch.randperm(feats.shape[0], generator=g).to(feats.device)
         for i in range(steps_per_epoch):
             idx = perm[i * bs:(i + 1) * bs]
-            optimize(state, lambda: F.cross_entropy(probe(feats[idx]), labels[idx]))
+            optimize(state, lambda idx=idx: F.cross_entropy(probe(feats[idx]), labels[idx]))
         state.raise_if_nonfinite()
     return probe.eval()
 
@@ -149,7 +150,8 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
         bs -= bs % rt.world
         batches = labelled_batches(train, bs, rt.rank, rt.world, cfg.train.seed, rt.device, data_cfg.image_size,
                                    (0.08, 1.0), (3 / 4, 4 / 3), data_cfg.num_workers,
-                                   gpu_decode=wants_gpu_decode(data_cfg.decode, rt.device, streaming=not train.in_memory))
+                                   gpu_decode=wants_gpu_decode(data_cfg.decode, rt.device,
+                                                               streaming=not train.in_memory))
         length = run.make_length(batches.steps_per_epoch)
         torch.manual_seed(cfg.train.seed)
         probe = LinearProbe(backbone.num_features, len(train.classes), lc.bn).to(rt.device)

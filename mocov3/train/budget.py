@@ -52,7 +52,8 @@ def plan_epochs(budget_s: float, elapsed_s: float, step: int, steps_per_epoch: i
     free = (1.0 - margin) * budget_s - elapsed_s
     done = step // steps_per_epoch
     for epochs in range(max_epochs, low, -1):
-        need = (epochs * steps_per_epoch - step) * seconds_per_step + kept_points(done, epochs, eval_every) * eval_seconds
+        need = (epochs * steps_per_epoch - step) * seconds_per_step \
+            + kept_points(done, epochs, eval_every) * eval_seconds
         if need <= free:
             return epochs
     return min(low, max_epochs)

@@ -1,7 +1,6 @@
 """Checkpoints: written atomically, read with ``weights_only=True`` (never full pickle)."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import random

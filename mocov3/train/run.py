@@ -380,7 +380,8 @@ class CheckpointHook(Hook):
 
 class EpochEvalHook(Hook):
     """An evaluation at epoch ends (every ``every`` epochs and at the last step): ``evaluate()``, called on
-    every rank (rank 0 evaluates, the others return ``{}``) -> a dict of metrics written with the step (keys prefixed by ``prefix``) and kept
+    every rank (rank 0 evaluates, the others return ``{}``) -> a dict of metrics written with the step (keys
+    prefixed by ``prefix``) and kept
     in ``last`` (saved in checkpoints by the trainer). Its time is left out of images/s and of the budget."""
 
     def __init__(self, evaluate: Callable[[], dict], every: int, metrics: MetricsWriter, prefix: str = "test_",
