@@ -35,12 +35,12 @@ def random_init_checkpoint(ckpt_path: Path, out: Path) -> Path:
     """The run's architecture at its initialization (same seed as the pretraining run's step 0)."""
     from mocov3.config import load_config
     from mocov3.methods import build_method
-    from mocov3.train.checkpoint import load_checkpoint, save_checkpoint
+    from mocov3.train.checkpoint import Payload, load_checkpoint
 
     ck = load_checkpoint(ckpt_path)
     cfg = load_config(None, [], base=ck["config"])
     torch.manual_seed(cfg.train.seed)
-    save_checkpoint(out, {"model": build_method(cfg).state_dict(), "config": ck["config"], "step": 0})
+    Payload(task="pretrain", model=build_method(cfg).state_dict(), config=ck["config"], step=0).write(out)
     return out
 
 

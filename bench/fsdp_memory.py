@@ -54,14 +54,17 @@ def worker(out: Path, overrides: list[str], data: str) -> None:
 
     from mocov3 import distributed as du
     from mocov3.config import load_config
-    from mocov3.pretrain import build_data, build_runtime, build_train_state
+    from mocov3.pretrain import build_data, build_train_state
+    from mocov3.train.loop import RunLength
+    from mocov3.train.run import build_runtime, eval_precision
     from mocov3.train.step import RawBatch, train_step
 
     cfg = load_config(None, overrides)
     cfg.data.path = data
-    rt = build_runtime(cfg)
+    rt = build_runtime(cfg.train.device, cfg.train.threads)
+    rt.precision = eval_precision(cfg.train.precision, rt.device)  # no run folder here: decided for this device
     run_data = build_data(cfg, rt)
-    state = build_train_state(cfg, rt, run_data.batches.steps_per_epoch)
+    state = build_train_state(cfg, rt, RunLength(cfg.train.epochs, run_data.batches.steps_per_epoch))
     state.module.train()
     t = time.perf_counter()
     for i, (a, b, crop) in enumerate(run_data.batches.epoch(0)):

@@ -142,3 +142,50 @@ def test_dead_code_stays_gone(name):
     from mocov3.models import vit
 
     assert not hasattr(vit, name) and not hasattr(vit.VisionTransformer, name)
+
+
+def _calls(path: Path) -> list[tuple[str, int]]:
+    """(name, line) of every call in ``path``: ``f(...)`` and ``x.f(...)`` both give ``f``."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+            out.append((name, node.lineno))
+    return out
+
+
+#: What sets a run up, and the one module that may call it (besides the modules that define it).
+RUN_SETUP = {"init_from_env", "resolve_device", "resolve_precision", "set_device", "init_process_group"}
+RUN_MODULE = "train/run.py"
+DEFINERS = {"runtime.py", "distributed.py"}
+
+
+def _setup_calls_outside_the_run_module(root: Path) -> list[str]:
+    return [f"{p.relative_to(root)}:{line} calls {name}" for p in sorted(root.rglob("*.py"))
+            if str(p.relative_to(root)) not in DEFINERS | {RUN_MODULE}
+            for name, line in _calls(p) if name in RUN_SETUP]
+
+
+def test_only_the_run_module_sets_up_process_group_device_and_precision():
+    assert not _setup_calls_outside_the_run_module(ROOT)
+
+
+def test_the_setup_check_finds_a_stray_call(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "run.py").write_text("init_from_env('cpu')\n")
+    (tmp_path / "eval.py").write_text("import torch\ntorch.cuda.set_device(0)\nx = resolve_precision('auto', d)\n")
+    assert _setup_calls_outside_the_run_module(tmp_path) == ["eval.py:2 calls set_device",
+                                                             "eval.py:3 calls resolve_precision"]
+
+
+def test_no_trainer_has_its_own_loop():
+    """One loop (train/loop.py: the only code that iterates ``batches.epoch``); the trainers are short tables
+    of contents that hand it a step and hooks."""
+    loops = [f"{p.relative_to(ROOT)}:{line}" for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] != "data"
+             and str(p.relative_to(ROOT)) != "train/loop.py" for name, line in _calls(p) if name == "epoch"]
+    assert not loops, loops
+    for trainer in ("pretrain.py", "eval/finetune.py", "eval/linear.py"):
+        n = len((ROOT / trainer).read_text().splitlines())
+        assert n <= 260, f"{trainer} has {n} lines: move what is not its table of contents into a module of its own"
+        assert any(name == "fit" for name, _ in _calls(ROOT / trainer)), f"{trainer} does not train through fit"

@@ -84,7 +84,8 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's tasks through /proc")
-def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run(folder, tmp_path, monkeypatch, task):
     """Preemption as SLURM signals it: every task of the job gets submitit's signal (USR2) mid-run. Task 0
     stops the run (a checkpoint after the current step, every rank at the same step) and requeues the job;
     the requeued tasks resume from the run folder; the metrics equal those of an uninterrupted torchrun job."""
@@ -95,6 +96,13 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_args = ["pretrain", "--data", str(folder), "--no-progress", *TINY, "epochs=12", "eval.knn_every=0"]
+    if task == "finetune":  # a fine-tuning run is requeued the same way
+        pre = tmp_path / "pre"
+        assert subprocess.run([sys.executable, "-m", "mocov3", *run_args, "train.max_steps=1", "--output-dir",
+                               str(pre)], capture_output=True, timeout=300).returncode == 0
+        run_args = ["finetune", "--checkpoint", str(pre / "checkpoint.pt"), "--train-data", str(folder),
+                    "--test-data", str(folder), "--no-progress", "finetune.epochs=12", "finetune.batch_size=16",
+                    "finetune.eval_every=100"]
     ref = tmp_path / "ref"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     with socket.socket() as s:

@@ -24,6 +24,7 @@ from ..data.datasets import ImageData, labelled_batches
 from ..data.gpu_decode import wants_gpu_decode
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
+from ..train.loop import Progress, RunLength, fit
 from ..train.run import Run, Runtime, Trainer
 from ..train.schedules import lr_at
 from ..train.step import TrainState, optimize
@@ -50,28 +51,44 @@ class LinearProbe(nn.Module):
         return self.head(self.norm(x))
 
 
+class FeatureBatches:
+    """Batches of fixed features [N, D] with their labels for the fast probe, in the loop's protocol
+    (``epoch(e, start)``, ``steps_per_epoch``): a permutation per epoch drawn from (seed, epoch); the last
+    incomplete batch is dropped."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int):
+        self.feats, self.labels, self.bs, self.seed = feats, labels, batch_size, seed
+        self.steps_per_epoch = max(1, feats.shape[0] // batch_size)
+
+    def epoch(self, epoch: int, start: int = 0):
+        g = torch.Generator().manual_seed(seed_for(self.seed, epoch, Stream.LABELLED_ORDER))
+        perm = torch.randperm(self.feats.shape[0], generator=g).to(self.feats.device)
+        for i in range(start, self.steps_per_epoch):
+            idx = perm[i * self.bs:(i + 1) * self.bs]
+            yield self.feats[idx], self.labels[idx]
+
+
+def feature_step(state: TrainState, batch, log: bool) -> dict:
+    """The fast probe's step: cross-entropy of the probe on a batch of fixed features."""
+    x, y = batch
+    return optimize(state, lambda: F.cross_entropy(state.model(x), y), log=log)
+
+
 def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, base_lr: float,
                             epochs: int, batch_size: int, weight_decay: float = 0.0, bn: bool = True,
                             seed: int = 0) -> LinearProbe:
-    """SGD (momentum 0.9) + cosine on fixed features [N, D] (not L2-normalized), through the generic
-    training step (:func:`mocov3.train.step.optimize`)."""
+    """SGD (momentum 0.9) + cosine on fixed features [N, D] (not L2-normalized), on the one loop
+    (:func:`mocov3.train.loop.fit`) with :func:`feature_step`. Seconds long: no folder, no checkpoint."""
     torch.manual_seed(seed)
     probe = LinearProbe(feats.shape[1], num_classes, bn).to(feats.device)
     bs = min(batch_size, feats.shape[0])
     lr = scaled_lr(base_lr, bs)
-    steps_per_epoch = max(1, feats.shape[0] // bs)
-    total = epochs * steps_per_epoch
+    batches = FeatureBatches(feats, labels, bs, seed)
+    length = RunLength(epochs, batches.steps_per_epoch)
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     state = TrainState(module=probe, model=probe, optimizer=opt, device=feats.device, precision="fp32",
-                       lr_at=lambda s: lr_at(s, total, 0, lr), seed=seed)
-    probe.train()
-    for epoch in range(epochs):
-        g = torch.Generator().manual_seed(seed_for(seed, epoch, Stream.LABELLED_ORDER))
-        perm = torch.randperm(feats.shape[0], generator=g).to(feats.device)
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            optimize(state, lambda idx=idx: F.cross_entropy(probe(feats[idx]), labels[idx]))
-        state.raise_if_nonfinite()
+                       lr_at=lambda s: lr_at(s, length.total_steps, 0, lr), seed=seed)
+    fit(state, batches, Progress(0, length, log_every=length.total_steps + 1), [], feature_step)
     return probe.eval()
 
 
