@@ -3,13 +3,13 @@ hook on a fake clock, and a budgeted run end to end: its schedule ends inside th
 checkpoint record the decision, and a resume keeps it."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import yaml
 
+from helpers import metrics
 from conftest import TINY
 
 
@@ -127,7 +127,7 @@ def fake_time(monkeypatch):
 
 
 def _lines(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return metrics(run)
 
 
 def test_a_budgeted_run_ends_its_schedule_inside_the_budget_and_a_resume_keeps_its_epochs(folder, tmp_path, fake_time):

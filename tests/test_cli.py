@@ -12,11 +12,12 @@ import torch
 
 from mocov3.cli import main
 
+from helpers import metrics
 from conftest import TINY, make_folder
 
 
 def _metrics(run):
-    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+    return metrics(Path(run))
 
 
 def _pretrain(folder, out, *extra, eval_data=None):

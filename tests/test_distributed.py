@@ -1,9 +1,6 @@
 """A 2-process gloo run equals a 1-process run on the concatenated batch (loss, grads, parameters)."""
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,18 +11,8 @@ import torch.multiprocessing as mp
 import _dist_worker
 from mocov3 import distributed as du
 
+from helpers import metrics, torchrun_two
 from conftest import TINY
-
-
-def _torchrun_two(*args: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=2 -m mocov3 ARGS`` on this machine (gloo, a free port, one thread each)."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return subprocess.run([torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                           "-m", "mocov3", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_helpers_work_without_a_process_group():
@@ -76,7 +63,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, nam
 ], ids=["mocov3", "swav_resnet_multicrop", "simclr"])
 def test_torchrun_cli_on_two_cpu_processes(folder, tmp_path, extra):
     out = tmp_path / "run"
-    res = _torchrun_two("pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+    res = torchrun_two("pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
                         "--no-progress", *TINY, "train.max_steps=3", *extra)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -94,10 +81,10 @@ def test_torchrun_time_budget_decides_once_for_both_processes(folder, tmp_path):
     """train.budget_minutes under 2 gloo processes: one decision (an all-reduce of the pace), the same
     schedule on both ranks (a mismatch would leave one rank waiting in a collective), the run ends at it."""
     out = tmp_path / "run"
-    res = _torchrun_two("pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY,
+    res = torchrun_two("pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress", *TINY,
                         "epochs=15", "train.budget_minutes=30", "train.log_every=5")
     assert res.returncode == 0, res.stderr[-2000:]
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     events = [l for l in lines if l.get("event") == "budget"]
     assert len(events) == 1 and events[0]["epochs"] == 15 and events[0]["at_step"] == 40, events
     assert [l for l in lines if "loss" in l][-1]["step"] == 60
@@ -120,7 +107,7 @@ def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
                  "finetune.batch_size=16", *stream],
                 ["linear", "--output-dir", str(tmp_path / "lin"), *common, "linear.epochs=10", "linear.batch_size=16",
                  "linear.base_lr=1.0", *stream]):
-        res = _torchrun_two(*cmd)
+        res = torchrun_two(*cmd)
         assert res.returncode == 0, res.stderr[-2000:]
         lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
         assert len(lines) == 1  # only rank 0 reports
@@ -129,8 +116,8 @@ def test_torchrun_finetune_and_full_probe_streaming(folder, tmp_path):
             assert result["top1"] > 90, result
         else:
             assert 0 <= result["top1"] <= 100
-    metrics = [json.loads(l) for l in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics if "test_top1" in m] == [1.0]
+    records = metrics(tmp_path / "ft")
+    assert [m["epoch"] for m in records if "test_top1" in m] == [1.0]
 
 
 def test_attempts_sharing_a_store_get_their_own_key_prefix():

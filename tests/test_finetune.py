@@ -7,6 +7,7 @@ from mocov3.cli import main
 from mocov3.eval.finetune import Classifier, layer_decay_groups, layer_id, mix_batch
 from mocov3.models.vit import VisionTransformer, ViTSpec
 
+from helpers import metrics
 from conftest import TINY, make_folder
 
 
@@ -48,7 +49,7 @@ def test_finetune_and_from_scratch_commands(folder, tmp_path, capsys):
     assert main(["finetune", "--output-dir", str(out)] + common) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= res["top1"] <= 100 and not res["from_scratch"]
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     assert [l["epoch"] for l in lines if "test_top1" in l] == [1.0, 2.0]
     # re-running a finished run resumes at its end and reports the same result
     assert main(["finetune", "--output-dir", str(out)] + common) == 0

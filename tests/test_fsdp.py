@@ -3,11 +3,8 @@ are the plain format (a 1-process evaluation and a DDP resume load them). Sharde
 under FSDP: tests/test_sharded_checkpoint.py."""
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,24 +12,17 @@ import torch
 
 from mocov3.cli import main
 from mocov3.config import ConfigError
-from mocov3.runtime import read_metrics
 from mocov3.train.checkpoint import load_checkpoint
 
+from helpers import HAS_TORCHRUN, metrics, torchrun_two
 from conftest import TINY, tiny_cfg
 
-TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-pytestmark = pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+pytestmark = pytest.mark.skipif(not HAS_TORCHRUN, reason="torchrun not installed")
 
 
 def _torchrun(folder: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [TORCHRUN, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "mocov3",
-           "pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out), "--no-progress",
-           *TINY, "optim.clip_grad=5.0", *extra]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    res = torchrun_two("pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out),
+                       "--no-progress", *TINY, "optim.clip_grad=5.0", *extra)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -50,7 +40,7 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_everywhere(folder, tmp_path, c
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(folder, ddp, "train.max_steps=3")
     res = _torchrun(folder, fsdp, "train.max_steps=3", "train.strategy=fsdp", "train.checkpoint_format=full")
-    a, b = read_metrics(ddp / "metrics.jsonl"), read_metrics(fsdp / "metrics.jsonl")
+    a, b = metrics(ddp), metrics(fsdp)
     la, lb = [r["loss"] for r in a if "loss" in r], [r["loss"] for r in b if "loss" in r]
     assert len(la) == 3 and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
     for key in ("grad_norm", "update_ratio"):  # the monitor sums the shards' norms over the ranks
@@ -82,7 +72,7 @@ def test_fsdp_equals_ddp_and_its_checkpoint_loads_everywhere(folder, tmp_path, c
     # a DDP resume of the FSDP run equals the DDP run resumed (both to step 5)
     _torchrun(folder, ddp, "train.max_steps=5")
     _torchrun(folder, fsdp, "train.max_steps=5", "train.strategy=ddp")  # (sharded checkpoints: test_sharded_checkpoint)
-    a, b = read_metrics(ddp / "metrics.jsonl"), read_metrics(fsdp / "metrics.jsonl")
+    a, b = metrics(ddp), metrics(fsdp)
     assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], rel=1e-5)
     _close(torch.load(fsdp / "checkpoint.pt", weights_only=True)["model"],
            torch.load(ddp / "checkpoint.pt", weights_only=True)["model"])
@@ -96,8 +86,8 @@ def test_fsdp_resumes_a_ddp_checkpoint(folder, tmp_path):
     shutil.copytree(ddp, mixed)
     _torchrun(folder, ddp, "train.max_steps=4")
     _torchrun(folder, mixed, "train.max_steps=4", "train.strategy=fsdp")
-    la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(mixed / "metrics.jsonl") if "loss" in r]
+    la = [r["loss"] for r in metrics(ddp) if "loss" in r]
+    lb = [r["loss"] for r in metrics(mixed) if "loss" in r]
     assert len(la) == 4 and la == pytest.approx(lb, rel=1e-5)
     _close(load_checkpoint(mixed / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"])
 
@@ -118,8 +108,8 @@ def test_fsdp_equals_ddp_for_the_other_methods_and_activation_checkpointing(fold
     ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
     _torchrun(folder, ddp, "train.max_steps=2", setting, "eval.knn_init=off")
     _torchrun(folder, fsdp, "train.max_steps=2", setting, "eval.knn_init=off", "train.strategy=fsdp")
-    la = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
-    lb = [r["loss"] for r in read_metrics(fsdp / "metrics.jsonl") if "loss" in r]
+    la = [r["loss"] for r in metrics(ddp) if "loss" in r]
+    lb = [r["loss"] for r in metrics(fsdp) if "loss" in r]
     bf16 = "bf16" in setting  # bf16 parameters in FSDP's forward vs fp32 parameters under autocast in DDP's
     assert len(la) == 2 and la == pytest.approx(lb, rel=1e-3 if bf16 else 1e-5, abs=1e-6)
     _close(load_checkpoint(fsdp / "checkpoint.pt")["model"], load_checkpoint(ddp / "checkpoint.pt")["model"],

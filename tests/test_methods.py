@@ -1,7 +1,6 @@
 """SimCLR, BYOL, SwAV, MoCo's key queue, ResNets and LARS (docs/paper.md §1, §4, §6): each loss against a
 slow loop written here, Sinkhorn's marginals, LARS against a hand computation, torchvision names, and a
 training step plus an exact resume for every method x backbone."""
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ from mocov3.methods import build_method
 from mocov3.models import ResNet, ResNetSpec
 from mocov3.train.lars import LARS
 
+from helpers import metrics
 from conftest import TINY, tiny_cfg
 
 
@@ -151,7 +151,7 @@ METHODS = {
 
 
 def _metrics(run):
-    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return metrics(run)
 
 
 @pytest.mark.parametrize("backbone", ["vit", "resnet"])

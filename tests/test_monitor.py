@@ -1,4 +1,3 @@
-import json
 
 import torch
 
@@ -6,6 +5,7 @@ from mocov3.cli import main
 from mocov3.methods import build_method
 from mocov3.train.monitor import GradMonitor, layer_groups
 
+from helpers import metrics
 from conftest import TINY, tiny_cfg
 
 
@@ -44,5 +44,5 @@ def test_pretraining_logs_grad_norms(folder, tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"] + TINY
                 + ["train.max_steps=2", "model.freeze_patch_embed=false"]) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lines = metrics(out, "loss")
     assert {"patch_embed", "block0", "projector", "total"} <= set(lines[0]["grad_norm"])

@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -7,6 +6,7 @@ from mocov3.cli import main
 from mocov3.methods import build_method
 from mocov3.train.optim import build_optimizer, param_groups
 
+from helpers import metrics
 from conftest import TINY, tiny_cfg
 
 
@@ -46,7 +46,7 @@ def test_ablation_switches_train_end_to_end(folder, tmp_path, switches):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"] + TINY
                 + ["train.max_steps=2"] + switches) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lines = metrics(out, "loss")
     assert len(lines) == 2 and all(torch.isfinite(torch.tensor(l["loss"])) for l in lines)
 
 
@@ -55,7 +55,7 @@ def test_streaming_mode_with_a_corrupt_image_keeps_training(folder, tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"] + TINY
                 + ["data.in_memory=no", "epochs=1", "--eval-data", str(folder)]) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     assert sum("loss" in l for l in lines) == 73 // 16 and any("knn_top1" in l for l in lines)
 
 

@@ -183,7 +183,7 @@ def test_streaming_counts_unreadable_images_and_evaluation_leaves_them_out(tmp_p
         p.write_bytes(b"broken")
     out = tmp_path / "run"
     assert _pretrain(folder, out, "data.in_memory=no", "epochs=1", eval_data=folder) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     assert max(l.get("unreadable_images", 0) for l in lines) >= 1
     from mocov3.config import load_config
     from mocov3.data.datasets import load_dataset

@@ -203,6 +203,14 @@ def test_finetune_compiled_equals_eager(pretrained, folder, tmp_path):
     assert np.allclose([l for _, l, _ in a], [l for _, l, _ in b], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("task", ["finetune", "linear"])
+def test_log_lines_carry_mfu_where_the_peak_is_known(pretrained, folder, tmp_path, task):
+    out = tmp_path / "run"
+    assert main(_cmd(task, pretrained, folder, out, "train.max_steps=2", "train.peak_tflops=1")) == 0
+    lines = metrics(out, "loss")
+    assert lines and all(0 < r["mfu"] < 1 for r in lines)
+
+
 # ------------------------------------------------------------------------------------ mocov3 0.3 files
 def test_checkpoints_of_mocov3_0_3_still_load_and_resume(tmp_path, capsys):
     pre, ft = Payload.read(LEGACY / "pretrain_checkpoint.pt"), Payload.read(LEGACY / "finetune_checkpoint.pt")
@@ -255,6 +263,8 @@ def _close(a: dict, b: dict, tol=2e-5) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TORCHRUN, reason="torchrun not installed")
 def test_torchrun_finetune_equals_one_process_and_fsdp_equals_ddp(pretrained, tmp_path):
+    """2 gloo processes (DDP) == 1 process; FSDP, stopped after 2 steps and resumed from its sharded
+    checkpoint, == DDP."""
     data = _symmetric_folder(tmp_path / "sym")
     common = ["--checkpoint", str(pretrained), "--train-data", str(data), "--test-data", str(data), "--no-progress",
               *DETERMINISTIC]
@@ -262,9 +272,10 @@ def test_torchrun_finetune_equals_one_process_and_fsdp_equals_ddp(pretrained, tm
     assert main(["finetune", "--output-dir", str(one), *common]) == 0
     res = torchrun_two("finetune", "--output-dir", str(ddp), *common)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = torchrun_two("finetune", "--output-dir", str(fsdp), *common, "train.strategy=fsdp",
-                       "train.checkpoint_format=full")
-    assert res.returncode == 0, res.stderr[-3000:]
+    for limit in (["train.max_steps=2"], []):  # FSDP with sharded checkpoints (its default), stopped and resumed
+        res = torchrun_two("finetune", "--output-dir", str(fsdp), *common, "train.strategy=fsdp", *limit)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert Payload.read(fsdp / "checkpoint.pt", materialize=False).sharded is not None
     w1, w2, w3 = (Payload.read(d / "checkpoint.pt").model for d in (one, ddp, fsdp))
     _close(w2, w1)
     _close(w3, w2)

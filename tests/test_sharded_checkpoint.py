@@ -12,16 +12,17 @@ import pytest
 import torch
 
 from mocov3.cli import main
-from mocov3.runtime import CheckpointError, read_metrics
+from mocov3.runtime import CheckpointError
 from mocov3.train import sharded
 from mocov3.train.checkpoint import load_checkpoint, remove_stale_tmp, save_checkpoint
 
+from helpers import metrics
 from conftest import TINY
 from test_fsdp import _close, _torchrun
 
 
 def _losses(run: Path) -> list:
-    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    return [r["loss"] for r in metrics(run) if "loss" in r]
 
 
 @pytest.mark.slow
@@ -44,7 +45,7 @@ def test_sharded_checkpoints_resume_under_either_strategy_and_load_everywhere(fo
     # its losses are its own; it continues from step 2)
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(single), "--no-progress", *TINY,
                  "optim.clip_grad=5.0", "train.max_steps=4", "eval.knn_init=off", "train.strategy=fsdp"]) == 0
-    steps = [r["step"] for r in read_metrics(single / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in metrics(single) if "loss" in r]
     assert steps == [1, 2, 3, 4] and _losses(single)[:2] == _losses(fsdp)[:2]
     _torchrun(folder, fsdp, "train.max_steps=4", "eval.knn_init=off", "train.strategy=fsdp")  # reads own shards
     _torchrun(folder, mixed, "train.max_steps=4", "eval.knn_init=off")  # DDP: reads the whole state

@@ -12,6 +12,7 @@ import torch
 
 from mocov3.cli import main
 
+from helpers import metrics
 from conftest import TINY, make_folder, tiny_cfg
 
 
@@ -125,7 +126,7 @@ def test_pretrain_and_knn_from_shards(shards, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["pretrain", "--data", str(out), "--eval-data", str(test), "--output-dir", str(run),
                  "--no-progress"] + TINY + ["data.num_workers=2", "epochs=2"]) == 0
-    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(run)
     assert [l["step"] for l in lines if "knn_top1" in l] == [7, 14]  # 120 // 16 steps per epoch
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ck["data_identity"]["layout"] == [1, 2]

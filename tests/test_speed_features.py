@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from helpers import metrics
 from conftest import TINY, tiny_cfg
 
 
@@ -58,7 +59,7 @@ def test_mfu_on_log_lines(folder, tmp_path):
     out = tmp_path / "run"
     assert main(["pretrain", "--data", str(folder), "--output-dir", str(out), "--no-progress"] + TINY
                 + ["train.max_steps=2", "train.peak_tflops=0.001"]) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    lines = metrics(out, "loss")
     from mocov3.methods import build_method
     from mocov3.train.flops import step_flops_per_image
 
@@ -180,6 +181,6 @@ def test_compiled_run_resumes_evaluates_and_exports(folder, tmp_path):
     assert main(common + ["train.max_steps=5", "train.compile=true"]) == 0
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == 5 and not any("_orig_mod" in k for k in ck["model"])
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     assert [l["step"] for l in lines if "knn_top1" in l] == [4]
     assert main(["export", "--checkpoint", str(out / "checkpoint.pt"), "--output", str(tmp_path / "e")]) == 0

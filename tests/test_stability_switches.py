@@ -1,6 +1,5 @@
 """The stability study's switches (docs/paper.md §2, §5): patch-projection variants, conv stem, clipping of
 the patch projection alone, update-to-weight ratios, the fine kNN monitor, the spike history on resume."""
-import json
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from mocov3.models.vit import ConvStem, VisionTransformer, ViTSpec
 from mocov3.train.monitor import GradMonitor
 from mocov3.train.optim import clip_gradients
 
+from helpers import metrics
 from conftest import TINY, make_folder, tiny_cfg
 
 
@@ -119,7 +119,7 @@ def test_variants_pretrain_and_log_the_monitor(tmp_path, switches):
     assert main(["pretrain", "--data", str(train), "--eval-data", str(test), "--output-dir", str(out),
                  "--no-progress"] + TINY + ["train.max_steps=4", "eval.knn_every_steps=2", "eval.knn_fine_bank=20",
                                             "eval.knn_fine_test=10"] + switches) == 0
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = metrics(out)
     fine = [l for l in lines if "knn_fine_top1" in l]
     assert [l["step"] for l in fine] == [0, 2, 4]
     logged = [l for l in lines if "loss" in l]

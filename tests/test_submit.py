@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import metrics
 from conftest import TINY
 
 pytest.importorskip("submitit")
@@ -90,7 +91,6 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     stops the run (a checkpoint after the current step, every rank at the same step) and requeues the job;
     the requeued tasks resume from the run folder; the metrics equal those of an uninterrupted torchrun job."""
     submitit = pytest.importorskip("submitit")
-    from mocov3.runtime import read_metrics
     from mocov3.submit import submit
 
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[1]))
@@ -117,7 +117,7 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
                  folder=str(logs), executor="local", signal_delay_s=30)
     deadline = time.time() + 240
     while time.time() < deadline:  # wait for training to be under way
-        lines = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+        lines = metrics(out) if (out / "metrics.jsonl").exists() else []
         if any(r.get("step", 0) >= 6 and "loss" in r for r in lines):
             break
         time.sleep(0.2)
@@ -131,7 +131,7 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     text = "".join(p.read_text() for p in logs.glob("*_log.err"))
     assert "Caught signal SIGUSR2" in text and "saving a checkpoint after this step" in text
     assert "resumed from" in text
-    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    steps = [r["step"] for r in metrics(out) if "loss" in r]
     assert steps == list(range(1, 49))  # resumed: no step twice, none missing
     assert _losses(out) == _losses(ref)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 48

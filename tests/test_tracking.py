@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from mocov3.cli import main
-from mocov3.runtime import read_metrics
 from mocov3.tracking import flatten
 
+from helpers import metrics
 from conftest import TINY
 
 
@@ -77,7 +77,7 @@ def test_wandb_offline_mirrors_metrics_and_resumes_the_same_run(folder, tmp_path
     assert config["model"]["embed_dim"] == 32 and config["train"]["wandb_project"] == "proj"
     logged = [row for r in runs for row in r[1]]
     # every metrics.jsonl record was mirrored, with its keys and values
-    for rec in map(flatten, read_metrics(run / "metrics.jsonl")):
+    for rec in map(flatten, metrics(run)):
         match = [row for row in logged if row.get("step") == rec["step"] and all(k in row for k in rec)]
         assert match, f"record not in W&B: {rec}"
         for k, v in rec.items():

@@ -24,6 +24,7 @@ from ..data.datasets import ImageData, labelled_batches
 from ..data.gpu_decode import wants_gpu_decode
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
+from ..train.flops import backbone_forward_flops
 from ..train.loop import Progress, RunLength, fit
 from ..train.run import Run, Runtime, Trainer
 from ..train.schedules import lr_at
@@ -179,9 +180,10 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
             run.restore(state)
         else:
             run.start({"batch_size": bs, "steps_per_epoch": length.steps_per_epoch, "source": source})
-        n_test = len(test)
-        hooks = [run.time_budget(state, eval_cost(n_test, bs // rt.world), 0),
-                 run.metrics_hook(state, bs), run.checkpoint_hook(state, lambda: {"source": source})]
+        flops = lambda: backbone_forward_flops(backbone, data_cfg.image_size)  # noqa: E731 - the frozen forward
+        hooks = [run.time_budget(state, eval_cost(len(test), bs // rt.world), 0),
+                 run.metrics_hook(state, bs, flops_per_image=flops),
+                 run.checkpoint_hook(state, lambda: {"source": source})]
         stopped = run.fit(state, batches, probe_step(backbone, data_cfg, rt.precision, rt.device), hooks)
         if stopped:
             return {"interrupted_by": stopped, "step": state.step}

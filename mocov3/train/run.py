@@ -288,11 +288,16 @@ class Run:
 
     # -- the loop
     def metrics_hook(self, state: TrainState, batch_size: int, extra: Optional[Callable[[], dict]] = None,
-                     flops_per_image: float = 0.0) -> MetricsHook:
-        """Log lines (loss, lr, images/s, ``mfu`` where the device's peak is known, gradient norms)."""
+                     flops_per_image: Callable[[], float] | float = 0.0) -> MetricsHook:
+        """Log lines (loss, lr, images/s, gradient norms, and ``mfu`` where the device's peak is known: the
+        model FLOPs of one training step per image, ``flops_per_image``, counted only then)."""
         peak = peak_flops(self.rt.device, self.cfg.train.peak_tflops)
         mfu = None
+        if peak and callable(flops_per_image):
+            flops_per_image = flops_per_image()
         if peak and flops_per_image:
+            log.info("%.3g GFLOPs per image per step; peak %.0f TFLOPS per device", flops_per_image / 1e9,
+                     peak / 1e12)
             world = self.rt.world
             mfu = lambda ips: flops_per_image * ips / world / peak  # noqa: E731
         return MetricsHook(self.folder.metrics, batch_size, self.progress, state.step, self.length, extra=extra,
