@@ -465,7 +465,7 @@ def test_killed_download_leftovers_are_removed(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------------- signals, inputs
 def test_signal_during_the_epoch_end_knn_stops_without_another_step(folder, tmp_path, capsys, monkeypatch):
-    import mocov3.pretrain as pre
+    import mocov3.eval.monitor as pre
 
     real = pre.knn_evaluate
     calls = []
