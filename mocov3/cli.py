@@ -16,7 +16,7 @@ from .config import describe_keys
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .data.shards import parse_size, write_shards
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
-from .export import FORMATS, export_backbone, push_to_hub, read_results
+from .export import EXPORT_FILES, FORMATS, export_backbone, push_to_hub, read_results
 from .pretrain import pretrain, resolve_config
 from .report import make_report
 from .runtime import ConfigError, MocoError, first_line, launch_rank
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo "
                                                           "(needs huggingface_hub and a login)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --output (a folder that holds anything else is refused)")
     p = sub.add_parser("submit", help="run a mocov3 command on SLURM via submitit (one task per GPU, requeued on "
                                       "preemption / timeout): mocov3 submit [options] -- pretrain ...")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
@@ -193,6 +195,8 @@ def cmd_pretrain(args) -> int:
     msg = {"step": res.step, "finished": res.finished, "output_dir": str(out)}
     if res.last_knn:
         msg.update({"knn_top1": res.last_knn["top1"], "knn_top5": res.last_knn["top5"]})
+    if res.unreadable:
+        msg["unreadable_images"] = res.unreadable
     _print_json(msg)
     return 0
 
@@ -254,8 +258,9 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     _setup_logging()
-    out = export_backbone(Path(args.checkpoint), Path(args.output), read_results(args.results), args.format)
-    info = {"output": str(out), "format": args.format, "files": sorted(p.name for p in out.iterdir())}
+    out = export_backbone(Path(args.checkpoint), Path(args.output), read_results(args.results), args.format,
+                          overwrite=args.overwrite)
+    info = {"output": str(out), "format": args.format, "files": sorted(EXPORT_FILES)}
     if args.push_to_hub:
         info["hub_url"] = push_to_hub(out, args.push_to_hub, args.private)
     _print_json(info)
@@ -272,9 +277,22 @@ def cmd_submit(args) -> int:
         try:
             job.results()
         except Exception as e:  # noqa: BLE001 - submitit re-raises the task's failure with its traceback
-            print(f"mocov3 submit: error: job {job.job_id} failed: {first_line(e)}", file=sys.stderr)
+            print(f"mocov3 submit: error: job {job.job_id} failed: {_job_cause(job, e)}", file=sys.stderr)
             return 1
     return 0
+
+
+def _job_cause(job, e: BaseException) -> str:
+    """Why a submitted job failed: the command's own ``error:`` line from the job's log when there is one
+    (submitit's exception says only which task exited), else the exception's first line, and where the logs are."""
+    try:
+        log_text = job.stderr() or ""
+    except Exception:  # noqa: BLE001 - no log (yet): the exception is all there is
+        log_text = ""
+    errors = [line.strip() for line in log_text.splitlines() if ": error: " in line or line.startswith("Error")]
+    cause = errors[-1] if errors else first_line(e)
+    where = getattr(job, "paths", None)
+    return cause + (f" (log: {where.stderr})" if where is not None else "")
 
 
 def cmd_shard(args) -> int:

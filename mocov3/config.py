@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .runtime import ConfigError
+from .runtime import ConfigError, read_text
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "scaled_lr", "describe_keys",
            "VIT_NAMES", "RESNET_NAMES", "is_resnet"]
@@ -360,10 +360,14 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, raw = text.split("=", 1)
+    if len(raw) > MAX_VALUE_CHARS:
+        raise ConfigError(f"override {key.strip()}: a value of {len(raw)} characters (at most {MAX_VALUE_CHARS})")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}: the value is nested too deeply") from None
     return key.strip(), value
 
 
@@ -388,6 +392,11 @@ def recipe_names() -> list[str]:
     return sorted(str(f.relative_to(RECIPES)) for f in RECIPES.rglob("*.yaml"))
 
 
+#: Bounds on what a recipe or an override may hold (a config is small; these stop a runaway input early).
+MAX_VALUE_CHARS = 10_000
+MAX_BASE_DEPTH = 32
+
+
 def read_recipe(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
     """A YAML recipe and the chain of recipes it extends (``base: other.yaml``, relative to the recipe),
     base first: ``[(source, mapping), ...]``. A name that is not a file is looked up among the shipped
@@ -397,10 +406,15 @@ def read_recipe(path: str | Path, _seen: tuple = ()) -> list[tuple[str, dict]]:
         raise ConfigError(f"config file not found: {p} (shipped recipes: {', '.join(recipe_names())})")
     if p.resolve() in _seen:
         raise ConfigError(f"{p}: 'base' recipes form a cycle")
+    if len(_seen) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{p}: 'base' recipes nested more than {MAX_BASE_DEPTH} deep")
+    text = read_text(p, "config file", limit=1 << 20)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a recipe") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     base = data.pop("base", None)

@@ -25,8 +25,8 @@ from safetensors.torch import load_file, save_file
 from .models.factory import build_from_spec
 from .models.resnet import ResNetSpec
 from .models.vit import ViTSpec
-from .runtime import CheckpointError, ConfigError, StorageError, first_line, storage_error
-from .train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, spec_from_config
+from .runtime import CheckpointError, ConfigError, StorageError, first_line, read_text, storage_error
+from .train.checkpoint import Payload, backbone_state_from_checkpoint, load_checkpoint, spec_from_config
 
 EXPORT_FORMAT = "mocov3-backbone/1"
 
@@ -110,16 +110,13 @@ def read_results(paths) -> dict:
     out = {}
     for path in paths:
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise CheckpointError(f"results file {path}: {first_line(e)}") from None
+        text = read_text(path, "results file", limit=16 << 20)
         res = None
         for chunk in [text] + text.strip().splitlines()[::-1]:
             try:
                 res = json.loads(chunk)
                 break
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
         if not isinstance(res, dict) or "top1" not in res:
             raise CheckpointError(f"results file {path}: no evaluation result (a JSON object with top1) in it")
@@ -133,9 +130,35 @@ def read_results(paths) -> dict:
     return out
 
 
+#: The manifest an export writes into its folder: the files it wrote (``--overwrite`` replaces only an
+#: export, recognized by it).
+MANIFEST = ".mocov3-export.json"
+EXPORT_FILES = ("model.safetensors", "config.json", "README.md")
+
+
+def check_export_folder(output: Path, overwrite: bool) -> None:
+    """An export writes into a new or empty folder, or (``overwrite``) over an earlier export of its own
+    (its :data:`MANIFEST`); anything else is refused before a file is written (a user's README.md, config.json
+    or weights are never replaced)."""
+    if output.exists() and not output.is_dir():
+        raise StorageError(f"export folder {output} is a file")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    ours = (output / MANIFEST).is_file()
+    if ours and overwrite:
+        return
+    if ours:
+        raise CheckpointError(f"{output} holds an earlier export; add --overwrite to replace it, or choose another "
+                              f"--output")
+    raise CheckpointError(f"{output} is not empty and holds no mocov3 export ({MANIFEST}); nothing was written: "
+                          f"choose an empty or new --output")
+
+
 def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict] = None,
-                    fmt: str = "mocov3") -> Path:
-    """Write the export folder for ``checkpoint`` (``fmt``: ``mocov3`` or ``timm-hub``); returns ``output``."""
+                    fmt: str = "mocov3", overwrite: bool = False) -> Path:
+    """Write the export folder for ``checkpoint`` (``fmt``: ``mocov3`` or ``timm-hub``); returns ``output``.
+    ``output`` must be new, empty, or (``overwrite``) an earlier export (:func:`check_export_folder`)."""
+    check_export_folder(Path(output), overwrite)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
     ckpt = load_checkpoint(Path(checkpoint))
@@ -165,7 +188,7 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         "method": cfg["method"]["name"],
         "pretrain_step": ckpt.get("step"),
         "pretrain_epoch": ckpt.get("epoch"),
-        "fine_tuned": "source" in ckpt,  # a fine-tuning run's checkpoint: its backbone after fine-tuning
+        "fine_tuned": Payload.from_dict(ckpt).task == "finetune",  # its backbone after fine-tuning
         "eval_results": results,
     }
     for k, v in results.items():
@@ -186,6 +209,7 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         os.chmod(output / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
         (output / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
         (output / "README.md").write_text(card)
+        (output / MANIFEST).write_text(json.dumps({"format": fmt, "files": list(EXPORT_FILES)}) + "\n")
     except OSError as e:
         raise storage_error("write the export folder", output, e) from None
     return output
@@ -297,8 +321,8 @@ def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
     try:
         api = huggingface_hub.HfApi()
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder),
-                          commit_message="mocov3 export")
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="mocov3 export",
+                          ignore_patterns=[MANIFEST])  # the folder's own bookkeeping, not the model's
     except Exception as e:  # noqa: BLE001 - network, auth and Hub errors
         raise StorageError(f"push to the Hub repo {repo_id} failed ({first_line(e)}); the export folder {folder} "
                            f"is complete, upload it again with --push-to-hub") from None

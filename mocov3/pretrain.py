@@ -57,6 +57,7 @@ class RunResult:
     interrupted_by: int
     last_knn: Optional[dict]
     output_dir: Path
+    unreadable: int = 0  # streamed images skipped as unreadable in this invocation (each replaced by the next)
 
 
 @dataclass
@@ -102,7 +103,11 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
                      "last_knn": knn.last, "data_identity": identity,
                      "monitor": state.monitor.state_dict() if state.monitor is not None else {}})]
         stopped = run.fit(state, data.batches, pretrain_step, hooks)
-    return RunResult(state.step, state.step >= length.total_steps, stopped, knn.last, run.folder.path)
+    skipped = int(data.batches.unreadable) + len(data.train.skipped)
+    if skipped:
+        log.warning("%d unreadable images were skipped in %s (see the warnings above; each streamed one was "
+                    "replaced by the next readable image)", skipped, cfg.data.path)
+    return RunResult(state.step, state.step >= length.total_steps, stopped, knn.last, run.folder.path, skipped)
 
 
 def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: Path, data: Optional[str] = None,

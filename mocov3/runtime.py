@@ -72,9 +72,40 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 def storage_error(action: str, path, e: BaseException) -> StorageError:
     """A one-line :class:`StorageError` for an OSError (or torch's RuntimeError wrapping one)."""
     reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    if StopFlag.second_signal:  # a second Ctrl-C / SIGTERM broke the write, not the disk
+        return StorageError(f"could not {action} {path}: interrupted by a second signal; what was saved before "
+                            f"is intact (run the command again to resume)")
     if isinstance(e, OSError) and e.errno == 28 or "No space" in str(e) or "enforce fail" in str(e):
         reason += " (is the disk full?)"
     return StorageError(f"could not {action} {path}: {reason}")
+
+
+def available_memory() -> int:
+    """Bytes of memory this process could still allocate (Linux: MemAvailable; 0 where unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def read_text(path, what: str = "file", limit: int = 64 << 20) -> str:
+    """A small text file the user gave (a recipe, a results file): UTF-8, at most ``limit`` bytes; anything
+    else is a one-line :class:`ConfigError` naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ConfigError(f"{what} {path} is {size} bytes, more than a {what} can be ({limit} bytes)")
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {e.start}); is it the right file?") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder, not a file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror or first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------ run lock
@@ -291,13 +322,16 @@ def read_metrics(path: Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------- stop flag
 class StopFlag:
     """Set by SIGINT / SIGTERM; the loop then checkpoints after the current step and exits. A second
-    signal stops at once (KeyboardInterrupt)."""
+    signal stops at once (KeyboardInterrupt; ``StopFlag.second_signal`` says so to whoever it interrupts)."""
+
+    second_signal = False
 
     def __init__(self):
         self.signum = 0
         self._old = {}
 
     def __enter__(self):
+        StopFlag.second_signal = False
         for s in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[s] = signal.signal(s, self._handle)
@@ -307,6 +341,7 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum:
+            StopFlag.second_signal = True
             raise KeyboardInterrupt
         self.signum = signum
         log.warning("signal %d received: saving a checkpoint after this step, then stopping", signum)

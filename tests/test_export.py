@@ -188,8 +188,9 @@ def test_push_to_hub_uploads_the_folder(checkpoint, tmp_path, monkeypatch, capsy
             calls.append(("create", repo_id, private, exist_ok))
             return f"https://huggingface.co/{repo_id}"
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+        def upload_folder(self, repo_id, folder_path, commit_message, ignore_patterns=()):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir()
+                                                    if p.name not in ignore_patterns)))
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FakeApi))
     exp = tmp_path / "hub"
@@ -204,11 +205,13 @@ def test_push_to_hub_uploads_the_folder(checkpoint, tmp_path, monkeypatch, capsy
             raise ConnectionError("no network\nsecond line")
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(HfApi=FailingApi))
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny"]) == 1
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny",
+                 "--overwrite"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "push to the Hub repo me/tiny failed (no network)" in err[-1]
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
-    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny"]) == 2
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--push-to-hub", "me/tiny",
+                 "--overwrite"]) == 2
     assert "needs the huggingface_hub package" in capsys.readouterr().err
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import DataError, first_line
-from .cache import default_cache_dir, resolve_cache_dir  # noqa: F401 - re-exported
+from .cache import default_cache_dir, mark_cache, resolve_cache_dir  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,23 @@ CIFAR = {
 }
 
 
+class _BoundedArray(np.ndarray):
+    """The ndarray a CIFAR batch unpickles into: its declared size is checked against the file's before any
+    memory is allocated (a file's arrays hold their bytes, so none can be larger than the file)."""
+
+    limit = 0
+
+    def __setstate__(self, state):
+        shape, dtype = state[1], state[2]
+        try:
+            n = int(np.prod([int(d) for d in shape], dtype=object)) * np.dtype(dtype).itemsize
+        except (TypeError, ValueError):
+            raise pickle.UnpicklingError("a malformed array") from None
+        if n > _BoundedArray.limit:
+            raise pickle.UnpicklingError(f"it declares an array of {n / 2**30:.3g} GiB, more than the file holds")
+        super().__setstate__(state)
+
+
 class _SafeUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -54,6 +71,8 @@ class _SafeUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("numpy", "ndarray"):
+            return _BoundedArray
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch file")
@@ -61,10 +80,14 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _load_batch(path: Path) -> dict:
     try:
+        _BoundedArray.limit = path.stat().st_size
         with open(path, "rb") as f:
-            return _SafeUnpickler(io.BufferedReader(f), encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{path} is not a valid CIFAR batch file: {e}") from None
+            out = _SafeUnpickler(io.BufferedReader(f), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, MemoryError, OverflowError) as e:
+        raise DataError(f"{path} is not a valid CIFAR batch file: {first_line(e)}") from None
+    if isinstance(out, dict):  # plain arrays from here on
+        out = {k: v.view(np.ndarray) if isinstance(v, _BoundedArray) else v for k, v in out.items()}
+    return out
 
 
 def md5sum(path: Path) -> str:
@@ -97,7 +120,7 @@ def download_cifar(name: str, cache_dir: Path) -> Path:
     if all((folder / b).is_file() for b in info["train"] + info["test"]):
         return folder
     url, md5 = _url_and_md5(name)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    mark_cache(cache_dir)
     for stale in cache_dir.glob("tmp*.part"):  # downloads a kill interrupted
         stale.unlink(missing_ok=True)
     archive = cache_dir / Path(info["url"]).name

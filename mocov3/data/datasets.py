@@ -24,7 +24,7 @@ from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import IMG_EXTENSIONS, _read_bytes, decode_center_crop, decode_crops, decode_rgb, load_rgb, scan_folder  # noqa: F401
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
-from .cache import resolve_cache_dir
+from .cache import mark_cache, resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
 
@@ -189,6 +189,7 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
             if use_cache:
                 tmp = cache_file.with_suffix(".tmp")
                 try:
+                    mark_cache(cache_dir)
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
                     tmp.replace(cache_file)

@@ -47,6 +47,9 @@ def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     if subdirs:
         for c, d in enumerate(subdirs):
             files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+            if not files:  # kept (the class numbering stays that of the folders), but said
+                log.warning("%s: class folder %s holds no images (it stays class %d, with no samples)", root,
+                            d.name, c)
             classes.append(d.name)
             paths += [str(p) for p in files]
             labels += [c] * len(files)

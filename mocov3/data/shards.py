@@ -49,22 +49,45 @@ def parse_size(text: str) -> int:
         m = 1
     try:
         value = int(float(t) * m)
-    except ValueError:
+    except (ValueError, OverflowError):  # "inf" overflows int(), "nan" is not a number
         raise DataError(f"--shard-size {text!r} is not a size (e.g. 512MB)") from None
     if value <= 0:
         raise DataError(f"--shard-size must be positive, got {text!r}")
     return value
 
 
+#: Written when ``mocov3 shard`` starts into a folder and removed when its index is written: a folder that holds
+#: it (and no index) holds the partial output of a converter that was killed, which a new run cleans.
+PARTIAL = ".mocov3-shard-partial"
+
+
+def _clean_partial(out: Path) -> None:
+    """Remove what an interrupted ``mocov3 shard`` wrote into ``out`` (it left :data:`PARTIAL` there)."""
+    mine = sorted(out.glob("shard-*.tar")) + sorted(out.glob("shard-*.tar.part"))
+    log.warning("%s holds the partial output of an interrupted `mocov3 shard` (%d files): removing it and "
+                "starting again", out, len(mine))
+    for f in mine:
+        f.unlink()
+    (out / PARTIAL).unlink()
+
+
 def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
-    """Convert an image folder (class subfolders) into shuffled tar shards + ``index.json``; returns the index."""
-    paths, labels, classes = scan_folder(Path(src))
+    """Convert an image folder (class subfolders) into shuffled tar shards + ``index.json``; returns the index.
+    A folder that holds the partial output of an interrupted conversion (its :data:`PARTIAL` marker) is
+    cleaned first; a folder that holds other shards is refused."""
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise DataError(f"the shard folder {out} lies inside the image folder {src}: it would be read as a class; "
+                        f"choose a folder outside it")
+    paths, labels, classes = scan_folder(src)
     order = list(range(len(paths)))
     random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX_NAME).exists() or list(out.glob("shard-*.tar")):
+    if (out / PARTIAL).is_file() and not (out / INDEX_NAME).exists():
+        _clean_partial(out)
+    if (out / INDEX_NAME).exists() or list(out.glob("shard-*.tar")) or list(out.glob("shard-*.tar.part")):
         raise DataError(f"{out} already holds shards; choose an empty folder")
+    (out / PARTIAL).write_text(json.dumps({"source": str(src.resolve()), "seed": seed}) + "\n")
     shards, cur, cur_bytes, cur_labels, key = [], None, 0, [], 0
 
     def close():
@@ -92,18 +115,34 @@ def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
         cur_labels.append(labels[i])
         key += 1
     close()
-    index = {"format": FORMAT, "classes": classes, "total": key, "source": str(Path(src).resolve()), "seed": seed,
+    index = {"format": FORMAT, "classes": classes, "total": key, "source": str(src.resolve()), "seed": seed,
              "shards": shards}
-    (out / INDEX_NAME).write_text(json.dumps(index) + "\n")
+    tmp = out / (INDEX_NAME + ".tmp")
+    tmp.write_text(json.dumps(index) + "\n")
+    os.replace(tmp, out / INDEX_NAME)  # the index appears whole, and only once every shard is complete
+    (out / PARTIAL).unlink()
     return index
 
 
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 
 
+#: The most names a brace pattern may expand to (a pattern of more shards than any set has is a typo).
+MAX_PATTERN_NAMES = 1_000_000
+
+
 def expand_braces(spec: str) -> list[str]:
     """``train-{000..127}.tar`` -> the 128 names (zero padding kept; several ranges multiply), webdataset's
-    brace notation."""
+    brace notation. Refused before anything is built when it names more than :data:`MAX_PATTERN_NAMES`."""
+    n = 1
+    for a, b in _BRACE.findall(spec):
+        n *= max(0, int(b) - int(a) + 1)
+    if n > MAX_PATTERN_NAMES:
+        raise DataError(f"{spec}: the pattern names {n} files, more than {MAX_PATTERN_NAMES}; check its ranges")
+    return _expand(spec)
+
+
+def _expand(spec: str) -> list[str]:
     m = _BRACE.search(spec)
     if not m:
         return [spec]
@@ -111,7 +150,7 @@ def expand_braces(spec: str) -> list[str]:
     width = len(a) if a.startswith("0") or len(a) == len(b) else 0
     out = []
     for i in range(int(a), int(b) + 1):
-        out += expand_braces(spec[:m.start()] + str(i).zfill(width) + spec[m.end():])
+        out += _expand(spec[:m.start()] + str(i).zfill(width) + spec[m.end():])
     return out
 
 
@@ -134,6 +173,13 @@ def scan_shards(files: list[Path]) -> dict:
     shard read once for its sample count and labels (``KEY.cls``). Class names are the label numbers; a
     set without any ``KEY.cls`` is unlabelled (no classes: pretraining only)."""
     shards, all_labels = [], set()
+    folders = {f.parent for f in files}
+    parts = sorted(p.name for d in folders for p in d.glob("*.part")) + \
+        sorted(p.name for d in folders for p in d.glob(PARTIAL))
+    if parts:
+        raise DataError(f"{files[0].parent if files else ''} holds unfinished shards and no index.json ({parts[0]}"
+                        f"{f' and {len(parts) - 1} more' if len(parts) > 1 else ''}): the output of a `mocov3 "
+                        f"shard` that did not finish; run it again (it cleans its own partial output)")
     for f in files:
         labels = _labels(f)
         if not labels:
@@ -144,6 +190,9 @@ def scan_shards(files: list[Path]) -> dict:
         bad = next(s["name"] for s in shards if UNLABELLED in s["labels"])
         raise DataError(f"some samples have labels (KEY.cls) and some do not (e.g. in {bad}); label all or none")
     n_classes = 0 if all_labels == {UNLABELLED} else max(all_labels) + 1
+    if n_classes > MAX_CLASSES or min(all_labels) < UNLABELLED:
+        raise DataError(f"shard labels (KEY.cls) range from {min(all_labels)} to {max(all_labels)}: labels are class "
+                        f"numbers from 0 to at most {MAX_CLASSES - 1}")
     log.info("indexed %d shards without index.json (%d samples); `mocov3 shard` writes one that saves this pass",
              len(shards), sum(s["count"] for s in shards))
     return {"format": FORMAT, "classes": [str(i) for i in range(n_classes)], "total": sum(s["count"] for s in shards),
@@ -182,13 +231,45 @@ def read_index(spec: str) -> tuple[Path, dict]:
 
 
 def _load_index(root: Path) -> dict:
+    """``root/index.json``, every field checked (type, range, agreement) before anything uses it: a lying or
+    damaged index is a one-line error naming what is wrong."""
+    path = root / INDEX_NAME
     try:
-        index = json.loads((root / INDEX_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"cannot read {root / INDEX_NAME}: {first_line(e)}") from None
+        index = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"cannot read {path}: {first_line(e)}") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("shards"):
-        raise DataError(f"{root / INDEX_NAME} is not a mocov3 shard index")
+        raise DataError(f"{path} is not a mocov3 shard index")
+    _validate_index(index, path)
     return index
+
+
+def _validate_index(index: dict, path: Path) -> None:
+    def bad(what: str):
+        raise DataError(f"{path}: {what}")
+
+    classes, shards = index.get("classes"), index["shards"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) > MAX_CLASSES:
+        bad("'classes' is not a list of class names")
+    if not isinstance(shards, list):
+        bad("'shards' is not a list")
+    total = 0
+    for i, sh in enumerate(shards):
+        if not isinstance(sh, dict):
+            bad(f"shard entry {i} is not a mapping")
+        name, count, size, labels = sh.get("name"), sh.get("count"), sh.get("bytes"), sh.get("labels")
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            bad(f"shard entry {i} has no plain file name ('name')")
+        for key, v in (("count", count), ("bytes", size)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(f"shard {name}: '{key}' is not a non-negative integer")
+        if not isinstance(labels, list) or len(labels) != count:
+            bad(f"shard {name}: 'labels' is not a list of {count} labels")
+        if not all(isinstance(y, int) and not isinstance(y, bool) and UNLABELLED <= y < len(classes) for y in labels):
+            bad(f"shard {name}: a label is not a class number below {len(classes)} (or {UNLABELLED}: unlabelled)")
+        total += count
+    if index.get("total") != total:
+        bad(f"'total' ({index.get('total')!r}) is not the sum of the shards' counts ({total})")
 
 
 def _checked(root: Path, index: dict) -> dict:
@@ -205,6 +286,8 @@ def _checked(root: Path, index: dict) -> dict:
 #: Extensions of a sample's image entry (the first one present is the image).
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "tif", "tiff", "gif")
 UNLABELLED = -1  # the label of a sample without a KEY.cls entry
+#: The most classes a set may have (a shard whose KEY.cls says 10^11 is not a class list to build).
+MAX_CLASSES = 1_000_000
 
 
 def _groups(tar: tarfile.TarFile):
@@ -228,7 +311,26 @@ def _groups(tar: tarfile.TarFile):
 
 def _label(tar: tarfile.TarFile, entries: dict) -> int:
     m = entries.get("cls") or entries.get("cls.txt")
-    return int(tar.extractfile(m).read()) if m is not None else UNLABELLED
+    if m is None:
+        return UNLABELLED
+    raw = tar.extractfile(m).read(32)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{m.name} holds {raw[:16]!r}, not a class number") from None
+
+
+def _check_complete(tar: tarfile.TarFile, path: Path) -> None:
+    """A tar that ends without its end-of-archive blocks was cut short (a killed writer, a full disk, a partial
+    copy): tarfile would read it as a shorter archive, so the missing samples would vanish silently."""
+    members = tar.getmembers()
+    end = max((m.offset_data + -(-m.size // 512) * 512 for m in members), default=0)
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise DataError(f"shard {path} is truncated ({path.stat().st_size} bytes; its last sample or its end is "
+                        f"missing): copy or write it again")
 
 
 def _labels(path: Path) -> list[int]:
@@ -236,7 +338,9 @@ def _labels(path: Path) -> list[int]:
     the images are passed over, not read."""
     try:
         with tarfile.open(path, "r:") as tar:
-            return [_label(tar, entries) for _, entries in _groups(tar)]
+            labels = [_label(tar, entries) for _, entries in _groups(tar)]
+            _check_complete(tar, path)
+            return labels
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
@@ -273,10 +377,15 @@ def _range_reader(root: Path, index: dict, seq, start: int, length: int):
             continue
         skip = max(0, start - pos)
         take = min(count - skip, length)
-        for j, sample in enumerate(_samples(root / index["shards"][shard]["name"], skip)):
-            if j >= take:
+        got = 0
+        for sample in _samples(root / index["shards"][shard]["name"], skip):
+            if got >= take:
                 break
+            got += 1
             yield sample
+        if got < take:  # fewer samples than its index says: never train on part of a set silently
+            raise DataError(f"shard {root / index['shards'][shard]['name']} holds {skip + got} samples, its index "
+                            f"says {count}")
         start += take
         length -= take
         pos += count

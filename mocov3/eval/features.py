@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.cache import mark_cache
 from ..data.datasets import ImageData, eval_batches
 from ..runtime import autocast
 
@@ -77,6 +78,7 @@ def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torc
                                      normalize=False)
     if cache_file is not None:
         path = Path(cache_file)
+        mark_cache(path.parent.parent)  # <cache root>/features/<key>.pt
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:

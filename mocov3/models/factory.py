@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ..config import RESNET_NAMES, VIT_NAMES, is_resnet
+from ..runtime import ConfigError, available_memory
 from .resnet import RESNET_PRESETS, ResNet, ResNetSpec
 from .vit import VIT_PRESETS, VisionTransformer, ViTSpec, vit_spec_from_config
 
@@ -15,7 +16,40 @@ def backbone_spec(model_cfg, image_size: int) -> ViTSpec | ResNetSpec:
     return vit_spec_from_config(model_cfg, image_size)
 
 
+def vit_memory(spec: ViTSpec) -> tuple[float, float, float]:
+    """Lower bounds, in bytes, of what building and running a ViT takes: its blocks' fp32 parameters, what
+    grows with the tokens (position embedding; one image's tokens through one block), one attention map of
+    one image."""
+    d, tokens = spec.embed_dim, (spec.img_size // spec.patch_size) ** 2 + 1
+    blocks = 4.0 * (spec.depth * (4 + 2 * spec.mlp_ratio) * d * d + 3 * spec.patch_size ** 2 * d)
+    return blocks, 4.0 * tokens * d * 2, 4.0 * spec.num_heads * tokens * tokens
+
+
+def check_fits(spec: ViTSpec | ResNetSpec, available: int | None = None) -> None:
+    """Refuse, before any allocation, a ViT that cannot fit in this machine's memory: a one-line
+    :class:`ConfigError` naming the keys and what they would need (``model.depth=1000000``,
+    ``model.mlp_ratio=1e9``, ``data.image_size=65536`` would otherwise die in the allocator)."""
+    if not isinstance(spec, ViTSpec):
+        return
+    available = available_memory() if available is None else available
+    if available <= 0:
+        return
+    blocks, per_token, attention = vit_memory(spec)
+    gb = lambda n: f"{n / 2**30:.3g} GB"  # noqa: E731
+    size = f"data.image_size={spec.img_size} with model.patch_size={spec.patch_size}"
+    tokens = (spec.img_size // spec.patch_size) ** 2
+    if blocks + per_token > available and blocks >= per_token:
+        raise ConfigError(f"model.embed_dim={spec.embed_dim}, model.depth={spec.depth}, "
+                          f"model.mlp_ratio={spec.mlp_ratio:g}: the backbone's parameters alone need {gb(blocks)}, "
+                          f"more than the {gb(available)} of memory available")
+    if blocks + per_token > available or attention > available:
+        raise ConfigError(f"{size}: {tokens} tokens per image need {gb(max(per_token, attention))} (position "
+                          f"embedding and one attention map of one image), more than the {gb(available)} of memory "
+                          f"available")
+
+
 def build_from_spec(spec: ViTSpec | ResNetSpec) -> nn.Module:
+    check_fits(spec)
     return ResNet(spec) if isinstance(spec, ResNetSpec) else VisionTransformer(spec)
 
 

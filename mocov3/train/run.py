@@ -29,6 +29,7 @@ import yaml
 
 from .. import distributed as du
 from ..config import Config, to_dict
+from ..models.factory import backbone_spec, check_fits
 from ..runtime import (CheckpointError, ConfigError, MetricsWriter, StorageError, TrainingError, first_line,
                        resolve_device, resolve_precision, storage_error)
 from ..tracking import open_sinks
@@ -136,6 +137,7 @@ class Run:
                  sink_config: Optional[dict] = None):
         self.trainer, self.cfg, self.allow_changed, self.progress = trainer, cfg, tuple(allow_changed), progress
         self.started = budget.clock()  # the time budget (train.budget_minutes) counts from here
+        check_fits(backbone_spec(cfg.model, cfg.data.image_size))  # before a folder or a device is touched
         self.rt = rt or build_runtime(cfg.train.device, cfg.train.threads)
         batch = trainer.get(cfg, trainer.batch_size)
         if batch % self.rt.world != 0:
@@ -144,6 +146,13 @@ class Run:
         ckpt = Path(resume) if resume else output_dir / CHECKPOINT_NAME
         if resume and not ckpt.is_file():
             raise CheckpointError(f"checkpoint not found: {resume}")
+        own = output_dir / CHECKPOINT_NAME
+        if resume and own.exists() and not (own.is_file() and own.resolve() == ckpt.resolve()):
+            # a folder holds one run: resuming another checkpoint into it would replace its checkpoint and
+            # drop its metrics after that checkpoint's step
+            raise CheckpointError(f"{output_dir} holds a run of its own ({own.name}); --resume {resume} starts a "
+                                  f"new run only in an empty folder: run without --resume to continue that run, "
+                                  f"or choose another --output-dir")
         if output_dir.exists() and not output_dir.is_dir():
             raise StorageError(f"output folder {output_dir} is a file")
         self.folder = RunFolder(output_dir, ckpt, MetricsWriter(output_dir / "metrics.jsonl", du.is_main()))
@@ -218,9 +227,13 @@ class Run:
         rt.precision = recorded if recorded else resolve_precision(cfg.train.precision, rt.device)
         if recorded:
             log.info("precision %s, as recorded when the run started", recorded)
-        self.write_config()
+        # the sinks first: a W&B start that fails leaves config.yaml as it was
         self.folder.metrics.sinks = open_sinks(self.folder.path, cfg.train, self.sink_config or to_dict(cfg),
                                                du.is_main())
+        self.write_config()
+        if cfg.train.checkpoint_format == "sharded" and not (cfg.train.strategy == "fsdp" and rt.world > 1):
+            log.warning("train.checkpoint_format=sharded applies to train.strategy=fsdp with several processes; "
+                        "this run writes full checkpoints (which every command reads)")
         return self.payload
 
     def record(self) -> dict:

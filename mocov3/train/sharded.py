@@ -18,6 +18,7 @@ import logging
 import pickle
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -180,22 +181,27 @@ def load_into(module: nn.Module, optimizer, folder: Path, param_groups: list) ->
     set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": param_groups})
 
 
-def referenced(run_dir: Path) -> set[str]:
-    """Names of the shard folders the checkpoint files in ``run_dir`` point at."""
+def referenced(run_dir: Path) -> Optional[set[str]]:
+    """Names of the shard folders the checkpoint files in ``run_dir`` point at; None when a pointer cannot be
+    read (it may point at any of them: nothing may be removed then)."""
     names = set()
     for p in Path(run_dir).glob("checkpoint*.pt"):
         try:
             ck = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - an unreadable pointer keeps nothing alive (load reports it)
-            continue
+        except Exception:  # noqa: BLE001 - unreadable: what it references is unknown
+            return None
         if isinstance(ck, dict) and isinstance(ck.get("sharded"), dict):
             names.add(str(ck["sharded"].get("folder")))
     return names
 
 
 def remove_unreferenced(run_dir: Path) -> None:
-    """Shard folders no checkpoint file points at (superseded ones, remnants of a killed save)."""
+    """Shard folders no checkpoint file points at (superseded ones, remnants of a killed save). Nothing is
+    removed while a checkpoint file of the folder cannot be read."""
     keep = referenced(run_dir)
+    if keep is None:
+        log.warning("a checkpoint file in %s cannot be read: its shard folders are kept", run_dir)
+        return
     for d in list(Path(run_dir).glob(f"*{SUFFIX}")) + list(Path(run_dir).glob(f".*{SUFFIX}.tmp")):
         if d.is_dir() and d.name not in keep:
             shutil.rmtree(d, ignore_errors=True)
