@@ -147,10 +147,11 @@ class Run:
         if resume and not ckpt.is_file():
             raise CheckpointError(f"checkpoint not found: {resume}")
         own = output_dir / CHECKPOINT_NAME
-        if resume and own.exists() and not (own.is_file() and own.resolve() == ckpt.resolve()):
+        started = own.exists() or (output_dir / "metrics.jsonl").exists()
+        if resume and started and not (own.is_file() and own.resolve() == ckpt.resolve()):
             # a folder holds one run: resuming another checkpoint into it would replace its checkpoint and
             # drop its metrics after that checkpoint's step
-            raise CheckpointError(f"{output_dir} holds a run of its own ({own.name}); --resume {resume} starts a "
+            raise CheckpointError(f"{output_dir} holds a run of its own; --resume {resume} starts a "
                                   f"new run only in an empty folder: run without --resume to continue that run, "
                                   f"or choose another --output-dir")
         if output_dir.exists() and not output_dir.is_dir():
