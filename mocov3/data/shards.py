@@ -22,6 +22,7 @@ import os
 import random
 import re
 import tarfile
+import time
 import types
 from pathlib import Path
 
@@ -36,6 +37,59 @@ log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FORMAT = "mocov3-shards/1"
+
+#: Attempts of a remote read (a shard, the index) before its error is final; the waits between them, seconds.
+REMOTE_ATTEMPTS = 4
+REMOTE_BACKOFF = 0.5
+
+
+def is_remote(spec) -> bool:
+    """A URL that fsspec opens (``https://``, ``s3://``, ``gs://``, ...), not a local path."""
+    return isinstance(spec, str) and "://" in spec and not spec.startswith("file://")
+
+
+def _join(root, name: str):
+    """A shard's location: ``root / name`` for a folder, ``root/name`` for a URL."""
+    return root.rstrip("/") + "/" + name if isinstance(root, str) else Path(root) / name
+
+
+def _fsspec():
+    try:
+        import fsspec
+    except ImportError:  # pragma: no cover - fsspec comes with torch
+        raise DataError("reading shards from a URL needs fsspec: pip install 'mocov3[remote]'") from None
+    return fsspec
+
+
+def _remote_retry(what: str, fn):
+    """``fn()``, tried :data:`REMOTE_ATTEMPTS` times on a transient read error (network, server), then a
+    one-line :class:`DataError` naming ``what``."""
+    last = None
+    for attempt in range(REMOTE_ATTEMPTS):
+        try:
+            return fn()
+        except DataError:
+            raise
+        except ImportError as e:
+            raise DataError(f"cannot read {what}: {first_line(e)} (pip install 'mocov3[remote]')") from None
+        except FileNotFoundError:  # fsspec's HTTP also says so of a server it cannot reach
+            raise DataError(f"cannot read {what}: not found, or the server is unreachable") from None
+        except Exception as e:  # noqa: BLE001 - aiohttp, botocore ... errors have no common base
+            last = e
+            if attempt + 1 < REMOTE_ATTEMPTS:
+                log.warning("reading %s failed (%s); trying again", what, first_line(e))
+                time.sleep(REMOTE_BACKOFF * 2 ** attempt)
+    raise DataError(f"cannot read {what} after {REMOTE_ATTEMPTS} attempts: {first_line(last)}")
+
+
+def _read_remote(url: str) -> bytes:
+    fsspec = _fsspec()
+
+    def read():
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return _remote_retry(url, read)
 
 
 def parse_size(text: str) -> int:
@@ -159,6 +213,8 @@ def is_shard_spec(spec: str) -> bool:
     of ``.tar`` files without an index."""
     if _BRACE.search(spec) and spec.endswith(".tar"):
         return True
+    if is_remote(spec):  # a URL names a shard folder (its index.json) or the index itself
+        return True
     p = Path(spec).expanduser()
     return (p.is_dir() and ((p / INDEX_NAME).is_file() or (any(p.glob("*.tar")) and not _has_subfolders(p)))) \
         or (p.is_file() and p.name == INDEX_NAME)
@@ -203,6 +259,8 @@ def read_index(spec: str) -> tuple[Path, dict]:
     """The shard folder and its index, every shard checked to exist with its recorded size (a missing or
     truncated shard is a one-line error naming it). A brace pattern selects shards of a folder (through its
     index when it has one); shards without an index are scanned once (:func:`scan_shards`)."""
+    if is_remote(spec):
+        return _read_remote_index(spec)
     if _BRACE.search(spec):
         files = [Path(f).expanduser() for f in expand_braces(spec)]
         missing = [f for f in files if not f.is_file()]
@@ -228,6 +286,36 @@ def read_index(spec: str) -> tuple[Path, dict]:
     if p.is_dir() and not (root / INDEX_NAME).is_file():
         return root, scan_shards(sorted(root.glob("*.tar")))
     return root, _checked(root, _load_index(root))
+
+
+def _read_remote_index(spec: str) -> tuple[str, dict]:
+    """A remote shard folder (URL of the folder or of its index.json; a brace pattern selects shards through
+    the index): the index, read and checked like a local one, and each shard's size checked (one request
+    each) so that a missing or truncated shard is a one-line error before training starts."""
+    pattern = spec if _BRACE.search(spec) else None
+    root = spec.rsplit("/", 1)[0] if pattern or spec.endswith(INDEX_NAME) else spec.rstrip("/")
+    url = _join(root, INDEX_NAME)
+    try:
+        index = json.loads(_read_remote(url).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise DataError(f"cannot read {url}: {first_line(e)}") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT or not index.get("shards"):
+        raise DataError(f"{url} is not a mocov3 shard index (a remote shard folder needs its index.json)")
+    _validate_index(index, url)
+    if pattern:
+        names = [n.rsplit("/", 1)[-1] for n in expand_braces(pattern)]
+        by_name = {s["name"]: s for s in index["shards"]}
+        unknown = [n for n in names if n not in by_name]
+        if unknown:
+            raise DataError(f"{url} does not list {unknown[0]}")
+        index = {**index, "shards": [by_name[n] for n in names], "total": sum(by_name[n]["count"] for n in names)}
+    fs, _ = _fsspec().core.url_to_fs(root)
+    for sh in index["shards"]:
+        where = _join(root, sh["name"])
+        size = _remote_retry(where, lambda where=where: fs.size(where))
+        if size != sh["bytes"]:
+            raise DataError(f"shard truncated or changed: {where} ({size} bytes, index says {sh['bytes']})")
+    return root, index
 
 
 def _load_index(root: Path) -> dict:
@@ -345,9 +433,14 @@ def _labels(path: Path) -> list[int]:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
 
-def _samples(path: Path, skip: int = 0):
+def _samples(path, skip: int = 0):
     """(key, image bytes, label) of one shard's samples in stored order (label :data:`UNLABELLED` without
-    ``KEY.cls``), the first ``skip`` samples passed over (their data is seeked over, not read)."""
+    ``KEY.cls``), the first ``skip`` samples passed over (their data is seeked over, not read). A URL is
+    streamed (fsspec; nothing is downloaded whole) and read again from where it failed on a transient
+    error, :data:`REMOTE_ATTEMPTS` times."""
+    if is_remote(path):
+        yield from _remote_samples(path, skip)
+        return
     try:
         with tarfile.open(path, "r:") as tar:
             for n, (key, entries) in enumerate(_groups(tar)):
@@ -357,6 +450,55 @@ def _samples(path: Path, skip: int = 0):
                 yield key, tar.extractfile(image).read(), _label(tar, entries)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
+
+
+def _stream_groups(tar: tarfile.TarFile):
+    """Like :func:`_groups` on a streamed tar (``r|``): each entry's bytes are read as it passes."""
+    cur_key, cur = None, {}
+    for m in tar:
+        if not m.isfile():
+            continue
+        folder, _, base = m.name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        key = f"{folder}/{stem}" if folder else stem
+        if key != cur_key:
+            if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
+                yield cur_key, cur
+            cur_key, cur = key, {}
+        cur[ext.lower()] = tar.extractfile(m).read()
+    if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
+        yield cur_key, cur
+
+
+def _remote_samples(url: str, skip: int):
+    fsspec = _fsspec()
+    done, attempt = 0, 0
+    while True:
+        try:
+            # over HTTP one plain GET streams the shard (block_size=0: no range requests, which some servers
+            # lack); the object stores' own readers stream in blocks
+            opts = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
+            with fsspec.open(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+                for n, (key, entries) in enumerate(_stream_groups(tar)):
+                    if n < skip + done:
+                        continue
+                    raw = entries.get("cls") or entries.get("cls.txt")
+                    label = int(raw[:32]) if raw is not None else UNLABELLED
+                    image = next(entries[e] for e in IMAGE_EXTS if e in entries)
+                    done += 1
+                    yield key, image, label
+            return
+        except (tarfile.TarError, ValueError) as e:
+            raise DataError(f"cannot read shard {url}: {first_line(e)}") from None
+        except FileNotFoundError:
+            raise DataError(f"shard missing: {url}") from None
+        except Exception as e:  # noqa: BLE001 - network errors: read again from the next sample
+            attempt += 1
+            if attempt >= REMOTE_ATTEMPTS:
+                raise DataError(f"cannot read shard {url} after {REMOTE_ATTEMPTS} attempts: {first_line(e)}") \
+                    from None
+            log.warning("reading shard %s failed after %d samples (%s); trying again", url, done, first_line(e))
+            time.sleep(REMOTE_BACKOFF * 2 ** (attempt - 1))
 
 
 def epoch_sequence(index: dict, seed: int, epoch: int) -> list[tuple[int, int]]:
@@ -378,14 +520,14 @@ def _range_reader(root: Path, index: dict, seq, start: int, length: int):
         skip = max(0, start - pos)
         take = min(count - skip, length)
         got = 0
-        for sample in _samples(root / index["shards"][shard]["name"], skip):
+        for sample in _samples(_join(root, index["shards"][shard]["name"]), skip):
             if got >= take:
                 break
             got += 1
             yield sample
         if got < take:  # fewer samples than its index says: never train on part of a set silently
-            raise DataError(f"shard {root / index['shards'][shard]['name']} holds {skip + got} samples, its index "
-                            f"says {count}")
+            where = _join(root, index["shards"][shard]["name"])
+            raise DataError(f"shard {where} holds {skip + got} samples, its index says {count}")
         start += take
         length -= take
         pos += count
