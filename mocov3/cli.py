@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the mocov3 command to run")
     p = sub.add_parser("shard",
                        help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
-    p.add_argument("src", metavar="SRC_FOLDER", help="image folder with one subfolder per class")
+    p.add_argument("src", metavar="SOURCE", help="image folder with one subfolder per class, or a Hugging Face "
+                                                  "dataset hf:NAME[:SPLIT] (its images' bytes are copied as they are)")
     p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
     p.add_argument("--shard-size", default="512MB", help="largest shard (e.g. 512MB, 1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle of the samples")
@@ -297,7 +298,8 @@ def _job_cause(job, e: BaseException) -> str:
 
 def cmd_shard(args) -> int:
     _setup_logging()
-    index = write_shards(Path(args.src), Path(args.out), parse_size(args.shard_size), args.seed)
+    src = args.src if args.src.startswith("hf:") else Path(args.src)
+    index = write_shards(src, Path(args.out), parse_size(args.shard_size), args.seed)
     _print_json({"output": args.out, "shards": len(index["shards"]), "images": index["total"],
                  "classes": len(index["classes"])})
     return 0

@@ -136,6 +136,8 @@ class DataConfig:
                 "workers; gpu = by nvJPEG in the training process (needs CUDA and torchvision; workers only read "
                 "bytes); auto = gpu when both are there")
     cache_dir: Optional[str] = _f(None, "download / decode cache (default $MOCOV3_CACHE or ~/.cache/mocov3)")
+    image_column: str = _f("", "Hugging Face datasets (hf:NAME): the image column; empty = the one Image column")
+    label_column: str = _f("", "Hugging Face datasets (hf:NAME): the label column; empty = the one ClassLabel column")
 
 
 @dataclass

@@ -24,7 +24,9 @@ from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import IMG_EXTENSIONS, _read_bytes, decode_center_crop, decode_crops, decode_rgb, load_rgb, scan_folder  # noqa: F401
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
+from . import hf
 from .cache import mark_cache, resolve_cache_dir
+from .hf import is_hf_spec
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
 
@@ -105,6 +107,17 @@ def folder_fingerprint(root: Path, paths: list[str], classes: list[str]) -> str:
     return h.hexdigest()[:20]
 
 
+def _load_hf(spec: str, data_cfg, split: str) -> ImageData:
+    """A Hugging Face dataset (:mod:`.hf`), decoded once into memory."""
+    ds = hf.open_split(spec, split)
+    img, lab, classes = hf.columns(ds, data_cfg.image_column, data_cfg.label_column)
+    x, y, bad = hf.decode_in_memory(ds, img, lab, data_cfg.memory_limit_gb, spec)
+    fp = hashlib.sha1(f"{getattr(ds, '_fingerprint', '')}:{len(ds)}:{img}:{lab}".encode() + y.tobytes())
+    log.info("loaded %d images of %s (columns %s, %s) into memory", len(y), spec, img, lab)
+    return ImageData(spec, torch.from_numpy(y), classes, images=torch.from_numpy(x),
+                     skipped=[f"row {i}" for i in bad], fingerprint=fp.hexdigest()[:20])
+
+
 def data_identity(data: ImageData, spec: Optional[str], layout=None) -> dict:
     """What a checkpoint records of its training data, compared on resume (``layout``: the processes and
     workers a sharded set is split over, which fix its order)."""
@@ -157,6 +170,8 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
         fp = hashlib.sha1(json.dumps([[s["name"], s["count"], s["labels"]] for s in index["shards"]]).encode())
         return ImageData(str(root), labels, list(index["classes"]), fingerprint=fp.hexdigest()[:20],
                          shard_root=root, shard_index=index)
+    if is_hf_spec(spec):
+        return _load_hf(spec, data_cfg, split)
     name, _, sp = spec.partition(":")
     if name.lower() in CIFAR and not Path(spec).exists():
         x, y, classes = load_cifar(name.lower(), sp or split, cache_dir)

@@ -31,7 +31,9 @@ import torch
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops, scan_folder
+from . import hf
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
+from .hf import is_hf_spec
 
 log = logging.getLogger(__name__)
 
@@ -125,23 +127,41 @@ def _clean_partial(out: Path) -> None:
     (out / PARTIAL).unlink()
 
 
-def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
-    """Convert an image folder (class subfolders) into shuffled tar shards + ``index.json``; returns the index.
-    A folder that holds the partial output of an interrupted conversion (its :data:`PARTIAL` marker) is
-    cleaned first; a folder that holds other shards is refused."""
-    src, out = Path(src), Path(out)
+def _source_samples(src, seed: int, out: Path):
+    """(samples ``(encoded bytes, extension, label)`` in the one-time shuffled order, class names, the source's
+    name) of an image folder or a Hugging Face dataset (``hf:NAME[:SPLIT]``, its images' bytes copied as they
+    are, never decoded)."""
+    if is_hf_spec(str(src)):
+        ds = hf.open_split(str(src), "train")
+        img, lab, classes = hf.columns(ds)
+        order = list(range(len(ds)))
+        random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
+        return hf.encoded_samples(ds.select(order), img, lab), classes, str(src)
+    src = Path(src)
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise DataError(f"the shard folder {out} lies inside the image folder {src}: it would be read as a class; "
                         f"choose a folder outside it")
     paths, labels, classes = scan_folder(src)
     order = list(range(len(paths)))
     random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
+    samples = ((Path(paths[i]).read_bytes(), Path(paths[i]).suffix.lower().lstrip(".") or "jpg", labels[i])
+               for i in order)
+    return samples, classes, str(src.resolve())
+
+
+def write_shards(src, out: Path, shard_size: int, seed: int = 0) -> dict:
+    """Convert an image folder (class subfolders) or a Hugging Face dataset (``hf:NAME[:SPLIT]``) into shuffled
+    tar shards + ``index.json``; returns the index.
+    A folder that holds the partial output of an interrupted conversion (its :data:`PARTIAL` marker) is
+    cleaned first; a folder that holds other shards is refused."""
+    out = Path(out)
+    samples, classes, source = _source_samples(src, seed, out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / PARTIAL).is_file() and not (out / INDEX_NAME).exists():
         _clean_partial(out)
     if (out / INDEX_NAME).exists() or list(out.glob("shard-*.tar")) or list(out.glob("shard-*.tar.part")):
         raise DataError(f"{out} already holds shards; choose an empty folder")
-    (out / PARTIAL).write_text(json.dumps({"source": str(src.resolve()), "seed": seed}) + "\n")
+    (out / PARTIAL).write_text(json.dumps({"source": source, "seed": seed}) + "\n")
     shards, cur, cur_bytes, cur_labels, key = [], None, 0, [], 0
 
     def close():
@@ -154,22 +174,21 @@ def write_shards(src: Path, out: Path, shard_size: int, seed: int = 0) -> dict:
                            "labels": list(cur_labels)})
             cur = None
 
-    for i in order:
-        data = Path(paths[i]).read_bytes()
+    for data, ext, label in samples:
         if cur is None or cur_bytes + len(data) > shard_size and cur_labels:
             close()
             cur = tarfile.open(out / f"shard-{len(shards):06d}.tar.part", "w", format=tarfile.USTAR_FORMAT)
             cur_bytes, cur_labels = 0, []
-        ext = Path(paths[i]).suffix.lower().lstrip(".") or "jpg"
-        for suffix, payload in ((ext, data), ("cls", str(labels[i]).encode())):
+        entries = ((ext, data), ("cls", str(label).encode())) if label != UNLABELLED else ((ext, data),)
+        for suffix, payload in entries:
             info = tarfile.TarInfo(f"{key:09d}.{suffix}")
             info.size, info.mtime, info.mode = len(payload), 0, 0o644
             cur.addfile(info, io.BytesIO(payload))
         cur_bytes += len(data) + 1024
-        cur_labels.append(labels[i])
+        cur_labels.append(label)
         key += 1
     close()
-    index = {"format": FORMAT, "classes": classes, "total": key, "source": str(src.resolve()), "seed": seed,
+    index = {"format": FORMAT, "classes": classes, "total": key, "source": source, "seed": seed,
              "shards": shards}
     tmp = out / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps(index) + "\n")
