@@ -16,10 +16,9 @@ import torch
 
 from . import distributed as du
 from .config import Config, is_resnet, load_config, scaled_lr
+from .data import sources
 from .data.augment import TwoViewAugment
-from .data.datasets import ImageData, TrainBatches, data_identity, load_dataset, require_labels
-from .data.gpu_decode import wants_gpu_decode
-from .data.shards import ShardTrainBatches
+from .data.datasets import ImageData, require_labels
 from .eval.monitor import KnnMonitor
 from .methods import build_method
 from .runtime import DataError
@@ -63,7 +62,7 @@ class RunResult:
 @dataclass
 class RunData:
     train: ImageData
-    batches: TrainBatches
+    batches: object  # sources.train_batches: epoch(e, start), steps_per_epoch, unreadable
     bank: Optional[ImageData]  # the kNN bank (the training data) when there is a test set
     test: Optional[ImageData]
 
@@ -77,7 +76,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
         raise DataError("no training data: give --data (or data.path in the recipe)")
     with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
         data = build_data(cfg, run.rt)
-        identity = data_identity(data.train, cfg.data.path, shard_layout(cfg, run.rt))
+        identity = sources.identity(data.train, cfg.data.path, run.rt.world, cfg.data.num_workers)
         # a sharded run reads its own shards of a sharded checkpoint (Run.restore); others read it whole
         ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity),
                         materialize=not (cfg.train.strategy == "fsdp" and run.rt.world > 1))
@@ -130,21 +129,17 @@ def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: 
 
 def build_data(cfg: Config, rt: Runtime) -> RunData:
     """Training set (in memory on the device, or streamed), its global batches, the kNN bank and test set."""
-    train = load_dataset(cfg.data.path, cfg.data, split="train")
+    train = sources.open_set(cfg.data.path, cfg.data, split="train")
     if train.skipped:
         log.warning("%d unreadable images were skipped in %s", len(train.skipped), train.name)
     train.to(rt.device)
-    make = ShardTrainBatches if train.sharded else TrainBatches
-    gpu_decode = wants_gpu_decode(cfg.data.decode, rt.device, streaming=not train.in_memory)
-    batches = make(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
-                   cfg.data.num_workers, gpu_decode=gpu_decode)
-    if gpu_decode:
-        log.info("decoding JPEGs on the GPU (nvJPEG); data workers read the bytes and draw the crop boxes")
+    batches = sources.train_batches(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed,
+                                    rt.device, cfg.data.num_workers)
     bank = test = None
     if cfg.data.eval_path:
         require_labels(train, "the kNN monitor (--eval-data) uses the training set as its labelled bank: "
                               "pretrain without --eval-data, or with labelled shards")
-        test = load_dataset(cfg.data.eval_path, cfg.data, split="test").to(rt.device)
+        test = sources.open_set(cfg.data.eval_path, cfg.data, split="test").to(rt.device)
         if test.classes != train.classes:
             raise DataError(f"--eval-data classes ({len(test.classes)}) differ from the training data's "
                             f"class folders ({len(train.classes)}); the kNN bank needs the same classes")
@@ -223,11 +218,6 @@ def knn_cost(cfg: Config, rt: Runtime, state: TrainState, data: RunData):
         return n_full * per_image, (n_fine * per_image / fine_every if fine_every else 0.0)
 
     return seconds
-
-
-def shard_layout(cfg: Config, rt: Runtime) -> tuple[int, int]:
-    """What fixes a sharded set's order besides (seed, epoch): processes and workers per process."""
-    return rt.world, max(1, cfg.data.num_workers)
 
 
 __all__ = ["pretrain", "resolve_config", "RunResult", "CHECKPOINT_NAME", "PRETRAIN", "build_data",

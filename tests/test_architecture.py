@@ -189,3 +189,31 @@ def test_no_trainer_has_its_own_loop():
         n = len((ROOT / trainer).read_text().splitlines())
         assert n <= 260, f"{trainer} has {n} lines: move what is not its table of contents into a module of its own"
         assert any(name == "fit" for name, _ in _calls(ROOT / trainer)), f"{trainer} does not train through fit"
+
+
+def _kind_branches(root: Path) -> list[str]:
+    """Reads of a set's kind (``.sharded`` / ``.in_memory`` of an ImageData) outside the data package."""
+    out = []
+    for p in sorted(root.rglob("*.py")):
+        rel = p.relative_to(root)
+        if rel.parts[0] == "data":
+            continue
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("sharded", "in_memory") \
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                out.append(f"{rel}:{node.lineno} reads .{node.attr}")
+    return out
+
+
+def test_only_the_data_package_tells_the_kinds_of_set_apart():
+    """Trainers and evaluations ask mocov3/data/sources.py (batches, evaluation order, identity); they never
+    branch on whether a set is in memory, streamed or sharded."""
+    assert not _kind_branches(ROOT)
+
+
+def test_the_kind_check_finds_a_branch(tmp_path):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "x.py").write_text("def f(data):\n    return 1 if data.sharded else data.in_memory\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "y.py").write_text("z = d.sharded\n")
+    assert _kind_branches(tmp_path) == ["eval/x.py:2 reads .sharded", "eval/x.py:2 reads .in_memory"]

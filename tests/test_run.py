@@ -275,7 +275,7 @@ def test_torchrun_finetune_equals_one_process_and_fsdp_equals_ddp(pretrained, tm
     for limit in (["train.max_steps=2"], []):  # FSDP with sharded checkpoints (its default), stopped and resumed
         res = torchrun_two("finetune", "--output-dir", str(fsdp), *common, "train.strategy=fsdp", *limit)
         assert res.returncode == 0, res.stderr[-3000:]
-    assert Payload.read(fsdp / "checkpoint.pt", materialize=False).sharded is not None
+    assert Payload.read(fsdp / "checkpoint.pt", materialize=False).shard_info is not None
     w1, w2, w3 = (Payload.read(d / "checkpoint.pt").model for d in (one, ddp, fsdp))
     _close(w2, w1)
     _close(w3, w2)

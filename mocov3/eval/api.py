@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from .. import distributed as du
 from ..config import Config, load_config, save_config
 from ..data.cache import resolve_cache_dir
-from ..data.datasets import ImageData, load_dataset, require_labels
+from ..data import sources
+from ..data.datasets import ImageData, require_labels
 from ..methods import build_method
 from ..runtime import ConfigError, DataError
 from ..train.checkpoint import backbone_state_from_checkpoint, load_checkpoint, load_state_strict
@@ -66,8 +67,8 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     dev = rt.device
     method = build_method(cfg)
     load_state_strict(method, ckpt["model"], checkpoint)
-    train = load_dataset(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
-    test = load_dataset(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
+    train = sources.open_set(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
+    test = sources.open_set(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
     for data in (train, test):
         require_labels(data, "evaluation needs labelled --train-data and --test-data")
     if train.classes != test.classes:

@@ -12,17 +12,10 @@ import torch.nn.functional as F
 
 from ..data.cache import mark_cache
 from ..data.datasets import ImageData, eval_batches
+from ..data.sources import evaluation_order
 from ..runtime import autocast
 
 log = logging.getLogger(__name__)
-
-
-def subset_order(n: int, limit: int) -> torch.Tensor:
-    """Rows of a fixed random subset of ``limit`` of ``n`` items (sorted), or all rows when ``limit`` is 0
-    or >= n. The same subset every time (seed 0), so monitor points are comparable."""
-    if limit and limit < n:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
-    return torch.arange(n)
 
 
 @torch.no_grad()
@@ -33,12 +26,11 @@ def extract_features(backbone: nn.Module, data: ImageData, data_cfg, device: tor
     ``normalize=False``; labels [N]) on ``device``.
 
     The backbone runs in eval mode (restored afterwards); ``limit`` keeps a fixed random subset of
-    ``limit`` images (:func:`subset_order`; 0 = all).
+    ``limit`` images (:func:`~mocov3.data.sources.evaluation_order`; 0 = all).
     """
     was_training = backbone.training
     backbone.eval()
-    # a sharded set: its first ``limit`` samples (stored order is already shuffled)
-    order = torch.arange(min(limit or len(data), len(data))) if data.sharded else subset_order(len(data), limit)
+    order = evaluation_order(data, limit)
     feats, oks = [], []
     try:
         for x, ok in eval_batches(data, data_cfg, device, batch_size, order, num_workers):

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .. import distributed as du
 from ..config import Config, to_dict
-from ..data.datasets import ImageData, eval_batches, labelled_batches
-from ..data.gpu_decode import wants_gpu_decode
+from ..data.datasets import ImageData, eval_batches
+from ..data import sources
 from ..models.factory import backbone_spec, build_from_spec
 from ..models.vit import ViTSpec
 from ..runtime import Stream, autocast, seed_for
@@ -192,10 +192,9 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         if backbone_state is not None:
             backbone.load_state_dict(backbone_state, strict=True)
         model = Classifier(backbone, len(train.classes)).to(rt.device)
-        batches = labelled_batches(train, ft.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
-                                   cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio, cfg.data.num_workers,
-                                   gpu_decode=wants_gpu_decode(cfg.data.decode, rt.device,
-                                                               streaming=not train.in_memory))
+        batches = sources.supervised_batches(train, ft.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
+                                             cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio,
+                                             cfg.data.num_workers, decode=cfg.data.decode)
         length = run.make_length(batches.steps_per_epoch)
         state = supervised_state(cfg, rt, model, length, ft.batch_size, ft.base_lr, ft.warmup_epochs,
                                  lambda m: layer_decay_groups(m, ft.weight_decay, ft.layer_decay))

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from .. import distributed as du
 from ..config import Config, scaled_lr, to_dict
-from ..data.datasets import ImageData, labelled_batches
-from ..data.gpu_decode import wants_gpu_decode
+from ..data.datasets import ImageData
+from ..data import sources
 from ..distributed import GlobalBatchNorm
 from ..runtime import Stream, autocast, seed_for
 from ..train.flops import backbone_forward_flops
@@ -166,10 +166,9 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
         ckpt = run.open(lambda p: source_differences(p.extra.get("source"), source))
         bs = min(lc.batch_size, len(train))
         bs -= bs % rt.world
-        batches = labelled_batches(train, bs, rt.rank, rt.world, cfg.train.seed, rt.device, data_cfg.image_size,
-                                   (0.08, 1.0), (3 / 4, 4 / 3), data_cfg.num_workers,
-                                   gpu_decode=wants_gpu_decode(data_cfg.decode, rt.device,
-                                                               streaming=not train.in_memory))
+        batches = sources.supervised_batches(train, bs, rt.rank, rt.world, cfg.train.seed, rt.device,
+                                             data_cfg.image_size, (0.08, 1.0), (3 / 4, 4 / 3), data_cfg.num_workers,
+                                             decode=data_cfg.decode)
         length = run.make_length(batches.steps_per_epoch)
         torch.manual_seed(cfg.train.seed)
         probe = LinearProbe(backbone.num_features, len(train.classes), lc.bn).to(rt.device)

@@ -49,16 +49,16 @@ class Payload:
     scaler: dict = field(default_factory=dict)
     precision: Optional[str] = None
     extra: dict = field(default_factory=dict)
-    sharded: Optional[dict] = None
+    shard_info: Optional[dict] = None  # on disk "sharded": {"folder", "param_groups"} of a sharded checkpoint
     sharded_folder: Optional[Path] = None  # where the shards are (read only, never written)
 
-    _FIELDS = ("task", "model", "config", "step", "epoch", "optimizer", "rng", "scaler", "precision", "sharded")
+    _FIELDS = ("task", "model", "config", "step", "epoch", "optimizer", "rng", "scaler", "precision")
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self._FIELDS}
-        if out["sharded"] is None:
-            del out["sharded"]
-        clash = set(self.extra) & (set(self._FIELDS) | {"format_version", "checksum"})
+        if self.shard_info is not None:
+            out["sharded"] = self.shard_info
+        clash = set(self.extra) & (set(self._FIELDS) | {"sharded", "format_version", "checksum"})
         if clash:
             raise ValueError(f"extra checkpoint entries shadow the payload's own: {sorted(clash)}")
         return {**out, **self.extra}
@@ -68,12 +68,12 @@ class Payload:
         """A read checkpoint dict (:func:`load_checkpoint`) as a payload; files of mocov3 0.3 had no ``task``
         (a fine-tuning run's had a ``source``) and no ``precision``."""
         rest = {k: v for k, v in ckpt.items() if k not in cls._FIELDS and k not in
-                ("format_version", "checksum", "sharded_folder")}
+                ("format_version", "checksum", "sharded", "sharded_folder")}
         task = ckpt.get("task") or ("finetune" if "source" in ckpt else "pretrain")
         return cls(task=task, model=ckpt["model"], config=ckpt["config"], step=int(ckpt.get("step", 0)),
                    epoch=float(ckpt.get("epoch", 0.0) or 0.0), optimizer=ckpt.get("optimizer") or {},
                    rng=ckpt.get("rng") or {}, scaler=ckpt.get("scaler") or {}, precision=ckpt.get("precision"),
-                   extra=rest, sharded=ckpt.get("sharded"), sharded_folder=ckpt.get("sharded_folder"))
+                   extra=rest, shard_info=ckpt.get("sharded"), sharded_folder=ckpt.get("sharded_folder"))
 
     @classmethod
     def read(cls, path: Path, map_location="cpu", for_resume: bool = False, materialize: bool = True) -> "Payload":

@@ -278,7 +278,7 @@ class Run:
         p, path = self.payload, self.folder.checkpoint
         try:
             if p.sharded_folder is not None and not p.model:  # every rank reads its own shards
-                sharded.load_into(state.module, state.optimizer, p.sharded_folder, p.sharded["param_groups"])
+                sharded.load_into(state.module, state.optimizer, p.sharded_folder, p.shard_info["param_groups"])
             else:
                 du.load_full_state_dict(state.module, p.model)
         except CheckpointError:
@@ -388,7 +388,7 @@ class CheckpointHook(Hook):
             extra["budget"] = self.run.length.decision
         payload = Payload(task=self.run.trainer.task, model=model, optimizer=optim, config=to_dict(self.cfg),
                           step=p.step, epoch=p.epoch, rng=rng_state(), precision=self.run.rt.precision,
-                          scaler=s.scaler.state_dict() if s.scaler.is_enabled() else {}, extra=extra, sharded=info)
+                          scaler=s.scaler.state_dict() if s.scaler.is_enabled() else {}, extra=extra, shard_info=info)
         payload.write(path / CHECKPOINT_NAME)
         ep = p.step // p.steps_per_epoch
         if p.end_of_epoch and ep in self.cfg.train.save_epochs:

@@ -1,0 +1,81 @@
+"""Where a set comes from, and the one place that tells the kinds apart.
+
+A set (:class:`~.datasets.ImageData`) is one of: images in memory (CIFAR, small folders, small Hugging Face
+sets), an image folder streamed by workers, or tar shards (local or at a URL) streamed by workers. The
+trainers and evaluations never branch on which: they ask this module for
+
+* :func:`open_set` -- the set a spec names (``cifar10:test``, a folder, shards, ``https://.../``, ``hf:NAME``);
+* :func:`train_batches` -- pretraining's global batches (two crops per image, or bytes and boxes for nvJPEG);
+* :func:`supervised_batches` -- labelled training batches (fine-tuning, the full probe);
+* :func:`evaluation_order` -- which rows an evaluation reads (a random subset, or a sharded set's prefix);
+* :func:`identity` -- what a checkpoint records of its training set, checked on resume.
+
+Outside ``mocov3/data/`` nothing reads ``.sharded`` / ``.in_memory`` (tests/test_architecture.py).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from .datasets import ImageData, TrainBatches, data_identity, labelled_batches, load_dataset, require_labels
+from .gpu_decode import wants_gpu_decode
+from .shards import ShardTrainBatches
+
+log = logging.getLogger(__name__)
+
+
+def open_set(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:
+    """The set ``spec`` names (see the module docstring); ``split`` is the default split of CIFAR and
+    Hugging Face specs that name none."""
+    return load_dataset(spec, data_cfg, split=split, use_cache=use_cache)
+
+
+def _gpu_decode(data: ImageData, decode: str, device: torch.device) -> bool:
+    return wants_gpu_decode(decode, device, streaming=not data.in_memory)
+
+
+def train_batches(data: ImageData, data_cfg, batch_size: int, rank: int, world: int, seed: int,
+                  device: torch.device, num_workers: int):
+    """Pretraining's global batches of ``data`` (this rank's slice): ``epoch(e, start)`` and
+    ``steps_per_epoch``; JPEGs decoded on the GPU where ``data.decode`` asks for it and the set is streamed."""
+    gpu = _gpu_decode(data, data_cfg.decode, device)
+    make = ShardTrainBatches if data.sharded else TrainBatches
+    batches = make(data, data_cfg, batch_size, rank, world, seed, device, num_workers, gpu_decode=gpu)
+    if gpu:
+        log.info("decoding JPEGs on the GPU (nvJPEG); data workers read the bytes and draw the crop boxes")
+    return batches
+
+
+def supervised_batches(data: ImageData, batch_size: int, rank: int, world: int, seed: int, device: torch.device,
+                       size: int, scale, ratio, num_workers: int, decode: str = "auto"):
+    """Labelled training batches ``(images, labels, cropped)`` (:func:`~.datasets.labelled_batches`)."""
+    return labelled_batches(data, batch_size, rank, world, seed, device, size, scale, ratio, num_workers,
+                            gpu_decode=_gpu_decode(data, decode, device))
+
+
+def subset_order(n: int, limit: int) -> torch.Tensor:
+    """Rows of a fixed random subset of ``limit`` of ``n`` items (sorted), or all rows when ``limit`` is 0
+    or >= n. The same subset every time (seed 0), so monitor points are comparable."""
+    if limit and limit < n:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return torch.arange(n)
+
+
+def evaluation_order(data: ImageData, limit: int = 0) -> torch.Tensor:
+    """The rows an evaluation reads: all, or a fixed random subset of ``limit``; a sharded set is streamed in
+    stored order (already shuffled once), so its subset is its first ``limit`` samples."""
+    if data.sharded:
+        return torch.arange(min(limit or len(data), len(data)))
+    return subset_order(len(data), limit)
+
+
+def identity(data: ImageData, spec: Optional[str], world: int, num_workers: int) -> dict:
+    """What a checkpoint records of its training set (count, fingerprint, and for shards the layout of
+    processes x workers that fixes their order), compared on resume."""
+    return data_identity(data, spec, (world, max(1, num_workers)))
+
+
+__all__ = ["open_set", "subset_order", "train_batches", "supervised_batches", "evaluation_order", "identity",
+           "require_labels"]
