@@ -24,10 +24,20 @@ def _image(c: int, rng) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8))
 
 
-@pytest.fixture
-def hf_dir(tmp_path, monkeypatch):
+def _offline(monkeypatch) -> None:
+    """No request leaves this machine: datasets and huggingface_hub read these at import, so set both ways."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True, raising=False)
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True, raising=False)
+
+
+@pytest.fixture
+def hf_dir(tmp_path, monkeypatch):
+    _offline(monkeypatch)
     rng = np.random.default_rng(0)
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["r", "g", "b"])})
 
@@ -111,7 +121,7 @@ def test_an_hf_set_too_large_for_memory_says_how_to_stream_it(hf_dir, tmp_path, 
 
 
 def test_unreadable_rows_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _offline(monkeypatch)
     rng = np.random.default_rng(0)
     good = []
     for c in [0, 1, 2] * 8:
