@@ -397,9 +397,10 @@ UNLABELLED = -1  # the label of a sample without a KEY.cls entry
 MAX_CLASSES = 1_000_000
 
 
-def _groups(tar: tarfile.TarFile):
+def _groups(tar: tarfile.TarFile, read: bool = False):
     """webdataset's grouping: consecutive entries whose names share the key (the name up to the first dot
-    of its base name) form one sample; yields (key, {extension: TarInfo}) for samples with an image."""
+    of its base name) form one sample; yields (key, {extension: TarInfo}) for samples with an image, or with
+    ``read`` (a streamed tar, ``r|``, whose entries can only be read as they pass) {extension: bytes}."""
     cur_key, cur = None, {}
     for m in tar:
         if not m.isfile():
@@ -411,7 +412,7 @@ def _groups(tar: tarfile.TarFile):
             if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
                 yield cur_key, cur
             cur_key, cur = key, {}
-        cur[ext.lower()] = m
+        cur[ext.lower()] = tar.extractfile(m).read() if read else m
     if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
         yield cur_key, cur
 
@@ -471,24 +472,6 @@ def _samples(path, skip: int = 0):
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
 
-def _stream_groups(tar: tarfile.TarFile):
-    """Like :func:`_groups` on a streamed tar (``r|``): each entry's bytes are read as it passes."""
-    cur_key, cur = None, {}
-    for m in tar:
-        if not m.isfile():
-            continue
-        folder, _, base = m.name.rpartition("/")
-        stem, _, ext = base.partition(".")
-        key = f"{folder}/{stem}" if folder else stem
-        if key != cur_key:
-            if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
-                yield cur_key, cur
-            cur_key, cur = key, {}
-        cur[ext.lower()] = tar.extractfile(m).read()
-    if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
-        yield cur_key, cur
-
-
 def _remote_samples(url: str, skip: int):
     fsspec = _fsspec()
     done, attempt = 0, 0
@@ -498,7 +481,7 @@ def _remote_samples(url: str, skip: int):
             # lack); the object stores' own readers stream in blocks
             opts = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
             with fsspec.open(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-                for n, (key, entries) in enumerate(_stream_groups(tar)):
+                for n, (key, entries) in enumerate(_groups(tar, read=True)):
                     if n < skip + done:
                         continue
                     raw = entries.get("cls") or entries.get("cls.txt")
