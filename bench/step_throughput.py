@@ -166,6 +166,14 @@ def main() -> None:
     for pair in pairs:  # a typo is an error now, not a failed row after minutes of other cases
         if pair[0] not in CASES or len(pair) > 3 or (len(pair) == 3 and pair[2] not in MODES):
             ap.error(f"bad pair {':'.join(pair)!r}: case:precision[:{'|'.join(MODES)}], cases {', '.join(CASES)}")
+    import torch
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():  # every case would fail alike
+        results = [{"case": p[0], "precision": p[1], "mode": (list(p) + ["eager"])[2],
+                    "error": "no CUDA device is available"} for p in pairs]
+        print("\n".join(json.dumps(r) for r in results), flush=True)
+        write(results, args)
+        return
     for pair in pairs:
         name, prec = pair[0], pair[1]
         cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps), "--one",
