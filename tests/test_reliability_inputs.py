@@ -382,3 +382,39 @@ def test_submit_wait_prints_the_cause_of_a_failed_job(tmp_path, capsys, monkeypa
                  "--output-dir", str(tmp_path / "o"), *TINY]) == 1
     line = _err(capsys)
     assert "data path does not exist" in line and "log:" in line
+
+
+def test_sizes_in_shards_are_bounded_before_reading(folder, tmp_path, capsys, monkeypatch):
+    """An index larger than an index can be, and a tar entry whose header declares more than a sample can
+    be, are one-line errors before they are read (bounds lowered here to stay small)."""
+    from mocov3.data import shards
+
+    out = _shards(folder, tmp_path / "shards", "1MB")
+    monkeypatch.setattr(shards, "MAX_INDEX_BYTES", 100)
+    assert pretrain_tiny(out, tmp_path / "a", "train.max_steps=1") == 2
+    assert "larger than an index can be" in _err(capsys)
+    monkeypatch.setattr(shards, "MAX_INDEX_BYTES", 256 << 20)
+    monkeypatch.setattr(shards, "MAX_ENTRY_BYTES", 10)
+    assert pretrain_tiny(out, tmp_path / "b", "train.max_steps=1", "data.num_workers=0") == 2
+    assert "more than a sample can be" in _err(capsys)
+
+
+def test_a_signal_stops_the_fast_probe_instead_of_going_on(monkeypatch):
+    import os
+    import signal
+
+    from mocov3.eval import linear
+
+    real, calls = linear.feature_step, []
+
+    def step(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(linear, "feature_step", step)
+    feats, labels = torch.randn(64, 8), torch.arange(64) % 2
+    with pytest.raises(KeyboardInterrupt):
+        linear.train_probe_on_features(feats, labels, 2, 0.1, epochs=5, batch_size=16)
+    assert len(calls) == 2  # stopped after the step the signal came in

@@ -26,7 +26,6 @@ from .files import IMG_EXTENSIONS, _read_bytes, decode_center_crop, decode_crops
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 from . import hf
 from .cache import mark_cache, resolve_cache_dir
-from .hf import is_hf_spec
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
 
@@ -170,7 +169,7 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
         fp = hashlib.sha1(json.dumps([[s["name"], s["count"], s["labels"]] for s in index["shards"]]).encode())
         return ImageData(str(root), labels, list(index["classes"]), fingerprint=fp.hexdigest()[:20],
                          shard_root=root, shard_index=index)
-    if is_hf_spec(spec):
+    if hf.is_hf_spec(spec):
         return _load_hf(spec, data_cfg, split)
     name, _, sp = spec.partition(":")
     if name.lower() in CIFAR and not Path(spec).exists():

@@ -33,12 +33,16 @@ from .augment import eval_transform
 from .files import decode_center_crop, decode_crops, scan_folder
 from . import hf
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
-from .hf import is_hf_spec
 
 log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 FORMAT = "mocov3-shards/1"
+
+#: Bounds on sizes read from files before they are used: an index, and one entry of a shard (an image far
+#: larger than any photograph is a damaged or hostile tar header, not a sample to hold in memory).
+MAX_INDEX_BYTES = 256 << 20
+MAX_ENTRY_BYTES = 256 << 20
 
 #: Attempts of a remote read (a shard, the index) before its error is final; the waits between them, seconds.
 REMOTE_ATTEMPTS = 4
@@ -89,9 +93,12 @@ def _read_remote(url: str) -> bytes:
 
     def read():
         with fsspec.open(url, "rb") as f:
-            return f.read()
+            return f.read(MAX_INDEX_BYTES + 1)
 
-    return _remote_retry(url, read)
+    data = _remote_retry(url, read)
+    if len(data) > MAX_INDEX_BYTES:
+        raise DataError(f"{url} is larger than an index can be ({MAX_INDEX_BYTES} bytes)")
+    return data
 
 
 def parse_size(text: str) -> int:
@@ -131,7 +138,7 @@ def _source_samples(src, seed: int, out: Path):
     """(samples ``(encoded bytes, extension, label)`` in the one-time shuffled order, class names, the source's
     name) of an image folder or a Hugging Face dataset (``hf:NAME[:SPLIT]``, its images' bytes copied as they
     are, never decoded)."""
-    if is_hf_spec(str(src)):
+    if hf.is_hf_spec(str(src)):
         ds = hf.open_split(str(src), "train")
         img, lab, classes = hf.columns(ds)
         order = list(range(len(ds)))
@@ -342,6 +349,8 @@ def _load_index(root: Path) -> dict:
     damaged index is a one-line error naming what is wrong."""
     path = root / INDEX_NAME
     try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise DataError(f"{path} is larger than an index can be ({MAX_INDEX_BYTES} bytes)")
         index = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise DataError(f"cannot read {path}: {first_line(e)}") from None
@@ -412,9 +421,16 @@ def _groups(tar: tarfile.TarFile, read: bool = False):
             if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
                 yield cur_key, cur
             cur_key, cur = key, {}
-        cur[ext.lower()] = tar.extractfile(m).read() if read else m
+        cur[ext.lower()] = _entry_bytes(tar, m) if read else m
     if cur_key is not None and any(e in cur for e in IMAGE_EXTS):
         yield cur_key, cur
+
+
+def _entry_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """An entry's bytes, its size (from the tar header) bounded first."""
+    if m.size > MAX_ENTRY_BYTES:
+        raise ValueError(f"entry {m.name} declares {m.size} bytes, more than a sample can be ({MAX_ENTRY_BYTES})")
+    return tar.extractfile(m).read()
 
 
 def _label(tar: tarfile.TarFile, entries: dict) -> int:
@@ -467,7 +483,7 @@ def _samples(path, skip: int = 0):
                 if n < skip:
                     continue
                 image = next(entries[e] for e in IMAGE_EXTS if e in entries)
-                yield key, tar.extractfile(image).read(), _label(tar, entries)
+                yield key, _entry_bytes(tar, image), _label(tar, entries)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         raise DataError(f"cannot read shard {path}: {first_line(e)}") from None
 
