@@ -89,7 +89,8 @@ def train_probe_on_features(feats: torch.Tensor, labels: torch.Tensor, num_class
     opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     state = TrainState(module=probe, model=probe, optimizer=opt, device=feats.device, precision="fp32",
                        lr_at=lambda s: lr_at(s, length.total_steps, 0, lr), seed=seed)
-    fit(state, batches, Progress(0, length, log_every=length.total_steps + 1), [], feature_step)
+    if fit(state, batches, Progress(0, length, log_every=length.total_steps + 1), [], feature_step):
+        raise KeyboardInterrupt  # a signal: the fast probe keeps no checkpoint, so it stops (run it again)
     return probe.eval()
 
 
@@ -172,9 +173,9 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
         length = run.make_length(batches.steps_per_epoch)
         torch.manual_seed(cfg.train.seed)
         probe = LinearProbe(backbone.num_features, len(train.classes), lc.bn).to(rt.device)
+        # the probe itself in fp32; its input features are computed under rt.precision (probe_step)
         state = supervised_state(cfg, rt, probe, length, bs, lc.base_lr, 0.0, None, fsdp=False, optimizer="sgd",
-                                 weight_decay=lc.weight_decay)
-        state.precision = "fp32"  # the probe itself; its input features are computed under rt.precision
+                                 weight_decay=lc.weight_decay, precision="fp32")
         if ckpt is not None:
             run.restore(state)
         else:

@@ -36,7 +36,8 @@ def supervised_inputs(x: torch.Tensor, cropped: bool, state: TrainState, size: i
 
 def supervised_state(cfg: Config, rt: Runtime, model: nn.Module, length, batch_size: int, base_lr: float,
                      warmup_epochs: float, groups: Callable[[nn.Module], list[dict]], fsdp: bool = True,
-                     optimizer: str = "adamw", weight_decay: float = 0.0) -> TrainState:
+                     optimizer: str = "adamw", weight_decay: float = 0.0,
+                     precision: Optional[str] = None) -> TrainState:
     """A supervised trainer's state: DDP (or FSDP under ``train.strategy=fsdp`` when ``fsdp``) around
     ``model``, the optimizer (AdamW on ``groups(model)``, or SGD momentum 0.9), the lr schedule
     (``base_lr * batch / 256``, warm-up, cosine to where ``length`` ends), compilation (``train.compile``)."""
@@ -53,7 +54,7 @@ def supervised_state(cfg: Config, rt: Runtime, model: nn.Module, length, batch_s
     schedule = RunSchedule(length, warmup, peak)
     if use_compile(cfg.train.compile, rt.device):
         net = torch.compile(net)
-    return TrainState(module=model, model=net, optimizer=opt, device=rt.device, precision=rt.precision,
+    return TrainState(module=model, model=net, optimizer=opt, device=rt.device, precision=precision or rt.precision,
                       lr_at=schedule.lr, schedule=schedule, warmup_steps=warmup, seed=cfg.train.seed, rank=rt.rank)
 
 
