@@ -77,9 +77,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
     with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
         data = build_data(cfg, run.rt)
         identity = sources.identity(data.train, cfg.data.path, run.rt.world, cfg.data.num_workers)
-        # a sharded run reads its own shards of a sharded checkpoint (Run.restore); others read it whole
-        ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity),
-                        materialize=not (cfg.train.strategy == "fsdp" and run.rt.world > 1))
+        ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity))
         length = run.make_length(data.batches.steps_per_epoch)
         state = build_train_state(cfg, run.rt, length)
         if ckpt is not None:
@@ -94,9 +92,8 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
             knn.initial_point()
         per_image = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops,
                                          cfg.data.small_crop_size)
-        log.info("%.3g GFLOPs per image per step", per_image / 1e9)
         unreadable = lambda: {"unreadable_images": data.batches.unreadable} if data.batches.unreadable else {}  # noqa: E731
-        hooks = [run.time_budget(state, knn_cost(cfg, run.rt, state, data), knn.full_every),
+        hooks = [run.time_budget(state, knn_cost(cfg, run.rt, state, data, per_image), knn.full_every),
                  knn, run.metrics_hook(state, cfg.train.batch_size, unreadable, per_image),
                  run.checkpoint_hook(state, lambda: {
                      "last_knn": knn.last, "data_identity": identity,
@@ -199,11 +196,11 @@ def data_differences(recorded: Optional[dict], now: dict) -> dict:
     return {}
 
 
-def knn_cost(cfg: Config, rt: Runtime, state: TrainState, data: RunData):
+def knn_cost(cfg: Config, rt: Runtime, state: TrainState, data: RunData, step_flops: float):
     """For the time budget: ``seconds_per_step -> (one full kNN point, the fine kNN points' share of every
-    step)``, their forward passes at half the training step's FLOP rate (eager, no fused backward)."""
+    step)``, their forward passes at half the training step's FLOP rate (eager, no fused backward);
+    ``step_flops``: one training step's FLOPs per image."""
     B_local = cfg.train.batch_size // rt.world
-    step_flops = step_flops_per_image(state.module, cfg.data.image_size, cfg.data.small_crops, cfg.data.small_crop_size)
     eval_flops = backbone_forward_flops(state.module.backbone, cfg.data.image_size)
     n_full = n_fine = fine_every = 0
     if data.bank is not None:

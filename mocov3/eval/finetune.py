@@ -180,8 +180,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
     source = source or {"from_scratch": backbone_state is None}
     with Run(FINETUNE, cfg, output_dir, None, allow_changed, progress, rt=rt,
              sink_config={**to_dict(cfg), "task": "finetune"}) as run:
-        ckpt = run.open(lambda p: source_differences(p.extra.get("source"), source),
-                        materialize=not (cfg.train.strategy == "fsdp" and rt.world > 1))
+        ckpt = run.open(lambda p: source_differences(p.extra.get("source"), source))
         spec = backbone_spec(cfg.model, cfg.data.image_size)
         if isinstance(spec, ViTSpec):
             spec.freeze_patch_embed = False  # fine-tuning trains every layer

@@ -180,8 +180,7 @@ class Run:
     def resuming(self) -> bool:
         return self.folder.resuming
 
-    def open(self, differences: Optional[Callable[[Payload], dict]] = None, materialize: bool = True) \
-            -> Optional[Payload]:
+    def open(self, differences: Optional[Callable[[Payload], dict]] = None) -> Optional[Payload]:
         """Read the checkpoint to resume (None for a new run) and refuse it when what defines the run differs
         (``trainer.run_keys``, the precision, and ``differences(payload)``: the trainer's own ``{key: (before,
         now)}``, e.g. the data's identity or the fine-tuned source) unless ``--allow-changed`` accepts it;
@@ -194,7 +193,9 @@ class Run:
                               f"resume through ({self.trainer.task}; allowed: {', '.join(self.trainer.sound_changes)})")
         recorded = None
         if self.resuming:
-            p = Payload.read(self.folder.checkpoint, map_location=rt.device, for_resume=True, materialize=materialize)
+            # under FSDP each rank reads its own shards of a sharded checkpoint (restore); else it is read whole
+            sharding = cfg.train.strategy == "fsdp" and rt.world > 1
+            p = Payload.read(self.folder.checkpoint, map_location=rt.device, for_resume=True, materialize=not sharding)
             if p.task != self.trainer.task:
                 raise CheckpointError(f"{self.folder.checkpoint} is a {p.task} checkpoint, not a {self.trainer.task} "
                                       f"run's: use another --output-dir")
@@ -307,11 +308,12 @@ class Run:
         model FLOPs of one training step per image, ``flops_per_image``, counted only then)."""
         peak = peak_flops(self.rt.device, self.cfg.train.peak_tflops)
         mfu = None
-        if peak and callable(flops_per_image):
+        if peak and callable(flops_per_image):  # a count that costs a forward pass: only when it is used
             flops_per_image = flops_per_image()
+        if not callable(flops_per_image) and flops_per_image:
+            log.info("%.3g GFLOPs per image per step%s", flops_per_image / 1e9,
+                     f"; peak {peak / 1e12:.0f} TFLOPS per device" if peak else "")
         if peak and flops_per_image:
-            log.info("%.3g GFLOPs per image per step; peak %.0f TFLOPS per device", flops_per_image / 1e9,
-                     peak / 1e12)
             world = self.rt.world
             mfu = lambda ips: flops_per_image * ips / world / peak  # noqa: E731
         return MetricsHook(self.folder.metrics, batch_size, self.progress, state.step, self.length, extra=extra,
