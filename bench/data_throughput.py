@@ -10,10 +10,15 @@ does under GPU decoding (read, parse the header, draw the boxes), the evaluation
 to 256, center crop 224) before and now, and, where CUDA and torchvision exist,
 nvJPEG decode + both crops on the GPU in batches of 256 (`data.decode=gpu`), and two
 floors: a full-size decode alone and a decode at 1/8 scale (where the inverse DCT and colour conversion
-nearly vanish: what is left is the entropy decoding no scaling avoids). Writes
-bench/results/data_throughput_cpu.json.
+nearly vanish: what is left is the entropy decoding no scaling avoids).
 
-Usage: python bench/data_throughput.py [--n 300] [--workers 2] [--folder DIR]
+Per source (``sources``): the same JPEGs as an image folder, tar shards on disk, the same shards served over
+HTTP by a server on 127.0.0.1 (fsspec: the network path without the network), and a Hugging Face dataset
+(``save_to_disk``, streamed from its Arrow files; when ``datasets`` is installed), each read through
+``mocov3.data.sources.train_batches`` exactly as pretraining reads it: images/s of the two crops with one
+worker and with ``--workers``. Writes bench/results/data_throughput_cpu.json.
+
+Usage: python bench/data_throughput.py [--n 300] [--workers 2] [--folder DIR] [--only-sources]
 """
 from __future__ import annotations
 
@@ -100,6 +105,64 @@ def per_worker(fn, paths, repeat: int = 2) -> float:
     return repeat * len(paths) / (time.perf_counter() - t)
 
 
+def source_rows(paths: list[str], workers: int) -> dict:
+    """Images/s of pretraining's two crops from each kind of source holding ``paths`` (see the docstring)."""
+    import contextlib
+    import functools
+    import http.server
+    import shutil
+    import threading
+
+    import torch
+
+    from mocov3.cli import main as cli
+    from mocov3.config import load_config
+    from mocov3.data import sources
+
+    tmp = Path(tempfile.mkdtemp())
+    folder = tmp / "folder" / "x"
+    folder.mkdir(parents=True)
+    for p in paths:
+        shutil.copy(p, folder / Path(p).name)
+    assert cli(["shard", str(tmp / "folder"), str(tmp / "shards"), "--shard-size", "2MB"]) == 0
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(type("Quiet", (http.server.SimpleHTTPRequestHandler,),
+                                                 {"log_message": lambda *a: None}), directory=str(tmp)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    specs = {"image folder (streamed)": (str(tmp / "folder"), "data.in_memory=no"),
+             "tar shards, local": (str(tmp / "shards"), ""),
+             "tar shards over HTTP (127.0.0.1)": (f"http://127.0.0.1:{server.server_address[1]}/shards/", "")}
+    with contextlib.suppress(ImportError):
+        import datasets
+
+        blobs = [Path(p).read_bytes() for p in paths]
+        feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["x"])})
+        ds = datasets.Dataset.from_dict({"image": [{"bytes": b, "path": None} for b in blobs],
+                                         "label": [0] * len(blobs)}, features=feats)
+        ds.save_to_disk(str(tmp / "hf"))
+        specs["Hugging Face dataset (Arrow, streamed)"] = (f"hf:{tmp / 'hf'}", "data.in_memory=no")
+    out = {}
+    batch = max(1, len(paths) // 10)
+    for name, (spec, extra) in specs.items():
+        cfg = load_config(None, ["image_size=224", "data.crop_scale=[0.08,1.0]", *([extra] if extra else [])]).data
+        data = sources.open_set(spec, cfg, use_cache=False)
+        row = {"spec": spec.replace(str(tmp), "TMP")}
+        for w in sorted({1, workers}):
+            b = sources.train_batches(data, cfg, batch, 0, 1, 0, torch.device("cpu"), w)
+            best = 0.0
+            for epoch in range(3):  # the best of three epochs: one pass is short and a busy core skews it
+                t, n = time.perf_counter(), 0
+                for a, _b, _ in b.epoch(epoch):
+                    n += a.shape[0]
+                best = max(best, n / (time.perf_counter() - t))
+            row[f"img_s_{w}_workers"] = best
+        out[name] = row
+    server.shutdown()
+    server.server_close()
+    shutil.rmtree(tmp)
+    return out
+
+
 def main() -> None:
     import torch
 
@@ -108,6 +171,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--folder", default=None)
     ap.add_argument("--out", default="bench/results/data_throughput_cpu.json")
+    ap.add_argument("--only-sources", action="store_true", help="only the per-source rows (kept: the other keys "
+                                                                 "of an existing --out file)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from mocov3.config import load_config
@@ -120,6 +185,13 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         paths = make_jpegs(Path(tmp.name), args.n)
     sizes = [Path(p).stat().st_size for p in paths]
+    if args.only_sources:
+        res = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+        res["sources"] = source_rows(paths, args.workers)
+        res["sources_machine"] = machine_info()
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        print(json.dumps(res["sources"], indent=1))
+        return
     g = torch.Generator().manual_seed(0)
     rng = random.Random(0)
     res = {"what": "decode + two RandomResizedCrops (scale 0.08-1) to 224 px, uint8 tensors, per image",
@@ -171,6 +243,7 @@ def main() -> None:
         for a, _b, _ in loader:
             n += a.shape[0]
         res[f"loader_total_{workers}_workers"] = n / (time.perf_counter() - t)
+    res["sources"] = source_rows(paths, args.workers)
     res.update(machine_info())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

@@ -1,11 +1,15 @@
 """Helpers shared by the tests: one metrics reader, one torchrun launcher, one tiny pretraining run."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from conftest import TINY
@@ -27,6 +31,43 @@ def metrics(run: Path, key: str | None = None) -> list[dict]:
 def subprocess_env(**more: str) -> dict:
     """The environment of a ``python -m mocov3`` child: this checkout importable, one thread."""
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **more}
+
+
+class StaticHandler(http.server.SimpleHTTPRequestHandler):
+    """A plain static server (no range requests); ``fail`` maps a path to how many of its GETs to break (the
+    connection drops mid-body)."""
+
+    fail: dict = {}
+
+    def log_message(self, *a):  # quiet
+        pass
+
+    def do_GET(self):
+        left = self.fail.get(self.path, 0)
+        if left:
+            self.fail[self.path] = left - 1
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\0" * 100)
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@contextlib.contextmanager
+def serve(directory: Path):
+    """Serve ``directory`` over HTTP on 127.0.0.1 (no other address) for the block: yields its base URL."""
+    StaticHandler.fail = {}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(StaticHandler, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def free_port() -> int:

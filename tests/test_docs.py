@@ -1,6 +1,7 @@
 """The documentation site builds strictly, the tutorial notebook runs, the README points at both."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -78,3 +79,17 @@ def test_recipes_cite_the_project_s_own_paper_notes():
         assert "PAPER.md" not in text, recipe
         cited |= set(re.findall(r"docs/paper\.md (§\d+)", text))
     assert cited and cited <= sections, cited - sections
+
+
+def test_the_sources_throughput_table_is_the_benchmark_s():
+    """docs/data.md's per-source figures are bench/data_throughput.py's JSON, rounded (not typed in)."""
+    res = json.loads((ROOT / "bench" / "results" / "data_throughput_cpu.json").read_text())["sources"]
+    text = (ROOT / "docs" / "data.md").read_text()
+    table = text[text.index("### Sources at a glance"):text.index("## Making shards")]
+    rows = {"image folder (streamed)": "image folder (streamed)", "tar shards, local": "tar shards, local",
+            "tar shards at a URL": "tar shards over HTTP (127.0.0.1)",
+            "Hugging Face dataset (streamed)": "Hugging Face dataset (Arrow, streamed)"}
+    for label, key in rows.items():
+        line = next(x for x in table.splitlines() if x.startswith(f"| {label} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[-2:] == [str(round(res[key]["img_s_1_workers"])), str(round(res[key]["img_s_2_workers"]))]

@@ -73,6 +73,21 @@ def test_evaluation_commands_read_an_hf_dataset(hf_dir, folder, tmp_path):
                  "finetune.batch_size=16"]) == 0
 
 
+def test_a_local_copy_of_a_hub_repository_is_read(hf_dir, tmp_path, monkeypatch):
+    """A Hub repository downloaded as files (``huggingface-cli download --local-dir``: parquet per split) is read
+    by ``datasets``' own loader, offline, its Arrow cache under HF_DATASETS_CACHE."""
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hfcache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hfcache", raising=False)
+    repo = tmp_path / "repo"
+    for split, ds in datasets.load_from_disk(str(hf_dir)).items():
+        (repo / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(repo / "data" / f"{split}-00000-of-00001.parquet"))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", f"hf:{repo}", "--eval-data", f"hf:{repo}:test", "--output-dir", str(run),
+                 "--no-progress", *TINY, "epochs=1"]) == 0
+    assert len(metrics(run, "knn_top1")) == 1
+
+
 def test_shard_an_hf_dataset_round_trip(hf_dir, tmp_path):
     out = tmp_path / "shards"
     assert main(["shard", f"hf:{hf_dir}", str(out), "--shard-size", "8KB"]) == 0
@@ -114,10 +129,14 @@ def test_bad_hf_specs_are_one_line(hf_dir, tmp_path, capsys, spec, msg):
     assert msg in err[-1] and "Traceback" not in "\n".join(err)
 
 
-def test_an_hf_set_too_large_for_memory_says_how_to_stream_it(hf_dir, tmp_path, capsys):
-    assert main(["pretrain", "--data", f"hf:{hf_dir}", "--output-dir", str(tmp_path / "o"), "--no-progress", *TINY,
-                 "data.memory_limit_gb=0.00001"]) == 2
-    assert f"mocov3 shard hf:{hf_dir} OUT" in capsys.readouterr().err.strip().splitlines()[-1]
+def test_an_hf_set_too_large_for_memory_is_streamed(hf_dir, tmp_path, capsys):
+    run = tmp_path / "o"
+    assert main(["pretrain", "--data", f"hf:{hf_dir}", "--eval-data", f"hf:{hf_dir}:test", "--output-dir", str(run),
+                 "--no-progress", *TINY, "data.memory_limit_gb=0.00001", "data.num_workers=2"]) == 0
+    assert "streaming 72 rows" in capsys.readouterr().err and len(metrics(run, "knn_top1")) == 2
+    assert main(["pretrain", "--data", f"hf:{hf_dir}", "--output-dir", str(tmp_path / "p"), "--no-progress", *TINY,
+                 "data.memory_limit_gb=0.00001", "data.in_memory=yes"]) == 2
+    assert "use data.in_memory=auto to stream it" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_unreadable_rows_are_skipped_and_counted(tmp_path, monkeypatch, capsys):

@@ -3,9 +3,6 @@ HTTP by a server this test starts on 127.0.0.1 (no other address is touched) tra
 same shards read from disk; transient errors are retried; an unreachable URL or a missing shard is one line."""
 from __future__ import annotations
 
-import functools
-import http.server
-import threading
 from pathlib import Path
 
 import pytest
@@ -13,30 +10,9 @@ import pytest
 from mocov3.cli import main
 
 from conftest import TINY
-from helpers import metrics, pretrain_tiny
+from helpers import StaticHandler, metrics, pretrain_tiny, serve
 
 pytest.importorskip("aiohttp")  # fsspec's HTTP backend (mocov3[remote])
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    """A plain static server (no range requests); ``fail`` maps a path to how many of its GETs to break."""
-
-    fail: dict = {}
-
-    def log_message(self, *a):  # quiet
-        pass
-
-    def do_GET(self):
-        left = self.fail.get(self.path, 0)
-        if left:
-            self.fail[self.path] = left - 1
-            self.send_response(200)
-            self.send_header("Content-Length", "100000")
-            self.end_headers()
-            self.wfile.write(b"\0" * 100)  # then the connection drops mid-body
-            self.close_connection = True
-            return
-        super().do_GET()
 
 
 @pytest.fixture
@@ -45,15 +21,8 @@ def served(folder, tmp_path):
     www = tmp_path / "www"
     assert main(["shard", str(folder), str(www / "train"), "--shard-size", "4KB"]) == 0
     assert main(["shard", str(folder), str(www / "test"), "--shard-size", "64KB"]) == 0
-    handler = functools.partial(_Handler, directory=str(www))
-    _Handler.fail = {}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    yield (lambda rel: f"{base}/{rel}"), www
-    server.shutdown()
-    server.server_close()
+    with serve(www) as base:
+        yield (lambda rel: f"{base}/{rel}"), www
 
 
 def _losses(run: Path) -> list:
@@ -84,7 +53,7 @@ def test_a_mid_epoch_resume_over_http_continues_without_repeats(served, tmp_path
 
 def test_a_transient_error_is_retried(served, tmp_path, capsys):
     url, www = served
-    _Handler.fail["/train/shard-000002.tar"] = 1
+    StaticHandler.fail["/train/shard-000002.tar"] = 1
     assert pretrain_tiny(url("train/"), tmp_path / "run", "data.num_workers=0", "eval.knn_every=0",
                          "train.max_steps=6") == 0
     assert "trying again" in capsys.readouterr().err

@@ -14,7 +14,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ class ImageData:
     labels: torch.Tensor
     classes: list[str]
     images: Optional[torch.Tensor] = None
-    paths: Optional[list[str]] = None
+    paths: Optional[Sequence] = None  # file paths, or a row reader (hf.Rows: encoded bytes by row)
     skipped: list[str] = field(default_factory=list)
     fingerprint: str = ""  # identifies the set (file names or labels), not where it lies: see data_identity
     shard_root: Optional[Path] = None  # a sharded set (mocov3.data.shards): its folder and index
@@ -58,6 +58,10 @@ class ImageData:
     @property
     def sharded(self) -> bool:
         return self.shard_index is not None
+
+    def describe(self, i: int) -> str:
+        """How a log line names streamed item ``i``: its file, or its row."""
+        return self.paths.describe(i) if hasattr(self.paths, "describe") else str(self.paths[i])
 
     def to(self, device) -> "ImageData":
         if self.images is not None:
@@ -107,14 +111,29 @@ def folder_fingerprint(root: Path, paths: list[str], classes: list[str]) -> str:
 
 
 def _load_hf(spec: str, data_cfg, split: str) -> ImageData:
-    """A Hugging Face dataset (:mod:`.hf`), decoded once into memory."""
+    """A Hugging Face dataset (:mod:`.hf`): decoded once into memory when it fits (``data.in_memory``,
+    ``data.memory_limit_gb``, one image size), else streamed row by row from its Arrow files."""
     ds = hf.open_split(spec, split)
     img, lab, classes = hf.columns(ds, data_cfg.image_column, data_cfg.label_column)
-    x, y, bad = hf.decode_in_memory(ds, img, lab, data_cfg.memory_limit_gb, spec)
+    if len(ds) == 0:
+        raise DataError(f"{spec} has no rows")
+    y = hf.labels(ds, lab)
+    # the set's identity: datasets' own fingerprint of its content, the columns read and the labels
     fp = hashlib.sha1(f"{getattr(ds, '_fingerprint', '')}:{len(ds)}:{img}:{lab}".encode() + y.tobytes())
-    log.info("loaded %d images of %s (columns %s, %s) into memory", len(y), spec, img, lab)
-    return ImageData(spec, torch.from_numpy(y), classes, images=torch.from_numpy(x),
-                     skipped=[f"row {i}" for i in bad], fingerprint=fp.hexdigest()[:20])
+    fp = fp.hexdigest()[:20]
+    if data_cfg.in_memory != "no":
+        try:
+            x, y_kept, bad = hf.decode_in_memory(ds, img, lab, data_cfg.memory_limit_gb, spec)
+        except hf.NotInMemory as e:
+            if data_cfg.in_memory == "yes":
+                raise DataError(f"{e}; cannot hold it in memory (use data.in_memory=auto to stream it)") from None
+            log.info("%s; streaming its rows", e)
+        else:
+            log.info("loaded %d images of %s (columns %s, %s) into memory", len(y_kept), spec, img, lab)
+            return ImageData(spec, torch.from_numpy(y_kept), classes, images=torch.from_numpy(x),
+                             skipped=[f"row {i}" for i in bad], fingerprint=fp)
+    log.info("streaming %d rows of %s (columns %s, %s) from its Arrow files", len(ds), spec, img, lab)
+    return ImageData(spec, torch.from_numpy(y), classes, paths=hf.Rows(ds, img), fingerprint=fp)
 
 
 def data_identity(data: ImageData, spec: Optional[str], layout=None) -> dict:
@@ -156,7 +175,8 @@ def _read_decode_cache(cache_file: Path, n_paths: int) -> Optional[dict]:
 def require_labels(data: ImageData, why: str) -> None:
     """A one-line error when ``data`` has no labels (shards without ``KEY.cls``: pretraining only)."""
     if not data.classes:
-        raise DataError(f"{data.name} has no labels (its shards hold no KEY.cls entries); {why}")
+        what = "its shards hold no KEY.cls entries" if data.sharded else "no label column: set data.label_column"
+        raise DataError(f"{data.name} has no labels ({what}); {why}")
 
 
 def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:
@@ -228,7 +248,7 @@ def _first_readable(data: ImageData, idx: int, decode=load_rgb) -> tuple:
         try:
             return j, decode(data.paths[j]), attempt
         except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
-            log.warning("skipping unreadable image %s (%s)", data.paths[j], type(e).__name__)
+            log.warning("skipping unreadable image %s of %s (%s)", data.describe(j), data.name, type(e).__name__)
     raise DataError("no readable image left in the dataset")
 
 
@@ -273,8 +293,8 @@ class StreamingEvalSet(torch.utils.data.Dataset):
         try:
             x, ok = decode_center_crop(self.data.paths[idx], self.size, self.crop_ratio), True
         except Exception as e:  # noqa: BLE001
-            log.warning("unreadable image %s (%s); left out of the evaluation", self.data.paths[idx],
-                        type(e).__name__)
+            log.warning("unreadable image %s of %s (%s); left out of the evaluation", self.data.describe(idx),
+                        self.data.name, type(e).__name__)
             x, ok = torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
         return x, int(self.data.labels[idx]), ok
 

@@ -66,8 +66,9 @@ def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
     return paths, labels, classes
 
 
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
+def load_rgb(src) -> Image.Image:
+    """An image as RGB: ``src`` is a path or the encoded bytes."""
+    with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
         return im.convert("RGB")
 
 

@@ -1,12 +1,15 @@
-"""Hugging Face datasets as a source: ``hf:NAME`` (a Hub name, or a local folder that ``datasets`` loads,
-e.g. one written by ``save_to_disk``), a split as ``hf:NAME:SPLIT``.
+"""Hugging Face datasets as a source: ``hf:NAME`` (a Hub name, a folder written by ``save_to_disk``, or a local
+copy of a Hub repository -- parquet files, say -- that ``datasets.load_dataset`` reads), a split as
+``hf:NAME:SPLIT``.
 
 The image and label columns are ``data.image_column`` / ``data.label_column``, found by themselves when the set
 has one ``Image`` column and one ``ClassLabel`` column. A set whose decoded images fit in
 ``data.memory_limit_gb`` and share one size is decoded once into memory (the path small sets take); a larger one
-is converted into shards (``mocov3 shard hf:NAME OUT``: the images' encoded bytes are copied, never decoded),
-which every command then streams. Offline, ``datasets`` reads its cache (``HF_HUB_OFFLINE=1``); with neither
-network nor cache the error is one line. ``datasets`` is optional: ``pip install 'mocov3[hf]'``.
+is streamed: :class:`Rows` hands the workers each row's encoded image from the set's memory-mapped Arrow files,
+so only the rows being read are paged in, and the folder path's order, coverage, resume and corrupt-image rules
+apply unchanged. ``mocov3 shard hf:NAME OUT`` converts a set into shards (the encoded bytes copied, never
+decoded), for object storage or many nodes. Offline, ``datasets`` reads its cache (``HF_HUB_OFFLINE=1``); with
+neither network nor cache the error is one line. ``datasets`` is optional: ``pip install 'mocov3[hf]'``.
 """
 from __future__ import annotations
 
@@ -49,14 +52,20 @@ def _datasets():
     return datasets
 
 
+#: what ``save_to_disk`` writes at the top of its folder (a DatasetDict, or one Dataset)
+_SAVED = ("dataset_dict.json", "state.json")
+
+
 def open_split(spec: str, default_split: str):
     """The ``datasets.Dataset`` of ``spec`` (one split), from a local folder or the Hub (or its cache)."""
     datasets = _datasets()
     name, split = parse_spec(spec, default_split)
     local = Path(name).expanduser()
     try:
-        if local.is_dir():
+        if local.is_dir() and any((local / f).is_file() for f in _SAVED):
             ds = datasets.load_from_disk(str(local))
+        elif local.is_dir():  # a copy of a Hub repository (parquet, image folders ...): datasets' own loaders
+            ds = datasets.load_dataset(str(local), split=split)
         else:
             ds = datasets.load_dataset(name, split=split)
     except Exception as e:  # noqa: BLE001 - offline without a cache, a wrong name, a damaged folder ...
@@ -89,17 +98,58 @@ def columns(ds, image_column: str = "", label_column: str = "") -> tuple[str, Op
     return img, lab, classes
 
 
+def labels(ds, label_column: Optional[str]) -> np.ndarray:
+    """Every row's label (one Arrow column read; -1 for a set without labels)."""
+    if label_column is None:
+        return np.full(len(ds), -1, np.int64)
+    return np.asarray(ds.with_format("numpy")[label_column], np.int64)
+
+
+def _cell_bytes(cell, image_column: str) -> tuple[bytes, str]:
+    """(encoded bytes, file name or "") of an undecoded ``Image`` cell: embedded bytes, or the file it names."""
+    cell = cell or {}
+    data, path = cell.get("bytes"), cell.get("path") or ""
+    if data is None and path:
+        data = Path(path).read_bytes()
+    if data is None:
+        raise DataError(f"a row of column {image_column!r} holds no image")
+    return data, path
+
+
+class Rows:
+    """The encoded image of each row of a ``datasets.Dataset``, read when asked (``rows[j]`` -> bytes).
+
+    It stands where an image folder's file list stands (``ImageData.paths``): the DataLoader workers read and
+    decode row by row, so a set larger than memory is streamed from its memory-mapped Arrow files, and the
+    folder path's guarantees (order from (seed, epoch), disjoint ranks, mid-epoch resume, an unreadable image
+    replaced by the next one and counted) hold as they are. Only the image column is kept, undecoded.
+    """
+
+    def __init__(self, ds, image_column: str):
+        datasets = _datasets()
+        self.column = image_column
+        self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, j) -> bytes:
+        return _cell_bytes(self.ds[int(j)][self.column], self.column)[0]
+
+    def describe(self, j) -> str:
+        return f"row {int(j)}"
+
+
+class NotInMemory(DataError):
+    """The set cannot be held decoded in memory (too large, or images of different sizes)."""
+
+
 def encoded_samples(ds, image_column: str, label_column: Optional[str]) -> Iterator[tuple[bytes, str, int]]:
     """(encoded image bytes, file extension, label or -1) of every row, without decoding the images."""
     datasets = _datasets()
     raw = ds.cast_column(image_column, datasets.Image(decode=False))
     for row in raw:
-        cell = row[image_column] or {}
-        data, path = cell.get("bytes"), cell.get("path") or ""
-        if data is None and path:
-            data = Path(path).read_bytes()
-        if data is None:
-            raise DataError(f"a row of column {image_column!r} holds no image")
+        data, path = _cell_bytes(row[image_column], image_column)
         ext = Path(path).suffix.lower().lstrip(".") or _sniff(data)
         yield data, ext, int(row[label_column]) if label_column is not None else -1
 
@@ -111,7 +161,7 @@ def _sniff(data: bytes) -> str:
 def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_limit_gb: float,
                      spec: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(images uint8 [N, 3, H, W], labels [N], the rows skipped as unreadable), when the images fit in memory
-    and share one size; else a one-line error that says how to stream the set instead (shards)."""
+    and share one size; else :class:`NotInMemory` (the caller streams the set)."""
     n = len(ds)
     if n == 0:
         raise DataError(f"{spec} has no rows")
@@ -128,13 +178,12 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
             size = arr.shape[:2]
             need = n * 3 * size[0] * size[1] / 1e9
             if need > memory_limit_gb:
-                raise DataError(f"{spec}: {n} images of {size[1]}x{size[0]} need {need:.3g} GB decoded, more than "
-                                f"data.memory_limit_gb={memory_limit_gb:g}; stream it as shards: mocov3 shard {spec} "
-                                f"OUT, then --data OUT")
+                raise NotInMemory(f"{spec}: {n} images of {size[1]}x{size[0]} need {need:.3g} GB decoded, more "
+                                  f"than data.memory_limit_gb={memory_limit_gb:g}")
             images = np.empty((n, 3, size[0], size[1]), np.uint8)
         elif arr.shape[:2] != size:
-            raise DataError(f"{spec}: images of different sizes ({size[1]}x{size[0]}, row {i}: {arr.shape[1]}x"
-                            f"{arr.shape[0]}); stream it as shards: mocov3 shard {spec} OUT, then --data OUT")
+            raise NotInMemory(f"{spec}: images of different sizes ({size[1]}x{size[0]}, row {i}: {arr.shape[1]}x"
+                              f"{arr.shape[0]})")
         images[len(labels)] = arr.transpose(2, 0, 1)
         labels.append(label)
     if not labels:
@@ -144,4 +193,5 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
     return images[:len(labels)], np.asarray(labels, np.int64), bad
 
 
-__all__ = ["is_hf_spec", "parse_spec", "open_split", "columns", "encoded_samples", "decode_in_memory"]
+__all__ = ["is_hf_spec", "parse_spec", "open_split", "columns", "labels", "Rows", "NotInMemory", "encoded_samples",
+           "decode_in_memory"]
