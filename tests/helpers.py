@@ -70,6 +70,42 @@ def serve(directory: Path):
         server.server_close()
 
 
+@contextlib.contextmanager
+def s3_server():
+    """An S3 store on 127.0.0.1 (moto's server) for the block, found by s3fs through ``AWS_ENDPOINT_URL_S3`` (in
+    this process and the DataLoader workers it starts): yields an ``s3fs.S3FileSystem`` on it, or None where
+    moto or s3fs is not installed."""
+    try:
+        import s3fs
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env["AWS_ENDPOINT_URL_S3"] = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bucket")
+        yield fs
+    finally:
+        server.stop()
+        s3fs.S3FileSystem.clear_instance_cache()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -79,3 +79,20 @@ def test_evaluation_commands_read_http_shards(served, folder, tmp_path, capsys):
     assert main(["linear", "--fast", *ck]) == 0
     assert main(["finetune", "--output-dir", str(tmp_path / "ft"), "--no-progress", *ck, "finetune.epochs=1",
                  "finetune.batch_size=16"]) == 0
+
+
+def test_pretraining_from_shards_in_s3_equals_the_local_shards(folder, tmp_path):
+    """``s3://`` through s3fs, against moto's S3 server on 127.0.0.1 (found by ``AWS_ENDPOINT_URL_S3``, as a
+    MinIO or Ceph store would be): the same losses as the shards on disk, with 2 workers reading."""
+    from helpers import s3_server
+
+    shards = tmp_path / "shards"
+    assert main(["shard", str(folder), str(shards), "--shard-size", "4KB"]) == 0
+    with s3_server() as s3:
+        if s3 is None:
+            pytest.skip("needs s3fs and moto")
+        s3.put(str(shards), "bucket/train", recursive=True)
+        common = ["data.num_workers=2", "eval.knn_every=0", "epochs=1"]
+        assert pretrain_tiny("s3://bucket/train/", tmp_path / "remote", *common) == 0
+    assert pretrain_tiny(shards, tmp_path / "local", *common) == 0
+    assert _losses(tmp_path / "remote") == _losses(tmp_path / "local") and _losses(tmp_path / "local")

@@ -1,6 +1,7 @@
 """The guarantees every source gives (docs/data.md, "Order, coverage, resume"), checked on each kind of set with
 the same images: in memory, an image folder streamed, tar shards on disk, tar shards over HTTP (a server on
-127.0.0.1), a Hugging Face dataset in memory and streamed from its Arrow files.
+127.0.0.1), tar shards in S3 (moto's S3 server on 127.0.0.1, read through s3fs), and a Hugging Face dataset in
+memory and streamed from its Arrow files.
 
 Every image is one flat colour whose red value names it, so a batch says which images it holds whatever the
 crop: ranks x workers read disjoint images covering the epoch, the order is a function of (seed, epoch), a
@@ -22,11 +23,11 @@ from mocov3.data import sources
 from mocov3.runtime import DataError
 
 from conftest import TINY, tiny_cfg
-from helpers import serve
+from helpers import s3_server, serve
 
 N, BATCH, STEP = 48, 8, 5  # images, global batch, red value per image id
 
-SOURCES = ["memory", "folder", "shards", "http", "hf-memory", "hf"]
+SOURCES = ["memory", "folder", "shards", "http", "s3", "hf-memory", "hf"]
 
 
 def _write(root, n, corrupt=None):
@@ -62,7 +63,7 @@ def sets(tmp_path_factory):
     pytest.importorskip("aiohttp")
     root = tmp_path_factory.mktemp("sources")
     specs = {}
-    with serve(root) as base:
+    with serve(root) as base, s3_server() as s3:
         for tag, n, corrupt in [("", N, None), ("bad-", 24, 4)]:
             blobs, labels = _write(root / f"{tag}folder", n, corrupt)
             assert main(["shard", str(root / f"{tag}folder"), str(root / f"{tag}shards"), "--shard-size", "2KB"]) == 0
@@ -70,6 +71,9 @@ def sets(tmp_path_factory):
             specs[tag + "folder"] = (str(root / f"{tag}folder"), ["data.in_memory=no"])
             specs[tag + "shards"] = (str(root / f"{tag}shards"), [])
             specs[tag + "http"] = (f"{base}/{tag}shards/", [])
+            if s3 is not None:
+                s3.put(str(root / f"{tag}shards"), f"bucket/{tag}shards", recursive=True)
+                specs[tag + "s3"] = (f"s3://bucket/{tag}shards/", [])
             try:
                 _hf(blobs, labels, root / f"{tag}hf")
             except pytest.skip.Exception:
@@ -87,7 +91,7 @@ def _offline(monkeypatch):
 
 def _open(sets, source):
     if source not in sets:
-        pytest.skip(f"{source} needs the datasets package")
+        pytest.skip(f"{source} needs the datasets package (hf) or s3fs and moto (s3)")
     spec, extra = sets[source]
     cfg = tiny_cfg(*extra)
     data = sources.open_set(spec, cfg.data, use_cache=False)
@@ -179,9 +183,9 @@ def test_labelled_and_evaluation_batches_read_every_source(sets, source):
     assert rows == 20
 
 
-@pytest.mark.parametrize("source", ["folder", "shards", "http", "hf"])
+@pytest.mark.parametrize("source", ["folder", "shards", "http", "s3", "hf"])
 def test_a_missing_input_is_one_line(sets, source, tmp_path, capsys):
-    spec, extra = sets[source] if source in sets else pytest.skip("needs datasets")
+    spec, extra = sets[source] if source in sets else pytest.skip("needs datasets (hf) or s3fs and moto (s3)")
     if source == "folder":
         spec, name = str(tmp_path / "nowhere"), "nowhere"
     elif source == "shards":
@@ -190,6 +194,8 @@ def test_a_missing_input_is_one_line(sets, source, tmp_path, capsys):
         spec, name = str(tmp_path / "s"), "shard-000003.tar"
     elif source == "http":
         spec, name = "http://127.0.0.1:9/shards/", "127.0.0.1:9"  # nothing listens on port 9
+    elif source == "s3":
+        spec, name = "s3://no-such-bucket/shards/", "s3://no-such-bucket/shards/index.json"
     else:
         shutil.copytree(spec[3:], tmp_path / "h")
         for arrow in (tmp_path / "h").glob("*.arrow"):
