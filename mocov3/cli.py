@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 from . import distributed as du
-from .config import describe_keys
+from .config import describe_keys, load_config
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .data.shards import parse_size, write_shards
+from .data.sources import shard_samples
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
 from .export import EXPORT_FILES, FORMATS, export_backbone, push_to_hub, read_results
 from .pretrain import pretrain, resolve_config
@@ -156,12 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true", help="wait for the job to end and return its exit status")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the mocov3 command to run")
     p = sub.add_parser("shard",
-                       help="convert an image folder into shuffled tar shards (webdataset layout) + index.json")
-    p.add_argument("src", metavar="SOURCE", help="image folder with one subfolder per class, or a Hugging Face "
-                                                  "dataset hf:NAME[:SPLIT] (its images' bytes are copied as they are)")
+                       help="convert any set (an image folder, a Hugging Face dataset, CIFAR, other shards) into "
+                            "shuffled tar shards (webdataset layout) + index.json")
+    p.add_argument("src", metavar="SOURCE", help="what --data takes: an image folder, hf:NAME[:SPLIT], shards (a "
+                                                  "folder or a URL), cifar10[:test]; images' bytes copied as they are")
     p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
     p.add_argument("--shard-size", default="512MB", help="largest shard (e.g. 512MB, 1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle of the samples")
+    _overrides(p, "data.image_column=img data.label_column=fine_label")
     p = sub.add_parser("cache", help="show the on-disk cache (decoded images, features, downloads) or clear it")
     p.add_argument("--clear", nargs="*", choices=PARTS, metavar="PART",
                    help=f"delete these parts ({', '.join(PARTS)}; all when none is named)")
@@ -298,8 +301,9 @@ def _job_cause(job, e: BaseException) -> str:
 
 def cmd_shard(args) -> int:
     _setup_logging()
-    src = args.src if args.src.startswith("hf:") else Path(args.src)
-    index = write_shards(src, Path(args.out), parse_size(args.shard_size), args.seed)
+    out, size = Path(args.out), parse_size(args.shard_size)
+    samples, classes, source = shard_samples(args.src, load_config(None, args.overrides).data, args.seed, out)
+    index = write_shards(samples, classes, source, out, size, args.seed)
     _print_json({"output": args.out, "shards": len(index["shards"]), "images": index["total"],
                  "classes": len(index["classes"])})
     return 0

@@ -250,7 +250,7 @@ def test_bad_shard_sizes_are_one_line(folder, tmp_path, capsys, size):
 
 def test_a_shard_folder_inside_its_source_is_refused(folder, capsys):
     assert main(["shard", str(folder), str(folder / "shards")]) == 2
-    assert "inside the image folder" in _err(capsys) and not (folder / "shards").exists()
+    assert "inside the source folder" in _err(capsys) and not (folder / "shards").exists()
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe\x00bad", bytes(range(256)) * 8, b"model: [" * 30000])

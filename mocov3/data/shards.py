@@ -30,8 +30,7 @@ import torch
 
 from ..runtime import DataError, Stream, first_line, seed_for
 from .augment import eval_transform
-from .files import decode_center_crop, decode_crops, scan_folder
-from . import hf
+from .files import decode_center_crop, decode_crops
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 
 log = logging.getLogger(__name__)
@@ -134,35 +133,13 @@ def _clean_partial(out: Path) -> None:
     (out / PARTIAL).unlink()
 
 
-def _source_samples(src, seed: int, out: Path):
-    """(samples ``(encoded bytes, extension, label)`` in the one-time shuffled order, class names, the source's
-    name) of an image folder or a Hugging Face dataset (``hf:NAME[:SPLIT]``, its images' bytes copied as they
-    are, never decoded)."""
-    if hf.is_hf_spec(str(src)):
-        ds = hf.open_split(str(src), "train")
-        img, lab, classes = hf.columns(ds)
-        order = list(range(len(ds)))
-        random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
-        return hf.encoded_samples(ds.select(order), img, lab), classes, str(src)
-    src = Path(src)
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise DataError(f"the shard folder {out} lies inside the image folder {src}: it would be read as a class; "
-                        f"choose a folder outside it")
-    paths, labels, classes = scan_folder(src)
-    order = list(range(len(paths)))
-    random.Random(seed_for(seed, Stream.SHARDS)).shuffle(order)
-    samples = ((Path(paths[i]).read_bytes(), Path(paths[i]).suffix.lower().lstrip(".") or "jpg", labels[i])
-               for i in order)
-    return samples, classes, str(src.resolve())
-
-
-def write_shards(src, out: Path, shard_size: int, seed: int = 0) -> dict:
-    """Convert an image folder (class subfolders) or a Hugging Face dataset (``hf:NAME[:SPLIT]``) into shuffled
-    tar shards + ``index.json``; returns the index.
+def write_shards(samples, classes: list[str], source: str, out: Path, shard_size: int, seed: int = 0) -> dict:
+    """Write ``samples`` (``(encoded bytes, extension, label)``, in the order they come) into tar shards of about
+    ``shard_size`` bytes + ``index.json`` in ``out``; returns the index. ``mocov3 shard`` gets its samples from
+    :func:`mocov3.data.sources.shard_samples` (any source, shuffled once).
     A folder that holds the partial output of an interrupted conversion (its :data:`PARTIAL` marker) is
     cleaned first; a folder that holds other shards is refused."""
     out = Path(out)
-    samples, classes, source = _source_samples(src, seed, out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / PARTIAL).is_file() and not (out / INDEX_NAME).exists():
         _clean_partial(out)

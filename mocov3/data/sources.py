@@ -8,20 +8,28 @@ trainers and evaluations never branch on which: they ask this module for
 * :func:`train_batches` -- pretraining's global batches (two crops per image, or bytes and boxes for nvJPEG);
 * :func:`supervised_batches` -- labelled training batches (fine-tuning, the full probe);
 * :func:`evaluation_order` -- which rows an evaluation reads (a random subset, or a sharded set's prefix);
-* :func:`identity` -- what a checkpoint records of its training set, checked on resume.
+* :func:`identity` -- what a checkpoint records of its training set, checked on resume;
+* :func:`shard_samples` -- any set's encoded images, shuffled once, for ``mocov3 shard``.
 
 Outside ``mocov3/data/`` nothing reads ``.sharded`` / ``.in_memory`` (tests/test_architecture.py).
 """
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
-from typing import Optional
+import random
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
+from PIL import Image
+
+from ..runtime import DataError, Stream, seed_for
 
 from .datasets import ImageData, TrainBatches, data_identity, labelled_batches, load_dataset, require_labels
 from .gpu_decode import wants_gpu_decode
-from .shards import ShardTrainBatches
+from .shards import ShardTrainBatches, _join, _samples
 
 log = logging.getLogger(__name__)
 
@@ -77,5 +85,61 @@ def identity(data: ImageData, spec: Optional[str], world: int, num_workers: int)
     return data_identity(data, spec, (world, max(1, num_workers)))
 
 
+def _extension(data: bytes) -> str:
+    """A file extension for encoded image bytes (from their header; "jpg" when nothing says otherwise)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"\xff\xd8":
+        return "jpg"
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return {"jpeg": "jpg"}.get((im.format or "").lower(), (im.format or "jpg").lower())
+    except Exception:  # noqa: BLE001 - an unreadable image keeps its bytes; the readers skip it later
+        return "jpg"
+
+
+def shard_samples(spec: str, data_cfg, seed: int, out: Path) -> tuple[Iterator, list[str], str]:
+    """(samples ``(encoded bytes, extension, label)``, class names, the source's name) of any set, for
+    :func:`~.shards.write_shards`: files and Hugging Face rows are copied as they are (never decoded) in an
+    order shuffled once from ``seed``; shards (local or at a URL) are streamed in an order of shards shuffled
+    from ``seed``, each shard's samples in their stored order (already shuffled when it was written); sets
+    held only in memory (CIFAR) are encoded as PNG (lossless)."""
+    local = Path(spec).expanduser()
+    if local.is_dir() and (out.resolve() == local.resolve() or local.resolve() in out.resolve().parents):
+        raise DataError(f"the shard folder {out} lies inside the source folder {local}: it would be read as a class; "
+                        f"choose a folder outside it")
+    # streamed, never decoded into memory: the images' own bytes are what the shards hold
+    data = open_set(spec, dataclasses.replace(data_cfg, in_memory="no"), use_cache=False)
+    name = str(local.resolve()) if local.is_dir() and not data.sharded else data.name
+    rng = random.Random(seed_for(seed, Stream.SHARDS))
+    labels = data.labels.tolist()
+    if data.sharded:
+        order = list(range(len(data.shard_index["shards"])))
+        rng.shuffle(order)
+
+        def stream():
+            for i in order:
+                for _, blob, label in _samples(_join(data.shard_root, data.shard_index["shards"][i]["name"])):
+                    yield blob, _extension(blob), label
+        return stream(), list(data.classes), name
+    order = list(range(len(data)))
+    rng.shuffle(order)
+    if data.in_memory:
+        def encode(i):
+            buf = io.BytesIO()
+            Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+            return buf.getvalue()
+
+        return ((encode(i), "png", labels[i]) for i in order), list(data.classes), name
+
+    def read(i):
+        blob = data.paths[i]
+        if isinstance(blob, str):  # a file: its bytes and its own extension
+            return Path(blob).read_bytes(), Path(blob).suffix.lower().lstrip(".") or "jpg"
+        return blob, _extension(blob)
+
+    return ((*read(i), labels[i]) for i in order), list(data.classes), name
+
+
 __all__ = ["open_set", "subset_order", "train_batches", "supervised_batches", "evaluation_order", "identity",
-           "require_labels"]
+           "require_labels", "shard_samples"]
