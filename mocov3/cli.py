@@ -50,11 +50,16 @@ def _pretrain_parser(sub) -> None:
                     "an existing output folder resumes it.", epilog=describe_keys())
     p.add_argument("--config", help="YAML recipe (see configs/); default: the built-in defaults, or the "
                                     "config of the checkpoint being resumed")
-    p.add_argument("--data", help="image folder (one subfolder per class) or cifar10 / cifar100 (downloaded "
-                                  "once); recorded as data.path; optional when resuming")
+    p.add_argument("--data", help="image folder (one subfolder per class), shards (a folder or a URL), "
+                                  "hf:NAME[:SPLIT] or cifar10 / cifar100 (docs/data.md); recorded as data.path; "
+                                  "optional when resuming")
     p.add_argument("--eval-data", help="labelled test set for the kNN monitor (bank: --data), e.g. cifar10:test")
     p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoints")
     p.add_argument("--resume", help="checkpoint to resume from (default: OUTPUT_DIR/checkpoint.pt if present)")
+    p.add_argument("--init-from", metavar="FILE",
+                   help="start a new run from these weights: a mocov3 checkpoint, or one of the reference "
+                        "implementation's (pretraining, linear-probe or DeiT layout; a backbone alone leaves the "
+                        "heads as initialized). Ignored when the run resumes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--allow-changed", default="", metavar="KEY[,KEY]",
                    help="resume although these run-defining settings differ from the checkpoint's (only changes "
@@ -193,7 +198,9 @@ def cmd_pretrain(args) -> int:
     out = Path(args.output_dir)
     cfg = resolve_config(args.config, args.overrides, out, args.data, args.eval_data, args.resume)
     _setup_logging(out)
-    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=_allowed(args))
+    init = Path(args.init_from) if args.init_from else None
+    res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=_allowed(args),
+                   init_from=init)
     if res.interrupted_by:
         return _stopped({"step": res.step, "interrupted_by": res.interrupted_by})
     msg = {"step": res.step, "finished": res.finished, "output_dir": str(out)}

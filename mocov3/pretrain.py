@@ -22,7 +22,7 @@ from .data.datasets import ImageData, require_labels
 from .eval.monitor import KnnMonitor
 from .methods import build_method
 from .runtime import DataError
-from .train.checkpoint import load_checkpoint
+from .train.checkpoint import load_checkpoint, load_initial_weights
 from .train.flops import backbone_forward_flops, step_flops_per_image
 from .train.loop import RunLength, pretrain_step
 from .train.monitor import GradMonitor
@@ -68,10 +68,12 @@ class RunData:
 
 
 def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progress: bool = True,
-             allow_changed: Sequence[str] = ()) -> RunResult:
+             allow_changed: Sequence[str] = (), init_from: Optional[Path] = None) -> RunResult:
     """Pretrain ``cfg`` on ``cfg.data.path`` (kNN monitor on ``cfg.data.eval_path``) into ``output_dir``,
     resuming its checkpoint (or ``resume``) if present. A resume whose settings or data differ from the
-    checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``."""
+    checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``.
+    A new run starts from the weights of ``init_from`` (a mocov3 checkpoint or the reference's) when given;
+    a resumed one ignores it (its own checkpoint holds the weights)."""
     if cfg.data.path is None:
         raise DataError("no training data: give --data (or data.path in the recipe)")
     with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
@@ -79,13 +81,14 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
         identity = sources.identity(data.train, cfg.data.path, run.rt.world, cfg.data.num_workers)
         ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity))
         length = run.make_length(data.batches.steps_per_epoch)
-        state = build_train_state(cfg, run.rt, length)
+        state = build_train_state(cfg, run.rt, length, init_from if ckpt is None else None)
         if ckpt is not None:
             run.restore(state)
         else:
             run.start({"lr_peak": scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
                        "batch_size": cfg.train.batch_size, "steps_per_epoch": length.steps_per_epoch,
-                       "data": cfg.data.path, "eval_data": cfg.data.eval_path})
+                       "data": cfg.data.path, "eval_data": cfg.data.eval_path,
+                       **({"init_from": str(init_from)} if init_from else {})})
         knn = KnnMonitor(cfg, run.rt, data, state.module, run.folder.metrics,
                          ckpt.extra.get("last_knn") if ckpt else None)
         if ckpt is None:
@@ -144,12 +147,15 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
     return RunData(train, batches, bank, test)
 
 
-def build_train_state(cfg: Config, rt: Runtime, length: RunLength) -> TrainState:
-    """Method (seeded), DDP or FSDP wrapper, optimizer, schedules (ending where ``length`` ends), gradient
-    monitor, augmentation, compilation (``train.compile``)."""
+def build_train_state(cfg: Config, rt: Runtime, length: RunLength, init_from: Optional[Path] = None) -> TrainState:
+    """Method (seeded; its weights from ``init_from`` when given), DDP or FSDP wrapper, optimizer, schedules
+    (ending where ``length`` ends), gradient monitor, augmentation, compilation (``train.compile``)."""
     steps_per_epoch = length.steps_per_epoch
     torch.manual_seed(cfg.train.seed)
-    method = build_method(cfg).to(rt.device)
+    method = build_method(cfg)
+    if init_from is not None:  # before any wrapper: every rank loads the same file whole
+        log.info("initialized from %s: %s", init_from, load_initial_weights(method, init_from))
+    method = method.to(rt.device)
     channels_last = rt.device.type == "cuda" and is_resnet(cfg.model.name)
     if channels_last:
         method = method.to(memory_format=torch.channels_last)

@@ -66,7 +66,10 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     rt = build_runtime(device, cfg.train.threads)  # under torchrun: the process group, before folders are locked
     dev = rt.device
     method = build_method(cfg)
-    load_state_strict(method, ckpt["model"], checkpoint)
+    if ckpt.get("backbone_only"):  # a backbone alone (the reference's DeiT / probe files): no heads to load
+        load_state_strict(method.backbone, backbone_state_from_checkpoint(ckpt), checkpoint)
+    else:
+        load_state_strict(method, ckpt["model"], checkpoint)
     train = sources.open_set(train_data, cfg.data, split="train", use_cache=use_cache).to(dev)
     test = sources.open_set(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
     for data in (train, test):

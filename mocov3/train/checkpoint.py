@@ -15,6 +15,7 @@ from ..models.factory import backbone_spec
 from ..models.resnet import ResNetSpec
 from ..models.vit import ViTSpec
 from ..runtime import CheckpointError, MocoError, first_line, storage_error
+from .. import reference
 from . import sharded
 
 __all__ = ["CheckpointError", "Payload", "save_checkpoint", "load_checkpoint", "check_same_model", "load_state_strict",
@@ -68,9 +69,9 @@ class Payload:
         """A read checkpoint dict (:func:`load_checkpoint`) as a payload; files of mocov3 0.3 had no ``task``
         (a fine-tuning run's had a ``source``) and no ``precision``."""
         rest = {k: v for k, v in ckpt.items() if k not in cls._FIELDS and k not in
-                ("format_version", "checksum", "sharded", "sharded_folder")}
+                ("format_version", "checksum", "sharded", "sharded_folder", "backbone_only")}
         task = ckpt.get("task") or ("finetune" if "source" in ckpt else "pretrain")
-        return cls(task=task, model=ckpt["model"], config=ckpt["config"], step=int(ckpt.get("step", 0)),
+        return cls(task=task, model=ckpt["model"], config=ckpt["config"], step=int(ckpt.get("step") or 0),
                    epoch=float(ckpt.get("epoch", 0.0) or 0.0), optimizer=ckpt.get("optimizer") or {},
                    rng=ckpt.get("rng") or {}, scaler=ckpt.get("scaler") or {}, precision=ckpt.get("precision"),
                    extra=rest, shard_info=ckpt.get("sharded"), sharded_folder=ckpt.get("sharded_folder"))
@@ -186,8 +187,15 @@ def load_checkpoint(path: Path, map_location="cpu", for_resume: bool = False, ma
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated files, foreign pickles, empty files ...
         raise CheckpointError(f"cannot read checkpoint {path}: {first_line(e)}") from None
+    kind = reference.detect(ckpt)
+    if kind is not None:  # the reference implementation's files (its released weights): converted on reading
+        if for_resume:
+            raise CheckpointError(f"{path} is a checkpoint of the reference implementation ({kind} layout): a run "
+                                  f"cannot resume it; start one from its weights with pretrain --init-from")
+        return reference.read(ckpt, path, kind)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model' / 'config' entries)")
+        raise CheckpointError(f"{path} is not a mocov3 checkpoint (no 'model' / 'config' entries), nor one of the "
+                              f"reference implementation's")
     if ckpt.get("sharded") is not None:
         return _load_sharded(path, ckpt, map_location, for_resume, materialize)
     need = {**_REQUIRED, **(_FOR_RESUME if for_resume else {})}
@@ -276,6 +284,23 @@ def load_state_strict(module: torch.nn.Module, state: dict, path: Path) -> None:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint {path} does not fit this model: {first_line(e)}") from None
+
+
+def load_initial_weights(method: torch.nn.Module, path: Path) -> str:
+    """Start ``method`` from the weights of ``path`` (``pretrain --init-from``): a mocov3 checkpoint or one of the
+    reference implementation's. A file with every part of the method loads whole, strictly; a backbone alone
+    (DeiT layout, a probe's file, a fine-tuned model) loads into the backbone, and the momentum encoder's
+    backbone starts as its copy, the heads as initialized. Returns what was loaded."""
+    ckpt = load_checkpoint(Path(path))
+    full = not ckpt.get("backbone_only") and any(k.removeprefix("module.").startswith(("projector.", "predictor."))
+                                                 for k in ckpt["model"])
+    if full:
+        load_state_strict(method, {k.removeprefix("module."): v for k, v in ckpt["model"].items()}, path)
+        return "every weight of the method"
+    load_state_strict(method.backbone, backbone_state_from_checkpoint(ckpt), path)
+    if hasattr(method, "momentum_backbone"):
+        method.momentum_backbone.load_state_dict(method.backbone.state_dict())
+    return "the backbone (the heads start as initialized)"
 
 
 def backbone_state_from_checkpoint(ckpt: dict) -> dict:
