@@ -14,6 +14,16 @@ if grep -q "WARNING" "$WORK/build.log"; then
   exit 1
 fi
 "$PY" -m twine check --strict "$WORK"/dist/*
+# the sdist carries the docs, the recipes and the examples (MANIFEST.in), not only the package
+"$PY" - "$WORK"/dist/*.tar.gz <<'PYCHECK'
+import sys, tarfile
+names = {n.split("/", 1)[1] for n in tarfile.open(sys.argv[1]).getnames() if "/" in n}
+need = ["docs/index.md", "docs/data.md", "configs/imagenet_vit_small.yaml", "examples", "CHANGELOG.md", "LICENSE"]
+missing = [n for n in need if not any(x == n or x.startswith(n + "/") for x in names)]
+if missing:
+    sys.exit(f"check_package: the sdist lacks {missing}")
+print("sdist ok:", len(names), "files")
+PYCHECK
 python3 -m venv "$WORK/venv"
 "$WORK/venv/bin/pip" install -q "torch==2.13.0" "$WORK"/dist/*.whl
 cd "$WORK"  # away from the checkout, so the installed wheel is what runs
