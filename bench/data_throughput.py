@@ -77,12 +77,11 @@ def pillow_center_crop(im, size: int, crop_ratio: float):
     a PIL image's short side resized to size / crop_ratio (BILINEAR), then the center ``size`` crop."""
     from PIL import Image
 
-    short = int(round(size / crop_ratio))
+    from mocov3.data.augment import eval_geometry
+
     W, H = im.size
-    scale = short / min(W, H)
-    im = im.resize((max(short, round(W * scale)), max(short, round(H * scale))), Image.BILINEAR)
-    W, H = im.size
-    left, top = (W - size) // 2, (H - size) // 2
+    new_h, new_w, top, left = eval_geometry(H, W, size, crop_ratio)
+    im = im.resize((new_w, new_h), Image.BILINEAR)
     return im.crop((left, top, left + size, top + size))
 
 

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hugging Face Hub repo "
                                                           "(needs huggingface_hub and a login)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument("--license", help="the weights' license in the card (a Hub licence id; default: cc-by-nc-4.0 for "
+                                     "the reference implementation's weights, else mit)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --output (a folder that holds anything else is refused)")
     p = sub.add_parser("submit", help="run a mocov3 command on SLURM via submitit (one task per GPU, requeued on "
@@ -270,7 +272,7 @@ def cmd_report(args) -> int:
 def cmd_export(args) -> int:
     _setup_logging()
     out = export_backbone(Path(args.checkpoint), Path(args.output), read_results(args.results), args.format,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, repo_id=args.push_to_hub, license=args.license)
     info = {"output": str(out), "format": args.format, "files": sorted(EXPORT_FILES)}
     if args.push_to_hub:
         info["hub_url"] = push_to_hub(out, args.push_to_hub, args.private)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Optional
 
 import torch.nn as nn
+import yaml
 from safetensors.torch import load_file, save_file
 
 from .models.factory import build_from_spec
@@ -69,28 +71,59 @@ def fold_weight_norm(state: dict) -> dict:
     return out
 
 
-#: timm model names for the standard shapes (cosmetic: ``model_args`` always give every shape argument)
-_TIMM_VIT_NAMES = {(192, 16): "vit_tiny_patch16_224", (384, 16): "vit_small_patch16_224",
-                   (768, 16): "vit_base_patch16_224", (1024, 16): "vit_large_patch16_224",
-                   (1280, 14): "vit_huge_patch14_224", (768, 32): "vit_base_patch32_224",
-                   (384, 8): "vit_small_patch8_224", (768, 8): "vit_base_patch8_224"}
+#: timm's ViT presets: (width, depth) -> size name, and the (size, patch, image) it registers a model for
+_TIMM_VIT_SIZES = {(192, 12): "tiny", (384, 12): "small", (768, 12): "base", (1024, 24): "large", (1280, 32): "huge"}
+_TIMM_VIT_REGISTERED = {
+    ("tiny", 16, 224), ("tiny", 16, 384), ("small", 16, 224), ("small", 16, 384), ("small", 32, 224),
+    ("small", 32, 384), ("small", 8, 224), ("base", 16, 224), ("base", 16, 384), ("base", 32, 224),
+    ("base", 32, 384), ("base", 8, 224), ("large", 16, 224), ("large", 16, 384), ("large", 32, 384),
+    ("huge", 14, 224)}
 FORMATS = ("mocov3", "timm-hub")
+
+
+def timm_vit_name(spec: ViTSpec) -> tuple[str, bool]:
+    """(the timm model name ``config.json`` gives as ``architecture``, whether it is this exact shape). timm
+    builds a local or Hub folder by that name with ``model_args`` on top, so the name must be one it registers;
+    where none has this shape, it is the registered one nearest in width (``model_args`` give every shape
+    argument, so timm builds this shape all the same) and the card says so."""
+    size = _TIMM_VIT_SIZES.get((spec.embed_dim, spec.depth))
+    if size and (size, spec.patch_size, spec.img_size) in _TIMM_VIT_REGISTERED:
+        return f"vit_{size}_patch{spec.patch_size}_{spec.img_size}", True
+    widths = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+    near = min(_TIMM_VIT_REGISTERED, key=lambda r: (abs(widths[r[0]] - spec.embed_dim), r[1] != spec.patch_size,
+                                                    r[2] != 224, r[1], r[2]))
+    return f"vit_{near[0]}_patch{near[1]}_{near[2]}", False
+
+
+def timm_crop_pct(size: int, crop_ratio: float) -> float:
+    """The ``crop_pct`` with which timm's evaluation transform resizes the short side to exactly mocov3's
+    (``round(size / crop_ratio)``; timm takes ``floor(size / crop_pct)``): ``size / short``, nudged below
+    where floating point would make the floor one pixel short."""
+    short = int(round(size / crop_ratio))
+    pct = size / short
+    while math.floor(size / pct) < short:
+        pct = math.nextafter(pct, 0.0)
+    return pct
 
 
 def timm_hub_config(spec: ViTSpec | ResNetSpec, cfg: dict, meta: dict) -> dict:
     """``config.json`` in the layout timm reads from a Hugging Face Hub repo or a local folder
     (``architecture``, ``num_classes``, ``num_features``, ``global_pool``, ``model_args``,
-    ``pretrained_cfg``), with mocov3's own description under ``mocov3``."""
+    ``pretrained_cfg``), with mocov3's own description under ``mocov3``. ``pretrained_cfg`` is mocov3's
+    evaluation preprocessing (docs/evaluation.md): the short side to ``image_size / data.eval_crop_ratio``
+    with antialiased bilinear interpolation (PIL's BILINEAR in timm's transform), then the center crop, so
+    ``timm.data.resolve_data_config`` + ``create_transform`` give the inputs ``mocov3 knn`` uses."""
     size = spec.img_size
-    common = {"tag": "mocov3", "custom_load": False, "input_size": [3, size, size], "interpolation": "bicubic",
-              "crop_pct": cfg["data"]["eval_crop_ratio"], "crop_mode": "center", "mean": list(meta["mean"]),
-              "std": list(meta["std"]), "num_classes": 0, "pool_size": None}
+    common = {"tag": "mocov3", "custom_load": False, "input_size": [3, size, size], "interpolation": "bilinear",
+              "crop_pct": timm_crop_pct(size, cfg["data"]["eval_crop_ratio"]), "crop_mode": "center",
+              "mean": list(meta["mean"]), "std": list(meta["std"]), "num_classes": 0, "pool_size": None}
     if isinstance(spec, ViTSpec):
         kw = timm_kwargs(spec)
         if kw is None:
             raise CheckpointError("--format timm-hub: this ViT (ViT-BN, conv stem or BN patch projection) has no "
                                   "timm equivalent; use the default format")
-        arch = _TIMM_VIT_NAMES.get((spec.embed_dim, spec.patch_size), "vit_base_patch16_224")
+        arch, exact = timm_vit_name(spec)
+        meta.update(timm_name=arch, timm_architecture_exact=exact)
         return {"architecture": arch, "num_classes": 0, "num_features": spec.embed_dim,
                 "global_pool": kw["global_pool"], "model_args": kw,
                 "pretrained_cfg": {**common, "fixed_input_size": True, "first_conv": "patch_embed.proj",
@@ -125,6 +158,8 @@ def read_results(paths) -> dict:
         for k in ("top1", "top5"):
             if k in res:
                 out[f"{kind}_{k}"] = res[k]
+        if kind == "knn":  # what the kNN number means: its neighbours and temperature
+            out.update({f"knn_{k}": res[k] for k in ("k", "temperature") if k in res})
         if "step" in res:
             out[f"{kind}_step"] = res["step"]
     return out
@@ -155,9 +190,12 @@ def check_export_folder(output: Path, overwrite: bool) -> None:
 
 
 def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict] = None,
-                    fmt: str = "mocov3", overwrite: bool = False) -> Path:
+                    fmt: str = "mocov3", overwrite: bool = False, repo_id: Optional[str] = None,
+                    license: Optional[str] = None) -> Path:
     """Write the export folder for ``checkpoint`` (``fmt``: ``mocov3`` or ``timm-hub``); returns ``output``.
-    ``output`` must be new, empty, or (``overwrite``) an earlier export (:func:`check_export_folder`)."""
+    ``output`` must be new, empty, or (``overwrite``) an earlier export (:func:`check_export_folder`).
+    ``repo_id`` (the Hub repo it will be pushed to) goes into the card's code; ``license`` into its front matter
+    (default: the reference's CC-BY-NC 4.0 for weights of the reference implementation, else MIT, mocov3's)."""
     check_export_folder(Path(output), overwrite)
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; one of {', '.join(FORMATS)}")
@@ -190,13 +228,15 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         "pretrain_epoch": ckpt.get("epoch"),
         "fine_tuned": Payload.from_dict(ckpt).task == "finetune",  # its backbone after fine-tuning
         "eval_results": results,
+        "reference": (ckpt.get("reference") or {}).get("layout"),
     }
     for k, v in results.items():
         if k.endswith("_step") and isinstance(v, int) and ckpt.get("step") is not None and v != ckpt["step"]:
             raise CheckpointError(f"the {k[:-5]} result is of step {v}, the checkpoint is of step {ckpt['step']}: "
                                   f"results of another checkpoint")
     config_json = timm_hub_config(spec, cfg, meta) if fmt == "timm-hub" else meta
-    card = _model_card(meta, cfg, Path(checkpoint), hub=fmt == "timm-hub")
+    license = license or ("cc-by-nc-4.0" if meta["reference"] else "mit")
+    card = _model_card(meta, cfg, Path(checkpoint), hub=fmt == "timm-hub", repo_id=repo_id, license=license)
     # everything is prepared before the first write
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -215,52 +255,147 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
     return output
 
 
-def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: bool = False) -> str:
+_METHOD_NAMES = {"mocov3": "MoCo v3", "simclr": "SimCLR", "byol": "BYOL", "swav": "SwAV", "dino": "DINO"}
+_VIT_NAMES = {"vit_tiny": "ViT-Ti", "vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L",
+              "vit_huge": "ViT-H"}
+_VIT_PRESETS = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12), "vit_large": (1024, 24),
+                "vit_huge": (1280, 32)}
+_RESNET_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
+#: The evaluation protocols of ``--results``, as the card and its model-index name them.
+_PROTOCOLS = {"knn": "kNN", "linear": "linear probe", "finetune": "fine-tuning"}
+_PUBLIC_SETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+
+
+def model_title(cfg: dict, spec: dict, architecture: str) -> str:
+    """``ViT-S/16``, ``ViT-Ti/8 (6 blocks)``, ``ResNet-50``: the name a paper would print."""
+    name = cfg["model"]["name"]
+    if architecture != "vit":
+        return _RESNET_NAMES.get(name, name) + (" (CIFAR stem)" if spec.get("cifar_stem") else "")
+    title = f"{_VIT_NAMES.get(name, name)}/{spec['patch_size']}"
+    width, depth = _VIT_PRESETS.get(name, (None, None))
+    differs = [f"{spec['embed_dim']} wide"] if spec["embed_dim"] != width else []
+    differs += [f"{spec['depth']} blocks"] if spec["depth"] != depth else []
+    return title + (f" ({', '.join(differs)})" if differs else "")
+
+
+def public_dataset(spec: Optional[str]) -> tuple[str, str]:
+    """(name, id) of a training set for the card: CIFAR and Hub datasets by their public names; anything local
+    (a folder, shards, a URL) only as its kind, since its path says nothing to a reader and may be private."""
+    spec = spec or ""
+    base = spec.split(":")[0].lower()
+    if base in _PUBLIC_SETS:
+        return _PUBLIC_SETS[base], base
+    if spec.startswith("hf:"):
+        name = spec[3:].rsplit(":", 1)[0] if not Path(spec[3:]).expanduser().exists() else ""
+        if name and not name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+            return name, name
+        return "a local Hugging Face dataset", "custom"
+    if "://" in spec:
+        return "tar shards in object storage", "custom"
+    return "a local image folder", "imagefolder"
+
+
+def _no_paths(value):
+    """The config with every local path left out (a card is public; the path of a run says nothing there)."""
+    if isinstance(value, dict):
+        return {k: _no_paths(v) for k, v in value.items()}
+    if isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or "://" in value
+                                   or value.startswith("hf:") and "/" in value):
+        return "<local>"
+    return value
+
+
+def _fmt(value):
+    return round(value, 2) if isinstance(value, float) else value
+
+
+def _model_index(title: str, results: dict, dataset: tuple[str, str]) -> list[str]:
+    """The Hub's ``model-index`` front matter: one entry per protocol with its top-1 / top-5."""
+    entries = []
+    for proto, label in _PROTOCOLS.items():
+        metrics = [(k, results[f"{proto}_{k}"]) for k in ("top1", "top5") if isinstance(results.get(f"{proto}_{k}"),
+                                                                                       (int, float))]
+        if not metrics:
+            continue
+        what = label
+        if proto == "knn" and "knn_k" in results:
+            what += f" (k={results['knn_k']}, T={results.get('knn_temperature')})"
+        entries += ["  - task:", "      type: image-classification", f"      name: {what}", "    dataset:",
+                    f"      name: {json.dumps(dataset[0])}", f"      type: {json.dumps(dataset[1])}", "    metrics:"]
+        for k, v in metrics:
+            entries += ["      - type: accuracy", f"        name: {json.dumps(f'{what} {k[:3]}-{k[3:]}')}",
+                        f"        value: {_fmt(float(v))}"]
+    if not entries:
+        return []
+    return ["model-index:", f"- name: {json.dumps(title)}", "  results:", *entries]
+
+
+def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: bool = False, repo_id: Optional[str] = None,
+                license: str = "mit") -> str:
     s = meta["spec"]
+    title = model_title(cfg, s, meta["architecture"])
+    method = _METHOD_NAMES.get(meta["method"], meta["method"])
     if meta["architecture"] == "vit":
-        title = f"{cfg['model']['name']}/{s['patch_size']}"
         arch = (f"ViT, width {s['embed_dim']}, depth {s['depth']}, {s['num_heads']} heads, patch {s['patch_size']}, "
                 f"image {s['img_size']} px, position embedding {s['pos_embed']}, pooling {s['pooling']}")
     else:
-        title = s["name"]
         arch = f"{s['name']} ({'CIFAR stem' if s['cifar_stem'] else 'ImageNet stem'}), image {s['img_size']} px"
     epochs = f"{meta['pretrain_epoch']:.2f}" if isinstance(meta.get("pretrain_epoch"), (int, float)) else "?"
+    dataset = public_dataset(cfg["data"].get("path"))
+    results = meta["eval_results"]
     lines = []
-    if hub:  # the Hub reads the card's front matter: library, tags, task
+    if hub:  # the Hub reads the card's front matter: license, library, tags, task, results
         tags = dict.fromkeys(["image-feature-extraction", "timm", "mocov3", meta["method"], "self-supervised"])
-        lines += ["---", "library_name: timm", "tags:", *(f"- {t}" for t in tags),
-                  "pipeline_tag: image-feature-extraction", "---", ""]
+        lines += ["---", f"license: {license}", "library_name: timm", "tags:", *(f"- {t}" for t in tags),
+                  "pipeline_tag: image-feature-extraction"]
+        if dataset[1] not in ("custom", "imagefolder"):
+            lines += ["datasets:", f"- {dataset[1]}"]
+        lines += [*_model_index(f"{title} {method}", results, dataset), "---", ""]
     lines += [
-        f"# {title} pretrained with {meta['method']} (mocov3)"
-        + (", then fine-tuned" if meta.get("fine_tuned") else ""),
+        f"# {title} pretrained with {method}" + (", then fine-tuned" if meta.get("fine_tuned") else ""),
         "",
         f"- backbone: {arch}",
-        f"- pretraining: {meta['method']}, {epochs} epochs ({meta['pretrain_step']} steps) of "
+        f"- pretraining: {method}, {epochs} epochs ({meta['pretrain_step']} steps) of "
         f"{cfg['train']['epochs']} planned, batch {cfg['train']['batch_size']}, {cfg['optim']['name']} "
         f"base_lr {cfg['optim']['base_lr']}, weight decay {cfg['optim']['weight_decay']}, "
-        f"temperature {cfg['method']['temperature']}, momentum {cfg['method']['momentum']}",
-        f"- data: {cfg['data'].get('path') or '?'} ({cfg['data']['image_size']} px crops, scale "
-        f"{list(cfg['data']['crop_scale'])})",
-        f"- input normalization: mean {meta['mean']}, std {meta['std']}",
-        f"- source checkpoint: `{checkpoint.name}`", "",
-        "## Evaluation results known for this checkpoint", "",
+        f"temperature {cfg['method']['temperature']}, momentum {cfg['method']['momentum']} (the whole recipe below)",
+        f"- data: {dataset[0]} ({cfg['data']['image_size']} px crops, scale {list(cfg['data']['crop_scale'])})",
+        f"- input: short side to {round(s['img_size'] / cfg['data']['eval_crop_ratio'])} px (antialiased "
+        f"bilinear), center crop {s['img_size']} px, mean {list(meta['mean'])}, std {list(meta['std'])}",
+        f"- source checkpoint: `{checkpoint.name}`, written by "
+        + ("the reference implementation (facebookresearch/moco-v3)" if meta.get("reference") else "mocov3"), "",
     ]
-    if meta["eval_results"]:
-        lines += [f"- {k}: {v}" for k, v in meta["eval_results"].items()]
+    if meta.get("timm_architecture_exact") is False:
+        lines += [f"timm has no preset of this shape; `config.json` names the nearest (`{meta.get('timm_name')}`) as "
+                  f"its architecture, and its `model_args` give every shape argument, so timm builds this one.", ""]
+    lines += ["## Evaluation results", ""]
+    rows = []
+    for proto, label in _PROTOCOLS.items():
+        if f"{proto}_top1" in results:
+            what = label + (f" (k = {results['knn_k']}, T = {results.get('knn_temperature')})"
+                            if proto == "knn" and "knn_k" in results else "")
+            rows.append(f"| {what} | {_fmt(results[f'{proto}_top1'])} | {_fmt(results.get(f'{proto}_top5', '-'))} | "
+                        f"{results.get(f'{proto}_step', meta['pretrain_step'])} |")
+    if "knn_top1_during_training" in results:
+        rows.append(f"| kNN monitor during training | {_fmt(results['knn_top1_during_training'])} | - | "
+                    f"{meta['pretrain_step']} |")
+    if rows:
+        lines += ["| protocol | top-1 (%) | top-5 (%) | at step |", "|---|---|---|---|", *rows]
     else:
-        lines.append("- none recorded")
-    lines += ["", "## Loading", "", "```python"]
+        lines.append("None recorded (`mocov3 export --results` adds them).")
+    source = f"hf-hub:{repo_id}" if repo_id else "local-dir:THIS_FOLDER"
+    lines += ["", "## Use it", "", "```python"]
     if hub:
-        lines += ["import timm", "# from the Hub (after --push-to-hub), or from this folder:",
-                  "model = timm.create_model('hf-hub:USER/REPO', pretrained=True)",
-                  "model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True)",
-                  "# any timm version: the architecture and its arguments from config.json",
-                  "import json; c = json.load(open('THIS_FOLDER/config.json'))",
-                  "model = timm.create_model(c['architecture'], pretrained=True, **c['model_args'],",
-                  "                          pretrained_cfg_overlay=dict(file='THIS_FOLDER/model.safetensors',",
-                  "                                                      num_classes=0))",
-                  "# or with mocov3:"]
-    lines += ["import mocov3", "model = mocov3.load_backbone('THIS_FOLDER')"]
+        lines += ["import timm, torch",
+                  "from PIL import Image",
+                  "",
+                  f'model = timm.create_model("{source}", pretrained=True).eval()  # timm >= 1.0.16',
+                  "config = timm.data.resolve_data_config({}, model=model)  # the preprocessing above",
+                  "transform = timm.data.create_transform(**config)",
+                  "with torch.no_grad():",
+                  '    features = model(transform(Image.open("IMAGE.jpg").convert("RGB"))[None])',
+                  "```", "", "or with mocov3 (`pip install mocov3`):", "", "```python"]
+    lines += ["import mocov3", "", 'model = mocov3.load_backbone("THIS_FOLDER")']
     if meta["timm_kwargs"] and not hub:
         lines += ["# or with timm:", "import json, timm.models.vision_transformer as tv",
                   "from safetensors.torch import load_file",
@@ -272,7 +407,9 @@ def _model_card(meta: dict, cfg: dict, checkpoint: Path, hub: bool = False) -> s
                   f"m = torchvision.models.{meta['torchvision']}()",
                   "m.load_state_dict(load_file('THIS_FOLDER/model.safetensors'), strict=False)",
                   "m.fc = torch.nn.Identity()"]
-    lines += ["```", ""]
+    lines += ["```", "", "## Training recipe", "",
+              "The run's config (`mocov3 pretrain --config recipe.yaml` repeats it; local paths left out):", "",
+              "```yaml", yaml.safe_dump(_no_paths(cfg), sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 
 

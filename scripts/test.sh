@@ -10,4 +10,12 @@ fi
 # collect-only call (--co, as .ci/run's first one) skips it.
 case " $* " in *" --co "*|*" --collect-only "*) ;; *) .venv/bin/python -m ruff check mocov3 tests bench scripts examples ;; esac
 # Every test, the slow ones (several processes, subprocess runs) included; plain `pytest` runs the fast ones.
-exec .venv/bin/python -m pytest -m "slow or not slow" "$@"
+# The interop tests (timm, torchvision) run after, with those packages unpacked beside the CPU torch
+# (scripts/interop.sh); a collect-only call stops after the first.
+case " $* " in
+  *" --co "*|*" --collect-only "*) exec .venv/bin/python -m pytest -m "slow or not slow" "$@" ;;
+esac
+status=0
+.venv/bin/python -m pytest -m "(slow or not slow) and not interop" "$@" || status=$?
+bash scripts/interop.sh || status=$((status ? status : 1))
+exit $status

@@ -197,6 +197,7 @@ def test_normalization_and_jitter_in_a_view():
 
 
 
+@pytest.mark.interop
 def test_ops_match_torchvision_functional():
     F = pytest.importorskip("torchvision.transforms.functional")
     g = torch.Generator().manual_seed(4)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import mocov3
 from mocov3.cli import main
@@ -52,6 +53,7 @@ def test_export_errors(tmp_path, capsys):
 @pytest.mark.parametrize("variant", [[], ["model.pooling=gap", "model.final_norm=false"], ["model.pos_embed=learned"],
                                      ["model.pos_embed=none", "model.pooling=gap"],
                                      ["model.patch_norm=wn", "model.freeze_patch_embed=false"]])
+@pytest.mark.interop
 def test_export_loads_into_timm(folder, tmp_path, variant):
     tv = pytest.importorskip("timm.models.vision_transformer")
     from safetensors.torch import load_file
@@ -107,8 +109,9 @@ def test_timm_hub_export_layout(checkpoint, tmp_path, capsys):
     linear = tmp_path / "linear.json"
     linear.write_text(json.dumps({"top1": 81.5, "top5": 99.0, "lr": 0.1, "mode": "fast", "step": ckpt["step"]}))
     knn = tmp_path / "knn.txt"  # what `mocov3 knn ... > knn.txt` leaves: lines, then the JSON line
-    knn.write_text("kNN (k=20, T=0.07) of x at step 2: top-1 70.00\n"
-                   + json.dumps({"top1": 70.0, "top5": 95.0, "step": ckpt["step"], "grid": []}) + "\n")
+    knn.write_text("kNN (k=20, T=0.07) of x at step 2: top-1 38.93\n"
+                   + json.dumps({"top1": 38.92999887466431, "top5": 95.0, "k": 20, "temperature": 0.07,
+                                 "step": ckpt["step"], "grid": []}) + "\n")
     exp = tmp_path / "hub"
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--format", "timm-hub",
                  "--results", str(linear), str(knn)]) == 0
@@ -120,9 +123,18 @@ def test_timm_hub_export_layout(checkpoint, tmp_path, capsys):
     pc = c["pretrained_cfg"]
     assert pc["input_size"] == [3, 16, 16] and pc["num_classes"] == 0 and pc["first_conv"] == "patch_embed.proj"
     assert pc["mean"] == c["mocov3"]["mean"] and pc["crop_pct"] == 1.0 and pc["custom_load"] is False
+    assert pc["interpolation"] == "bilinear" and pc["crop_mode"] == "center"
     card = (exp / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: timm\n") and "- image-feature-extraction" in card
-    assert "linear_top1: 81.5" in card and "knn_top1: 70.0" in card and "hf-hub:" in card
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "mit" and front["library_name"] == "timm" and "image-feature-extraction" in front["tags"]
+    index = front["model-index"][0]["results"]
+    results = {r["task"]["name"]: {m["name"]: m["value"] for m in r["metrics"]} for r in index}
+    assert results == {"linear probe": {"linear probe top-1": 81.5, "linear probe top-5": 99.0},
+                       "kNN (k=20, T=0.07)": {"kNN (k=20, T=0.07) top-1": 38.93, "kNN (k=20, T=0.07) top-5": 95.0}}
+    assert "| kNN (k = 20, T = 0.07) | 38.93 | 95.0 | 2 |" in card and "38.9299" not in card
+    assert "_step" not in card.split("## Use it")[0]  # steps are a column, not results
+    assert "# ViT-Ti/4 (32 wide, 2 blocks) pretrained with MoCo v3" in card and "## Training recipe" in card
+    assert str(tmp_path) not in card and "/tmp" not in card  # no local path of the run
     # the weights: timm names, loadable by mocov3 from the hub folder too
     a, b = mocov3.load_backbone(exp), mocov3.load_backbone(checkpoint)
     x = torch.randn(2, 3, 16, 16)
@@ -140,23 +152,20 @@ def test_timm_hub_export_layout(checkpoint, tmp_path, capsys):
     assert "no evaluation result" in capsys.readouterr().err
 
 
+@pytest.mark.interop
 def test_timm_hub_loads_with_timm(checkpoint, tmp_path):
     timm = pytest.importorskip("timm")
     exp = tmp_path / "hub"
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(exp), "--format", "timm-hub"]) == 0
     c = json.loads((exp / "config.json").read_text())
     ours = mocov3.load_backbone(exp)
-    m = timm.create_model(c["architecture"], pretrained=True, **c["model_args"],
-                          pretrained_cfg_overlay=dict(file=str(exp / "model.safetensors"), num_classes=0)).eval()
+    m = timm.create_model(c["architecture"], pretrained=True, **c["model_args"],  # by name, the file overlaid
+                          pretrained_cfg_overlay=dict(file=str(exp / "model.safetensors"), num_classes=0,
+                                                      custom_load=False)).eval()
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(m(x), ours(x), atol=1e-5)
-    try:  # timm versions that read a local folder's config.json
-        m2 = timm.create_model(f"local-dir:{exp}", pretrained=True).eval()
-    except RuntimeError as e:
-        if "local-dir" in str(e) or "Unknown model" in str(e):
-            pytest.skip(f"this timm has no local-dir: loader ({e})")
-        raise
+    m2 = timm.create_model(f"local-dir:{exp}", pretrained=True).eval()  # timm >= 1.0.16 (scripts/interop.sh)
     with torch.no_grad():
         assert torch.allclose(m2(x), ours(x), atol=1e-5)
 
@@ -241,6 +250,7 @@ def test_timm_hub_export_of_a_resnet(folder, tmp_path):
         assert torch.allclose(mocov3.load_backbone(exp)(x), mocov3.load_backbone(ckpt)(x))
 
 
+@pytest.mark.interop
 def test_timm_hub_resnet_loads_with_timm(folder, tmp_path):
     timm = pytest.importorskip("timm")
     _, exp = _resnet_hub(folder, tmp_path)
@@ -249,3 +259,43 @@ def test_timm_hub_resnet_loads_with_timm(folder, tmp_path):
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(m(x), mocov3.load_backbone(exp)(x), atol=1e-5)
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("crop_ratio", ["0.875", "1.0"])
+def test_the_cards_snippet_runs_as_printed_and_gives_mocov3s_features(tmp_path, crop_ratio):
+    """The timm-hub card's Python block, run as printed (its two placeholders filled: the folder and an image),
+    gives the features ``mocov3 knn`` computes for the same image: timm's own preprocessing from config.json
+    (resolve_data_config + create_transform) is mocov3's evaluation preprocessing."""
+    pytest.importorskip("timm")
+    pytest.importorskip("torchvision.transforms")
+    import numpy as np
+    from PIL import Image
+
+    from mocov3.eval.api import load_for_eval
+    from mocov3.eval.features import extract_features
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True)
+        for i in range(8):  # larger than the 16-pixel input, not square: both sides resize and crop
+            y, x = np.mgrid[0:40, 0:52]
+            img = np.stack([x * 4 + rng.integers(0, 60), y * 5, (x + y) * 2 + 40 * (c == "b")], -1) % 256
+            Image.fromarray(img.astype(np.uint8)).save(folder / c / f"{i}.png")
+    run, exp = tmp_path / "run", tmp_path / "hub"
+    assert main(["pretrain", "--data", str(folder), "--output-dir", str(run), "--no-progress", *TINY,
+                 "train.max_steps=2", f"data.eval_crop_ratio={crop_ratio}"]) == 0
+    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--output", str(exp),
+                 "--format", "timm-hub"]) == 0
+    card = (exp / "README.md").read_text()
+    snippet = card.split("## Use it")[1].split("```python\n")[1].split("```")[0]
+    setup = load_for_eval(run / "checkpoint.pt", str(folder), str(folder), "cpu", ["data.num_workers=0"],
+                          use_cache=False)
+    ours = extract_features(setup.backbone, setup.test, setup.cfg.data, setup.device, 16)[0]
+    paths = sorted(folder.glob("*/*.png"))
+    for i, path in enumerate(paths):
+        scope = {}
+        exec(snippet.replace("THIS_FOLDER", str(exp)).replace("IMAGE.jpg", str(path)), scope)
+        theirs = torch.nn.functional.normalize(scope["features"].float(), dim=1)[0]
+        assert float(theirs @ ours[i]) >= 0.999, (path, float(theirs @ ours[i]))

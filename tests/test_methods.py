@@ -130,10 +130,12 @@ def test_resnet_names_and_sizes_follow_torchvision():
     assert r18.forward_features(x).shape == (2, 512, 1, 1)
 
 
-def test_resnet_state_loads_into_torchvision():
+@pytest.mark.interop
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_state_loads_into_torchvision(name):
     tv = pytest.importorskip("torchvision.models")
-    ours = ResNet(ResNetSpec("resnet18"))
-    ref = tv.resnet18(num_classes=10)
+    ours = ResNet(ResNetSpec(name))
+    ref = getattr(tv, name)(num_classes=10)
     missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
     ref.fc = torch.nn.Identity()

@@ -347,19 +347,29 @@ class TwoViewAugment:
         return self.view(images, 0, g, crop), self.view(images, 1, g, crop)
 
 
+def eval_geometry(H: int, W: int, size: int, crop_ratio: float) -> tuple[int, int, int, int]:
+    """(resized height, width, crop top, left) of the evaluation preprocessing of an H x W image: the short side
+    to ``round(size / crop_ratio)``, the long side in proportion (truncated), then the center ``size`` crop
+    (offsets rounded). These are torchvision's ``Resize(int)`` + ``CenterCrop`` rules, so the reference's
+    evaluation (``Resize(256), CenterCrop(224)``) and timm's transform from an export's ``pretrained_cfg``
+    cut the same pixels."""
+    short = int(round(size / crop_ratio))
+    if H <= W:
+        new_h, new_w = short, int(short * W / H)
+    else:
+        new_h, new_w = int(short * H / W), short
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
 def eval_transform(images: torch.Tensor, size: int, crop_ratio: float, mean, std) -> torch.Tensor:
     """Evaluation preprocessing of a uint8 batch: resize the short side to size / crop_ratio
     (antialiased bilinear), center-crop ``size``, normalize. [B, 3, H, W] -> [B, 3, size, size]."""
     x = images.float() / 255.0
     H, W = x.shape[-2:]
-    short = int(round(size / crop_ratio))
     if (H, W) != (size, size):
-        if min(H, W) != short:
-            scale = short / min(H, W)
-            x = F.interpolate(x, size=(max(short, round(H * scale)), max(short, round(W * scale))),
-                              mode="bilinear", antialias=True, align_corners=False)
-        H, W = x.shape[-2:]
-        top, left = (H - size) // 2, (W - size) // 2
+        new_h, new_w, top, left = eval_geometry(H, W, size, crop_ratio)
+        if (new_h, new_w) != (H, W):
+            x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
         x = x[..., top:top + size, left:left + size]
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)

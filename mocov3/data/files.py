@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..runtime import DataError
-from .augment import sample_crop_box
+from .augment import eval_geometry, sample_crop_box
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,8 @@ def decode_center_crop(src, size: int, crop_ratio: float) -> torch.Tensor:
     decoded at the smallest DCT scale (n/8) that keeps the shorter side at least that long."""
     blob = _read_bytes(src)
     W, H, colorspace = image_info(blob)
-    short = int(round(size / crop_ratio))
-    scale = short / min(W, H)
-    new_w, new_h = max(short, round(W * scale)), max(short, round(H * scale))
-    min_w, min_h = (new_w, new_h) if scale < 1 else (0, 0)
+    new_h, new_w, top, left = eval_geometry(H, W, size, crop_ratio)
+    min_w, min_h = (new_w, new_h) if new_h < H else (0, 0)
     img = torch.from_numpy(decode_rgb(blob, min_w, min_h, colorspace))
     resized = resize_crop(img, (0, 0, img.shape[0], img.shape[1]), (new_h, new_w))
-    top, left = (new_h - size) // 2, (new_w - size) // 2
     return resized[:, top:top + size, left:left + size].contiguous()
