@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folder", default="submitit_logs", help="submitit's folder for logs and job files")
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which the job checkpoints and requeues itself")
+    p.add_argument("--max-requeues", type=int, default=100,
+                   help="times the job requeues itself at its time limit (preemptions requeue without limit)")
     p.add_argument("--executor", choices=("slurm", "local"), default="slurm",
                    help="slurm, or local (this machine, submitit's local executor: tests and debugging)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and return its exit status")
@@ -284,7 +286,8 @@ def cmd_submit(args) -> int:
     _setup_logging()
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     job = submit(argv, args.nodes, args.gpus_per_node, args.partition, args.time, args.account, args.qos,
-                 args.cpus_per_task, args.mem_gb, args.folder, args.signal_delay, args.executor, args.tasks_per_node)
+                 args.cpus_per_task, args.mem_gb, args.folder, args.signal_delay, args.executor, args.tasks_per_node,
+                 args.max_requeues)
     _print_json({"job_id": str(job.job_id), "folder": args.folder})
     if args.wait:
         try:

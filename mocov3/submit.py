@@ -65,8 +65,11 @@ class TrainingTask:
                 "MASTER_PORT": str(master_port(env.job_id))}
 
     def __call__(self) -> int:
+        # SLURM sends its time-limit warning (--signal-delay) to every process of the step, the run included:
+        # the run ignores it (SIG_IGN survives exec) and waits for the SIGTERM of checkpoint() below, which
+        # comes once submitit has taken the warning; left at its default, SIGUSR2 would kill the run unsaved
         self.proc = subprocess.Popen([sys.executable, "-m", "mocov3", *self.argv],
-                                     env={**os.environ, **self._dist_env()})
+                                     env={**os.environ, **self._dist_env()}, preexec_fn=_ignore_usr2)
         # poll rather than Popen.wait(): submitit's signal handler (checkpoint, below) runs in this thread
         # and waits for the child itself; inside a blocking wait() it would wait for wait()'s own lock
         while (rc := self.proc.poll()) is None:
@@ -98,6 +101,10 @@ class TrainingTask:
         return submitit.helpers.DelayedSubmission(TrainingTask(self.argv))
 
 
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def _wait_pid(pid: int, timeout: float) -> bool:
     """Wait for a child to end without Popen's lock (this may run inside a signal handler that
     interrupted a Popen call); True when it ended (or was already reaped)."""
@@ -116,9 +123,12 @@ def _wait_pid(pid: int, timeout: float) -> bool:
 def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partition: Optional[str] = None,
            time: str = "72:00:00", account: Optional[str] = None, qos: Optional[str] = None,
            cpus_per_task: int = 10, mem_gb: Optional[int] = None, folder: str = "submitit_logs",
-           signal_delay_s: int = 120, executor: str = "slurm", tasks_per_node: Optional[int] = None):
+           signal_delay_s: int = 120, executor: str = "slurm", tasks_per_node: Optional[int] = None,
+           max_requeues: int = 100):
     """Submit ``argv`` (a mocov3 command line, e.g. ``["pretrain", "--config", ...]``); returns the job.
-    ``executor="local"`` runs the tasks on this machine (submitit's local executor; for tests and debugging)."""
+    ``executor="local"`` runs the tasks on this machine (submitit's local executor; for tests and debugging).
+    ``max_requeues``: how many times the job requeues itself at its time limit (submitit's default, 3, would
+    end a 300-epoch run on a cluster with a 24-hour limit after four days); preemptions requeue without limit."""
     try:
         import submitit
     except ImportError:
@@ -137,7 +147,7 @@ def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partitio
             ex.update_parameters(timeout_min=minutes, tasks_per_node=tasks, gpus_per_node=gpus_per_node,
                                  signal_delay_s=signal_delay_s)
         else:
-            ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
             params = dict(nodes=nodes, tasks_per_node=tasks, timeout_min=math.ceil(minutes),
                           cpus_per_task=cpus_per_task,
                           name=f"mocov3-{argv[0]}", slurm_partition=partition, slurm_account=account, slurm_qos=qos,
