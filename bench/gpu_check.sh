@@ -62,7 +62,7 @@ stamp "env done: $(cat "$OUT/env.json" 2>/dev/null | tr -d '\n ')"
 if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
   # 1. CUDA-only tests (SyncBatchNorm kernels, a bf16 step, nvJPEG) and interop (timm, torchvision exist only there)
   timeout "$(limit 60 415)" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_export.py \
-    tests/test_methods.py tests/test_gpu_decode.py -k "gpu or cuda or timm or torchvision or nvjpeg" \
+    tests/test_methods.py tests/test_gpu_decode.py tests/test_augment.py -k "gpu or cuda or interop or nvjpeg" \
     > "$LOGS/pytest_gpu.txt" 2>&1
   echo "pytest rc=$?" >> "$LOGS/pytest_gpu.txt"
   stamp "tests done: $(tail -2 "$LOGS/pytest_gpu.txt" | tr '\n' ' ')"
