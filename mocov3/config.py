@@ -86,7 +86,8 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["mocov3", "simclr", "byol", "swav"] = _f("mocov3", "self-supervised method (§6 compares them)")
+    name: Literal["mocov3", "simclr", "byol", "swav", "dino"] = _f(
+        "mocov3", "self-supervised method (§6 compares the first four; DINO, arXiv 2104.14294, beside them)")
     temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)", gt=0)
     momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)", ge=0, le=1)
     momentum_schedule: Literal["cosine", "constant"] = _f("cosine", "m rises to 1 by half-cosine, or stays")
@@ -96,13 +97,23 @@ class MethodConfig:
     pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)", ge=0)
     pred_hidden_dim: int = _f(4096, "predictor hidden width", ge=1)
     pred_last_bn: bool = _f(True, "BN at the end of the predictor (ViT: yes; the ResNet recipe has none, §1)")
-    head_bn: bool = _f(True, "BatchNorm in the MLP heads (§7 ablation)")
+    head_bn: Optional[bool] = _f(None, "BatchNorm in the MLP heads (§7 ablation); unset = the method's own "
+                                       "(yes; DINO: no)")
     queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off", ge=0)
     queue_start_steps: int = _f(0, "SwAV: use the feature queue from this step on", ge=0)
     num_prototypes: int = _f(3000, "SwAV: number of prototypes", ge=1)
     sinkhorn_epsilon: float = _f(0.05, "SwAV: entropy regularization of Sinkhorn-Knopp", gt=0)
     sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations", ge=1)
     freeze_prototypes_steps: int = _f(313, "SwAV: prototypes receive no update for the first N steps", ge=0)
+    teacher_temperature: float = _f(0.07, "DINO: the teacher's softmax temperature after its warm-up", gt=0)
+    warmup_teacher_temperature: float = _f(0.04, "DINO: the teacher's temperature at step 0 (linear warm-up)", gt=0)
+    warmup_teacher_temperature_epochs: float = _f(30.0, "DINO: length of the teacher temperature's warm-up", ge=0)
+    center_momentum: float = _f(0.9, "DINO: momentum of the center of the teacher's outputs", ge=0, lt=1)
+    bottleneck_dim: int = _f(256, "DINO: width of the head's bottleneck before its weight-normalized last layer",
+                             ge=1)
+    norm_last_layer: bool = _f(True, "DINO: the last layer's weight norm fixed at 1 (more stable, DINO §C)")
+    freeze_last_layer_epochs: float = _f(1.0, "DINO: the head's last layer receives no update for these epochs",
+                                         ge=0)
 
 
 @dataclass
@@ -146,12 +157,17 @@ class OptimConfig:
         "adamw", "optimizer: adamw (recommended for ViT, §4), lamb, lars (ResNet recipe, §4) or sgd (momentum)")
     base_lr: float = _f(1.5e-4, "lr = base_lr * batch_size / 256 (§4)", gt=0)
     weight_decay: float = _f(0.1, "weight decay", ge=0)
+    weight_decay_end: Optional[float] = _f(
+        None, "weight decay at the run's end, reached by a half-cosine from weight_decay (DINO: 0.04 -> 0.4); "
+              "unset = constant", ge=0)
     betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
     sgd_momentum: float = _f(0.9, "LARS / SGD momentum", ge=0, lt=1)
     trust_coefficient: float = _f(0.001, "LARS trust coefficient eta (§4)", gt=0)
     exclude_1d_from_wd: bool = _f(False, "no weight decay on biases and norms (the reference decays all)")
     warmup_epochs: float = _f(40.0, "linear warmup length (epochs)", ge=0)
-    clip_grad: float = _f(0.0, "clip the global gradient norm to this value; 0 = off", ge=0)
+    clip_grad: float = _f(0.0, "clip the gradient norm to this value (see clip_mode); 0 = off", ge=0)
+    clip_mode: Literal["global", "per_tensor"] = _f(
+        "global", "clip_grad on the norm of all gradients together, or of each parameter's alone (DINO's rule)")
     patch_clip_grad: float = _f(
         0.0, "clip only the patch projection's gradient norm to this value (§2; frozen = the limit 0); 0 = off", ge=0)
 
@@ -508,23 +524,18 @@ def validate(cfg: Config) -> None:
                               f"{cfg.model.name}")
     elif cfg.model.cifar_stem:
         raise ConfigError("model.cifar_stem applies to ResNets; a ViT on 32-pixel images needs a small patch_size")
-    if d.small_crops > 0:
-        if m.name != "swav":
-            raise ConfigError(f"data.small_crops (multi-crop) is implemented for method=swav, not {m.name}")
+    if d.small_crops > 0:  # which methods take small views is theirs to say (methods/base.py: check_config)
         if not resnet and d.small_crop_size % cfg.model.patch_size != 0:
             raise ConfigError(f"data.small_crop_size {d.small_crop_size} is not a multiple of "
                               f"model.patch_size {cfg.model.patch_size}")
     if cfg.train.strategy == "fsdp":
         why = ("a ResNet (BatchNorm layers; shard ViTs)" if resnet else
-               f"method={m.name} (its prototypes are renormalized in place)" if m.name == "swav" else
                f"optim.name={o.name} (per-layer trust ratios over sharded tensors are not implemented)"
                if o.name != "adamw" else
                "train.precision=fp16 (use bf16)" if cfg.train.precision == "fp16" else
                "model.mlp_norm=bn (ViT-BN)" if cfg.model.mlp_norm == "bn" else None)
         if why:
             raise ConfigError(f"train.strategy=fsdp does not support {why}; use train.strategy=ddp")
-    if m.queue_size > 0 and m.name not in ("mocov3", "swav"):
-        raise ConfigError(f"method.queue_size is for mocov3 (key queue) and swav (feature queue), not {m.name}")
     if m.name == "byol" and m.pred_layers < 1:
         raise ConfigError("BYOL needs its predictor (method.pred_layers >= 1); without it BYOL collapses (§7)")
     if not resnet:

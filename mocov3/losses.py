@@ -113,3 +113,34 @@ def swav_loss(scores: list[torch.Tensor], temperature: float, epsilon: float, it
                 sub = sub - (q * F.log_softmax(scores[v].float() / temperature, dim=1)).sum(dim=1).mean()
         total = total + sub / (n_crops - 1)
     return total / n_assign
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], student_temperature: float) -> torch.Tensor:
+    """DINO's cross-entropy between the teacher's and the student's distributions over the prototypes
+    (Caron et al. 2021, arXiv 2104.14294, eq. 1 and Algorithm 1), averaged over every (teacher view, other
+    student view) pair.
+
+    Args:
+        student: the student's outputs of every view, [N, K] each (logits before the temperature), the large
+            views first.
+        teacher: the teacher's probabilities of the large views, [N, K] each (centered and sharpened already,
+            no gradient: :class:`mocov3.methods.dino.DINO` makes them).
+        student_temperature: tau_s (0.1).
+
+    Returns:
+        Scalar: mean over the pairs (i, v), v != i, of ``mean_n sum_k -teacher_i log softmax(student_v / tau_s)``.
+        There is no interaction between samples, so this process's mean is the global batch's once the
+        processes' gradients are averaged (DDP); the center the teacher's outputs are shifted by is the one
+        global quantity (an all-reduce in the method).
+
+    Examples:
+        >>> s = [torch.randn(4, 16) for _ in range(4)]
+        >>> t = [torch.softmax(torch.randn(4, 16), dim=1) for _ in range(2)]
+        >>> loss = dino_loss(s, t, 0.1)  # 2 x 3 pairs: each teacher view against the 3 other views
+        >>> loss.shape
+        torch.Size([])
+    """
+    logp = [F.log_softmax(s.float() / student_temperature, dim=-1) for s in student]
+    terms = [(-teacher[i] * logp[v]).sum(dim=-1).mean() for i in range(len(teacher))
+             for v in range(len(student)) if v != i]
+    return sum(terms) / len(terms)

@@ -20,7 +20,7 @@ from .data import sources
 from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, require_labels
 from .eval.monitor import KnnMonitor
-from .methods import build_method
+from .methods import build_method, method_class
 from .runtime import DataError
 from .train.checkpoint import load_checkpoint, load_initial_weights
 from .train.flops import backbone_forward_flops, step_flops_per_image
@@ -88,6 +88,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
             run.start({"lr_peak": scaled_lr(cfg.optim.base_lr, cfg.train.batch_size),
                        "batch_size": cfg.train.batch_size, "steps_per_epoch": length.steps_per_epoch,
                        "data": cfg.data.path, "eval_data": cfg.data.eval_path,
+                       "schedules": state.schedule.describe(),
                        **({"init_from": str(init_from)} if init_from else {})})
         knn = KnnMonitor(cfg, run.rt, data, state.module, run.folder.metrics,
                          ckpt.extra.get("last_knn") if ckpt else None)
@@ -99,7 +100,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
         hooks = [run.time_budget(state, knn_cost(cfg, run.rt, state, data, per_image), knn.full_every),
                  knn, run.metrics_hook(state, cfg.train.batch_size, unreadable, per_image),
                  run.checkpoint_hook(state, lambda: {
-                     "last_knn": knn.last, "data_identity": identity,
+                     "last_knn": knn.last, "data_identity": identity, "schedules": state.schedule.describe(),
                      "monitor": state.monitor.state_dict() if state.monitor is not None else {}})]
         stopped = run.fit(state, data.batches, pretrain_step, hooks)
     skipped = int(data.batches.unreadable) + len(data.train.skipped)
@@ -124,6 +125,7 @@ def resolve_config(recipe: Optional[str], overrides: Sequence[str], output_dir: 
         cfg.data.path = str(data)
     if eval_data is not None:
         cfg.data.eval_path = str(eval_data)
+    method_class(cfg.method.name).check_config(cfg)  # what the method cannot take, before any data is read
     return cfg
 
 
@@ -175,9 +177,11 @@ def build_train_state(cfg: Config, rt: Runtime, length: RunLength, init_from: Op
         if cfg.train.strategy == "fsdp":
             log.info("train.strategy=fsdp in one process: nothing to shard, the plain module trains")
         model = du.wrap_ddp(method, rt.device)
-    patch_params = [p for p in method.backbone.patch_embed.parameters() if p.requires_grad] \
-        if cfg.optim.patch_clip_grad > 0 else []
-    schedule = RunSchedule(length, warmup, peak_lr, cfg.method.momentum, cfg.method.momentum_schedule)
+    patch = method.patch_embed()
+    patch_params = [p for p in patch.parameters() if p.requires_grad] \
+        if cfg.optim.patch_clip_grad > 0 and patch is not None else []
+    schedule = RunSchedule(length, warmup, peak_lr, cfg.method.momentum, cfg.method.momentum_schedule,
+                           extra=method.schedule_specs(cfg, steps_per_epoch))
     compiled = use_compile(cfg.train.compile, rt.device)
     if compiled:
         # the training forward (both encoders, heads, loss); evaluation and checkpoints use the module itself
@@ -187,7 +191,7 @@ def build_train_state(cfg: Config, rt: Runtime, length: RunLength, init_from: Op
         device=rt.device, precision=rt.precision,
         lr_at=schedule.lr, momentum_at=schedule.momentum, schedule=schedule, warmup_steps=warmup,
         augment=TwoViewAugment(cfg.data, compile=compiled), seed=cfg.train.seed, rank=rt.rank,
-        clip_grad=cfg.optim.clip_grad,
+        clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
         patch_clip_grad=cfg.optim.patch_clip_grad, patch_params=patch_params, channels_last=channels_last,
         monitor=GradMonitor(method, cfg.train.spike_factor) if cfg.train.grad_monitor else None)
 

@@ -17,6 +17,8 @@ SETUPS = {
              "method.freeze_prototypes_steps=0", "method.temperature=0.1"],
     "mocov3_resnet": ["model=resnet18", "model.cifar_stem=true", "method.proj_layers=2",
                       "method.pred_last_bn=false"],
+    "dino": ["method=dino", "model.freeze_patch_embed=false", "method.out_dim=32", "method.proj_hidden_dim=32",
+             "method.bottleneck_dim=16", "method.freeze_last_layer_epochs=0", "method.temperature=0.1"],
 }
 
 

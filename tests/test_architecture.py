@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).parents[1] / "mocov3"
 
 LAYERS = [
-    ["runtime", "version"], ["config", "tracking"], ["distributed"], ["data", "models", "reference"], ["losses"],
-    ["methods"], ["train"],
+    ["runtime", "version"], ["config", "tracking"], ["distributed"], ["data", "models", "reference"],
+    ["losses", "schedules"], ["methods"], ["train"],
     ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["__main__"],
 ]
 

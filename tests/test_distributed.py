@@ -24,10 +24,11 @@ def test_helpers_work_without_a_process_group():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["mocov3", "simclr", "swav", "mocov3_resnet"])
+@pytest.mark.parametrize("name", ["mocov3", "simclr", "swav", "mocov3_resnet", "dino"])
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tmp_path, name):
     """Loss, every gradient and the parameters after an SGD step: SimCLR's negatives gathered with
-    gradient, SwAV's Sinkhorn sums, the heads' (and ResNet's) synchronized BatchNorm."""
+    gradient, SwAV's Sinkhorn sums, DINO's center (a global mean), the heads' (and ResNet's) synchronized
+    BatchNorm."""
     out = tmp_path / "rank0.pt"
     mp.spawn(_dist_worker.worker, args=(2, str(tmp_path / "init"), str(out), name), nprocs=2, join=True)
     two = torch.load(out, weights_only=True)

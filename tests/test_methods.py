@@ -149,6 +149,12 @@ METHODS = {
     "swav": ["method=swav", "method.num_prototypes=8", "method.freeze_prototypes_steps=2", "data.small_crops=2",
              "data.small_crop_size=8", "method.queue_size=16", "method.queue_start_steps=1"],
     "mocov3_queue": ["method.queue_size=24"],
+    # multi-crop for every method that takes small views (data.small_crops=2)
+    "mocov3_multicrop": ["data.small_crops=2", "data.small_crop_size=8"],
+    "byol_multicrop": ["method=byol", "data.small_crops=2", "data.small_crop_size=8"],
+    "dino": ["method=dino", "method.out_dim=32", "method.proj_hidden_dim=32", "method.bottleneck_dim=16",
+             "data.small_crops=2", "data.small_crop_size=8", "optim.weight_decay_end=0.3",
+             "method.warmup_teacher_temperature_epochs=1", "optim.clip_mode=per_tensor", "optim.clip_grad=3"],
 }
 
 
@@ -156,8 +162,8 @@ def _metrics(run):
     return metrics(run)
 
 
-@pytest.mark.parametrize("backbone", ["vit", "resnet"])
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method, backbone", [(m, "vit") for m in METHODS]
+                         + [(m, "resnet") for m in METHODS if not m.endswith("_multicrop")])
 def test_every_method_and_backbone_trains_and_resumes_exactly(folder, tmp_path, method, backbone):
     extra = METHODS[method] + (RESNET if backbone == "resnet" else ["model.freeze_patch_embed=false"])
     if backbone == "resnet":
@@ -195,16 +201,34 @@ def test_swav_prototypes_stay_fixed_while_frozen():
 
 
 @pytest.mark.parametrize("bad, msg", [
-    (["data.small_crops=2"], "implemented for method=swav"),
     (["method=byol", "method.pred_layers=0"], "needs its predictor"),
-    (["method=simclr", "method.queue_size=10"], "queue_size"),
     (["model=resnet18", "model.stem=conv"], "apply to ViTs"),
     (["model.cifar_stem=true"], "applies to ResNets"),
     (["model=resnet34"], "not one of"),
-    (["method=dino"], "not one of"),
+    (["method=mae"], "not one of"),
 ])
 def test_method_config_errors(bad, msg):
     from mocov3.config import ConfigError
 
     with pytest.raises(ConfigError, match=msg):
         tiny_cfg(*bad)
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (["method=simclr", "data.small_crops=2", "data.small_crop_size=8"],
+     "not supported by method=simclr; methods that take small views: byol, dino, mocov3, swav"),
+    (["method=simclr", "method.queue_size=10"], "methods with a queue: mocov3, swav"),
+    (["method=dino", "method.queue_size=10"], "not supported by method=dino"),
+    (["method=swav", "train.strategy=fsdp"], "does not support method=swav"),
+])
+def test_the_config_check_asks_the_method(folder, tmp_path, capsys, bad, msg):
+    """What a method can take (multi-crop, a queue, FSDP) is the method's to say: the check asks it, at once,
+    before any data is read."""
+    from mocov3.config import ConfigError
+    from mocov3.methods import build_method
+
+    with pytest.raises(ConfigError, match=msg):
+        build_method(tiny_cfg(*bad))
+    assert main(["pretrain", "--data", str(tmp_path / "not-there"), "--output-dir", str(tmp_path / "o"), *TINY,
+                 *bad]) == 2
+    assert msg in capsys.readouterr().err.strip().splitlines()[-1]

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 import torch.nn as nn
+
+from ..runtime import ConfigError
+from ..schedules import Cosine
 
 
 class Method(nn.Module):
@@ -13,10 +17,60 @@ class Method(nn.Module):
     ``forward(x1, x2, *small_views) -> {"loss": scalar tensor, ...}`` for two views [B, 3, H, W] (and,
     with multi-crop, small views [B, 3, h, h]); ``update_momentum(m)`` is called by the loop before
     ``forward`` (a no-op without a momentum encoder); ``after_backward(step)`` after the backward pass,
-    before the optimizer step (SwAV freezes its prototypes there); ``backbone`` is what evaluation uses.
+    before the optimizer step (SwAV freezes its prototypes there, DINO its last layer); ``backbone`` is what
+    evaluation uses.
+
+    What the rest of mocov3 asks a method, and nothing else (no attribute-name probing outside it):
+
+    * the class attributes ``supports_multi_crop``, ``supports_queue`` and ``supports_fsdp``: whether it
+      consumes small views, has a queue (``method.queue_size``) and can be sharded; :meth:`check_config`
+      refuses the rest;
+    * :meth:`heads` / :meth:`momentum_heads`: its MLP heads by name, from the input to the output (the
+      gradient monitor's groups, the FLOP counter);
+    * :meth:`patch_embed`: the module the stability switches touch (the patch projection), None for a ResNet;
+    * :meth:`schedule_specs`: its named schedules besides the lr and the momentum (:mod:`mocov3.train.schedules`),
+      whose values :meth:`set_scheduled` receives before each step.
     """
 
     backbone: nn.Module
+    supports_multi_crop: bool = False
+    supports_queue: bool = False
+    supports_fsdp: bool = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """A one-line :class:`ConfigError` for a setting this method cannot honour (asked by the factory)."""
+        name = cfg.method.name
+        if cfg.data.small_crops > 0 and not cls.supports_multi_crop:
+            raise ConfigError(f"data.small_crops (multi-crop) is not supported by method={name}; methods that take "
+                              f"small views: {', '.join(supporting('supports_multi_crop'))}")
+        if cfg.method.queue_size > 0 and not cls.supports_queue:
+            raise ConfigError(f"method.queue_size is not supported by method={name}; methods with a queue: "
+                              f"{', '.join(supporting('supports_queue'))}")
+        if cfg.train.strategy == "fsdp" and not cls.supports_fsdp:
+            raise ConfigError(f"train.strategy=fsdp does not support method={name} (it rewrites its parameters in "
+                              f"place); use train.strategy=ddp")
+
+    def heads(self) -> dict[str, nn.Module]:
+        """The online heads by name, input to output."""
+        return {n: m for n in ("projector", "predictor") if isinstance(m := getattr(self, n, None), nn.Module)}
+
+    def momentum_heads(self) -> dict[str, nn.Module]:
+        """The momentum (teacher) encoder's heads by name; empty without one."""
+        return {}
+
+    def patch_embed(self) -> Optional[nn.Module]:
+        return getattr(self.backbone, "patch_embed", None)
+
+    def schedule_specs(self, cfg, steps_per_epoch: int) -> dict:
+        """Named schedules of this method besides the lr and the momentum: ``{name: spec}``. Every method gets
+        ``weight_decay`` when ``optim.weight_decay_end`` is set."""
+        if cfg.optim.weight_decay_end is None:
+            return {}
+        return {"weight_decay": Cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end)}
+
+    def set_scheduled(self, values: dict) -> None:
+        return None
 
     def update_momentum(self, m: float) -> None:
         return None
@@ -28,8 +82,23 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str):
+    """Class decorator: the method ``method.name`` selects."""
+    def deco(cls):
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def supporting(capability: str) -> list[str]:
+    return sorted(n for n, cls in _REGISTRY.items() if getattr(cls, capability))
+
+
 class MomentumMethod(Method):
-    """A method with a momentum (target) copy of ``backbone`` + ``projector`` (MoCo v3, BYOL).
+    """A method with a momentum (target) copy of ``backbone`` + ``projector`` (MoCo v3, BYOL, DINO's teacher).
 
     The copy receives no gradient and follows ``p_k = m * p_k + (1 - m) * p_q`` (parameters only; its
     BN buffers follow its own forward passes, docs/paper.md §1)."""
@@ -39,6 +108,9 @@ class MomentumMethod(Method):
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in self._momentum_params():
             p.requires_grad_(False)
+
+    def momentum_heads(self) -> dict[str, nn.Module]:
+        return {"momentum_projector": self.momentum_projector}
 
     def _momentum_params(self):
         yield from self.momentum_backbone.parameters()
@@ -62,3 +134,9 @@ class MomentumMethod(Method):
     def momentum_embed(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.momentum_projector(self.momentum_backbone(x))
+
+
+def cross_view_pairs(n_views: int, n_targets: int = 2) -> list[tuple[int, int]]:
+    """(query view, target view) pairs of multi-crop: every view against each of the ``n_targets`` global
+    views but itself. Two views give [(0, 1), (1, 0)], the symmetrized loss of docs/paper.md §1."""
+    return [(v, t) for t in range(n_targets) for v in range(n_views) if v != t]

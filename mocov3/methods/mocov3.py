@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from ..distributed import gather_without_grad
 from ..losses import contrastive_loss
 from ..models.heads import build_mlp
-from .base import MomentumMethod
+from .base import MomentumMethod, cross_view_pairs, register
 
 
+@register("mocov3")
 class MoCoV3(MomentumMethod):
     """MoCo v3.
 
@@ -21,17 +22,23 @@ class MoCoV3(MomentumMethod):
     * loss ``ctr(q1, k2) + ctr(q2, k1)``, each view forwarded separately so BN statistics are per
       view (N, not 2N);
     * with ``queue_size > 0``: the keys of both views of earlier global batches are kept in a FIFO
-      queue [Q, C] (a buffer, so it is checkpointed) and serve as extra negatives.
+      queue [Q, C] (a buffer, so it is checkpointed) and serve as extra negatives;
+    * with multi-crop (``data.small_crops``), each small view's query is contrasted with the keys of both
+      large views (keys come from the large views only, as in DINO and SwAV); the sum over all the
+      (query, key) pairs is scaled by 2 / pairs, so two views give the loss above exactly.
     """
+
+    supports_multi_crop, supports_queue = True, True
 
     def __init__(self, backbone: nn.Module, cfg):
         super().__init__()
         self.temperature = cfg.temperature
         dim = backbone.num_features
         self.backbone = backbone
-        self.projector = build_mlp(cfg.proj_layers, dim, cfg.proj_hidden_dim, cfg.out_dim, use_bn=cfg.head_bn)
+        bn = cfg.head_bn is not False
+        self.projector = build_mlp(cfg.proj_layers, dim, cfg.proj_hidden_dim, cfg.out_dim, use_bn=bn)
         self.predictor = (build_mlp(cfg.pred_layers, cfg.out_dim, cfg.pred_hidden_dim, cfg.out_dim,
-                                    last_bn=cfg.pred_last_bn, use_bn=cfg.head_bn)
+                                    last_bn=cfg.pred_last_bn, use_bn=bn)
                           if cfg.pred_layers > 0 else nn.Identity())
         self._make_momentum_encoder()
         self.queue_size = cfg.queue_size
@@ -54,6 +61,11 @@ class MoCoV3(MomentumMethod):
         k1, k2 = self.momentum_embed(x1), self.momentum_embed(x2)
         queue = self.queue if self.queue_size > 0 else None  # the loss copies it (cat) before _enqueue writes
         loss = contrastive_loss(q1, k2, self.temperature, queue) + contrastive_loss(q2, k1, self.temperature, queue)
+        if small_views:
+            qs = [q1, q2] + [self.predictor(self.projector(self.backbone(x))) for x in small_views]
+            pairs = cross_view_pairs(len(qs))
+            small = sum(contrastive_loss(qs[v], (k1, k2)[t], self.temperature, queue) for v, t in pairs if v >= 2)
+            loss = (loss + small) * 2 / len(pairs)
         if self.queue_size > 0:
             self._enqueue(k1)
             self._enqueue(k2)

@@ -9,17 +9,24 @@ import torch.nn.functional as F
 
 from ..losses import swav_loss
 from ..models.heads import build_mlp
-from .base import Method
+from .base import Method, register
 
 
+@register("swav")
 class SwAV(Method):
+    supports_multi_crop, supports_queue = True, True
+    supports_fsdp = False  # its prototypes are renormalized in place before every step
+
+    def heads(self) -> dict:
+        return {"projector": self.projector, "prototypes": self.prototypes}
+
     def __init__(self, backbone: nn.Module, cfg):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
         # SwAV's head ends in a plain Linear (the embedding is L2-normalized right after).
         self.projector = build_mlp(cfg.proj_layers, backbone.num_features, cfg.proj_hidden_dim, cfg.out_dim,
-                                   last_bn=False, use_bn=cfg.head_bn)
+                                   last_bn=False, use_bn=cfg.head_bn is not False)
         self.prototypes = nn.Linear(cfg.out_dim, cfg.num_prototypes, bias=False)
         self.queue_size = cfg.queue_size
         if self.queue_size > 0:

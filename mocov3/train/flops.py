@@ -68,10 +68,9 @@ def linear_flops(module: nn.Module) -> float:
 def step_flops_per_image(method: nn.Module, image_size: int, small_views: int = 0, small_size: int = 0) -> float:
     """FLOPs of one training step per image of the batch (both views, forward and backward, the momentum
     encoder's forward), as the module docstring explains."""
-    online_heads = sum(linear_flops(getattr(method, n)) for n in ("projector", "predictor", "prototypes")
-                       if isinstance(getattr(method, n, None), nn.Module))
-    momentum = isinstance(getattr(method, "momentum_projector", None), nn.Module)
-    mom_heads = linear_flops(method.momentum_projector) if momentum else 0.0
+    online_heads = sum(linear_flops(h) for h in method.heads().values())
+    momentum = bool(method.momentum_heads())
+    mom_heads = sum(linear_flops(h) for h in method.momentum_heads().values())
     big = backbone_forward_flops(method.backbone, image_size)
     per_view = 3 * (big + online_heads) + ((big + mom_heads) if momentum else 0.0)
     total = 2 * per_view

@@ -136,6 +136,7 @@ class MetricsHook(Hook):
         ips = self.n_since * self.batch_size / max(dt, 1e-9)
         rec = {"step": p.step, "epoch": p.epoch, "loss": loss, "lr": out["lr"], "momentum": out.get("momentum"),
                "images_per_sec": ips}
+        rec.update(out.get("scheduled", {}))  # the method's named schedules (weight decay, teacher temperature ...)
         if self.mfu is not None:
             rec["mfu"] = self.mfu(ips)
         if norms is not None:

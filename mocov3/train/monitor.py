@@ -16,18 +16,16 @@ from ..models.factory import monitor_groups
 def layer_groups(method: nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     """Trainable parameters of the online encoder, grouped from the input to the output: for a ViT
     ``patch_embed``, ``embeddings``, ``block0`` .. ``blockN``, ``final_norm``; for a ResNet ``stem``,
-    ``layer1`` .. ``layer4``; then the method's heads (``projector``, ``predictor``, ``prototypes``)."""
+    ``layer1`` .. ``layer4``; then the method's heads (:meth:`~mocov3.methods.base.Method.heads`)."""
     groups: dict[str, list] = {}
     for name, params in monitor_groups(method.backbone):
         ps = [p for p in params if p.requires_grad]
         if ps:
             groups[name] = ps
-    for head in ("projector", "predictor", "prototypes"):
-        mod = getattr(method, head, None)
-        if isinstance(mod, nn.Module):
-            ps = [p for p in mod.parameters() if p.requires_grad]
-            if ps:
-                groups[head] = ps
+    for head, mod in method.heads().items():
+        ps = [p for p in mod.parameters() if p.requires_grad]
+        if ps:
+            groups[head] = ps
     return groups
 
 

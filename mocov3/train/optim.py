@@ -32,9 +32,9 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_1d: bool) -> lis
             no_decay.append(p)
         else:
             decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True}]  # a weight-decay schedule sets this
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "decay": False})
     return groups
 
 
@@ -65,14 +65,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def clip_gradients(method: nn.Module, patch_params: list, patch_clip: float, global_clip: float) -> None:
+def clip_gradients(method: nn.Module, patch_params: list, patch_clip: float, global_clip: float,
+                   mode: str = "global") -> None:
     """Gradient clipping, applied to unscaled gradients.
 
     ``patch_clip > 0`` clips the norm of the patch projection's gradient alone (``patch_params``) to
     ``patch_clip`` (docs/paper.md §2: helps when small enough; the frozen projection is its limit at 0);
-    then ``global_clip > 0`` clips the norm of all gradients together.
+    then ``global_clip > 0`` clips the norm of all gradients together (``mode="per_tensor"``: of each
+    parameter's gradient alone, as DINO does).
     """
     if patch_clip > 0 and patch_params:
         torch.nn.utils.clip_grad_norm_(patch_params, patch_clip)
     if global_clip > 0:
-        torch.nn.utils.clip_grad_norm_([p for p in method.parameters() if p.grad is not None], global_clip)
+        grads = [p for p in method.parameters() if p.grad is not None]
+        if mode == "per_tensor":  # DINO's rule: each parameter's gradient on its own
+            for p in grads:
+                torch.nn.utils.clip_grad_norm_([p], global_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_(grads, global_clip)

@@ -1,25 +1,8 @@
-"""Schedules as pure functions of the iteration (docs/paper.md §1, §4)."""
+"""The schedules of a run (:class:`RunSchedule`): the named functions of :mod:`mocov3.schedules` bound to the
+run's length."""
 from __future__ import annotations
 
-import math
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float, final_lr: float = 0.0) -> float:
-    """Linear warmup from 0 to ``peak_lr`` over ``warmup_steps``, then half-cosine to ``final_lr``
-    at ``total_steps`` (per iteration, as the reference code's fractional-epoch schedule)."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return peak_lr * step / warmup_steps
-    span = max(1, total_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def momentum_at(step: int, total_steps: int, base_momentum: float, schedule: str = "cosine") -> float:
-    """MoCo momentum: ``m_t = 1 - (1 - m0) * (1 + cos(pi * t / T)) / 2`` (§1), or constant m0."""
-    if schedule == "constant":
-        return base_momentum
-    progress = min(1.0, step / max(1, total_steps))
-    return 1.0 - (1.0 - base_momentum) * 0.5 * (1.0 + math.cos(math.pi * progress))
+from ..schedules import Cosine, StepUntil, WarmupConstant, describe, lr_at, momentum_at
 
 
 class RunSchedule:
@@ -30,9 +13,10 @@ class RunSchedule:
     warm-up, which does not depend on it) moves where the decay ends, and nothing else."""
 
     def __init__(self, length, warmup_steps: int, peak_lr: float, base_momentum: float | None = None,
-                 momentum_schedule: str = "cosine"):
+                 momentum_schedule: str = "cosine", extra: dict | None = None):
         self.length, self.warmup_steps, self.peak_lr = length, warmup_steps, peak_lr
         self.base_momentum, self.momentum_schedule = base_momentum, momentum_schedule
+        self.extra = dict(extra or {})  # name -> spec (Cosine, WarmupConstant, StepUntil), declared by the method
 
     @property
     def total_steps(self) -> int:
@@ -45,3 +29,21 @@ class RunSchedule:
         if self.base_momentum is None:
             return None
         return momentum_at(step, self.total_steps, self.base_momentum, self.momentum_schedule)
+
+    def values(self, step: int) -> dict[str, float]:
+        """The method's own schedules at ``step`` (the lr and the momentum have their own calls)."""
+        total = self.total_steps
+        return {name: float(spec(step, total)) for name, spec in self.extra.items()}
+
+    def describe(self) -> dict:
+        """Every schedule of the run by name, as config.yaml's ``run:`` record keeps it."""
+        out = {"lr": {"kind": "WarmupCosine", "peak": self.peak_lr, "warmup_steps": self.warmup_steps, "end": 0.0}}
+        if self.base_momentum is not None:
+            out["momentum"] = {"kind": "Cosine" if self.momentum_schedule == "cosine" else "Constant",
+                               "start": self.base_momentum, "end": 1.0 if self.momentum_schedule == "cosine"
+                               else self.base_momentum}
+        out.update({name: describe(spec) for name, spec in self.extra.items()})
+        return out
+
+
+__all__ = ["RunSchedule", "lr_at", "momentum_at", "Cosine", "WarmupConstant", "StepUntil", "describe"]

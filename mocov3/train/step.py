@@ -47,6 +47,7 @@ class TrainState:
     seed: int = 0
     rank: int = 0
     clip_grad: float = 0.0
+    clip_mode: str = "global"  # or "per_tensor" (DINO's rule: optim.clip_mode)
     patch_clip_grad: float = 0.0
     patch_params: list = field(default_factory=list)
     monitor: Optional[GradMonitor] = None
@@ -124,7 +125,7 @@ def optimize(state: TrainState, compute_loss: Callable[[], torch.Tensor], log: b
         state.monitor.record(state.step + 1, scale)
     if state.clip_grad > 0 or state.patch_clip_grad > 0:
         scaler.unscale_(state.optimizer)
-        clip_gradients(state.module, state.patch_params, state.patch_clip_grad, state.clip_grad)
+        clip_gradients(state.module, state.patch_params, state.patch_clip_grad, state.clip_grad, state.clip_mode)
     if state.monitor is not None and log:
         state.monitor.snapshot()
     scaler.step(state.optimizer)
@@ -178,7 +179,27 @@ def train_step(state: TrainState, batch: Batch, log: bool = False) -> dict:
     m = state.momentum_at(state.step) if state.momentum_at is not None else None
     if m is not None:
         state.module.update_momentum(m)
+    scheduled = apply_schedules(state)
     out = optimize_model(state, lambda model: model(*views)["loss"], log=log)
     out["momentum"] = m
+    if scheduled:
+        out["scheduled"] = scheduled
     return out
+
+
+def apply_schedules(state: TrainState) -> dict:
+    """The method's named schedules at this step (:class:`~.schedules.RunSchedule`), applied before the step:
+    ``weight_decay`` to the optimizer's decayed parameter groups (biases and norms stay at 0), the others to
+    the method (:meth:`~mocov3.methods.base.Method.set_scheduled`). Host floats: nothing waits for the device."""
+    values = state.schedule.values(state.step) if hasattr(state.schedule, "values") else {}
+    if not values:
+        return values
+    if "weight_decay" in values:
+        for group in state.optimizer.param_groups:
+            if group.get("decay", group.get("weight_decay", 0.0) > 0.0):
+                group["weight_decay"] = values["weight_decay"]
+    set_scheduled = getattr(state.module, "set_scheduled", None)
+    if set_scheduled is not None:
+        set_scheduled(values)
+    return values
 
