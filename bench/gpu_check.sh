@@ -72,7 +72,7 @@ if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
   # targets name come first (the augmentation, the compiled ViT-S/16 and ViT-B/16, the CIFAR model, whose
   # figure section 3 uses), then the eager baselines, ResNet-50 last; each row is saved as it is measured
   timeout "$(limit 220 195)" "$PYTHON" bench/step_throughput.py --device cuda --steps 15 \
-    --pairs aug_224:bf16:aug,aug_224:bf16:aug_compiled,vit_small_224:bf16:compiled,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,vit_small_224:bf16,vit_base_224:bf16,resnet50_224:bf16,resnet50_224:bf16:compiled \
+    --pairs aug_224:bf16:aug,aug_224:bf16:aug_compiled,vit_small_224:bf16:compiled,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,dino_vit_small_224:bf16:compiled,vit_small_224:bf16,vit_base_224:bf16,resnet50_224:bf16,resnet50_224:bf16:compiled \
     --out "$OUT/step_throughput_gpu.json" --profile-dir "$LOGS" > "$LOGS/throughput.txt" 2>&1
   stamp "throughput done (rc=$?)"
 

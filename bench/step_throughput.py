@@ -41,6 +41,9 @@ CASES = {
     "resnet50_224": {"config": "configs/imagenet_resnet50.yaml", "batch": 32, "gpu_batch": 256, "overrides": []},
     # the CIFAR-10 GPU recipe: ViT-S with 4-pixel patches on 32 px
     "cifar_vits4": {"config": "configs/cifar10_vit_small_gpu.yaml", "batch": 64, "gpu_batch": 512, "overrides": []},
+    # DINO's ViT-S/16 recipe: 2 x 224 + 10 x 96 crops, 65536 prototypes (the gpu check's DINO row)
+    "dino_vit_small_224": {"config": "configs/imagenet_dino_vit_small.yaml", "batch": 8, "gpu_batch": 128,
+                           "overrides": []},
     # augmentation alone: 256-pixel sources -> two 224-pixel views
     "aug_224": {"config": "configs/imagenet_vit_small.yaml", "batch": 64, "gpu_batch": 256, "overrides": [],
                 "source": 256},
