@@ -32,4 +32,8 @@ mkdir -p "$OUT"
   sweep resnet18 $C/cifar10_resnet18_cpu.yaml method.name=mocov3 -- train.max_steps=195
 ) &
 wait
+# DINO (issue 25), the frozen / trainable patch projection pair, one run per core
+sweep dino_frozen $C/cifar10_vit_cpu_dino.yaml model.freeze_patch_embed=true &
+sweep dino_trainable $C/cifar10_vit_cpu_dino.yaml model.freeze_patch_embed=false &
+wait
 echo "study done: $OUT"

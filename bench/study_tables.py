@@ -6,6 +6,8 @@ first, whether a spike preceded each dip, and (``--probe``) the fast linear prob
 checkpoint. Writes bench/results/cpu_study.json and the figures under docs/figures/.
 
 Usage: python bench/study_tables.py [--study runs/study] [--data-root ~/.cache/mocov3/cifar10-jpeg] [--probe]
+       [--merge]   (keep the rows of the existing JSON whose runs are not under --study; only the DINO figure
+                    is redrawn: the others need every run of their group)
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def run_probe(run: Path, root: Path) -> None:
 
 def is_framework_run(run: Path) -> bool:
     """The runs of docs/frameworks.md: SimCLR, BYOL, SwAV, ResNet-18 and MoCo v3 at the recipe's lr 3e-3."""
-    return run.parent.name in ("simclr", "byol", "swav", "resnet18") or (
+    return run.parent.name in ("simclr", "byol", "swav", "resnet18", "dino_frozen", "dino_trainable") or (
         run.parent.name.startswith("stab_") and "base_lr-3e-3" in run.name)
 
 
@@ -114,6 +116,7 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="fast linear probe of each finished run (cached)")
     ap.add_argument("--figures", default="docs/figures")
     ap.add_argument("--out", default="bench/results/cpu_study.json")
+    ap.add_argument("--merge", action="store_true", help="add these runs' rows to the existing JSON")
     args = ap.parse_args()
     study = Path(args.study)
     runs = sorted(p.parent for p in study.glob("*/*/metrics.jsonl"))
@@ -124,6 +127,14 @@ def main() -> None:
     rows = [summarize(r) for r in runs]
     for r in rows:
         r["finished"] = (study / r["group"] / r["run"] / "done.json").is_file()
+    if args.merge and Path(args.out).is_file():  # earlier rows (other runs, another session's machine) kept
+        here = machine_info()
+        for r in rows:
+            r["machine"] = {k: here[k] for k in ("host_cpu", "cpu_count", "torch", "date") if k in here}
+        new = {(r["group"], r["run"]) for r in rows}
+        old = json.loads(Path(args.out).read_text())
+        rows = [r for r in old["rows"] if (r["group"], r["run"]) not in new] + rows
+        rows.sort(key=lambda r: (r["group"], r["run"]))
     Path(args.out).write_text(json.dumps({"what": "CPU-scale stability study and framework comparison "
                                           "(bench/cpu_study.sh, configs/study/)", "rows": rows, **machine_info()},
                                          indent=2) + "\n")
@@ -136,6 +147,11 @@ def main() -> None:
                        (r.parent.name == "stab_frozen" and "1e-3" not in r.name)],
         "frameworks": [r for r in runs if is_framework_run(r)],
     }
+    if args.merge:
+        groups = {}
+    # DINO beside MoCo v3 (the recipe's lr), frozen and trainable patch projection
+    groups["frameworks_dino"] = [r for r in runs if r.parent.name.startswith("dino_") or (
+        r.parent.name.startswith("stab_") and "base_lr-3e-3" in r.name)]
     for name, rs in groups.items():
         if rs:
             make_report(rs, fig / name, per_run_figures=name == "stability")

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from . import distributed as du
+from .commands import COMMANDS as HELP, top_parser
 from .config import describe_keys, load_config
 from .data.cache import PARTS, cache_usage, clear_cache, resolve_cache_dir
 from .data.shards import parse_size, write_shards
@@ -23,7 +24,6 @@ from .report import make_report
 from .runtime import ConfigError, MocoError, first_line, launch_rank
 from .submit import submit
 from .sweep import sweep
-from .version import __version__
 
 log = logging.getLogger("mocov3")
 
@@ -45,7 +45,7 @@ def _overrides(p: argparse.ArgumentParser, example: str) -> None:
 
 def _pretrain_parser(sub) -> None:
     p = sub.add_parser(
-        "pretrain", help="self-supervised pretraining", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "pretrain", help=HELP["pretrain"], formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Pretrain a backbone with MoCo v3 (or method=simclr|byol|swav). Re-running the command on "
                     "an existing output folder resumes it.", epilog=describe_keys())
     p.add_argument("--config", help="YAML recipe (see configs/); default: the built-in defaults, or the "
@@ -97,28 +97,26 @@ def _stopped(res: dict) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mocov3", description="MoCo v3 self-supervised pretraining of ViTs")
-    parser.add_argument("--version", action="version", version=f"mocov3 {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser, sub = top_parser()
     _pretrain_parser(sub)
-    p = _eval_parser(sub, "knn", "weighted kNN accuracy of a checkpoint's backbone",
+    p = _eval_parser(sub, "knn", HELP["knn"],
                      "eval.knn_bank_size=10000 train.precision=fp32")
     p.add_argument("--k", help="neighbours, one or a comma list (e.g. 10,20,200); the first is reported as top1")
     p.add_argument("--temperature", help="temperature(s), comma list (default eval.knn_temperature)")
-    p = _eval_parser(sub, "linear", "linear probe on the frozen backbone (docs/paper.md §8)",
+    p = _eval_parser(sub, "linear", HELP["linear"],
                      "linear.epochs=100 linear.lr_sweep=[0.1,1.0] linear.bn=false")
     p.add_argument("--fast", action="store_true",
                    help="train on cached features (no augmentation) with an lr sweep chosen on a held-out split")
     p.add_argument("--output-dir", help="folder for config.yaml and result.json; the full probe is a run there "
                                         "(checkpoint.pt, metrics.jsonl; re-running resumes it)")
     _run_options(p, "the probed checkpoint (source) or linear.epochs / linear.batch_size")
-    p = _eval_parser(sub, "finetune", "end-to-end fine-tuning of a checkpoint's backbone (or from scratch)",
+    p = _eval_parser(sub, "finetune", HELP["finetune"],
                      "finetune.epochs=10 finetune.batch_size=256 finetune.layer_decay=0.65")
     _run_options(p, "its source (checkpoint, from scratch) or finetune.epochs / finetune.batch_size")
     p.add_argument("--output-dir", required=True, help="run folder: config.yaml, metrics.jsonl, checkpoint.pt")
     p.add_argument("--from-scratch", action="store_true",
                    help="same architecture from random init (the checkpoint only supplies the architecture)")
-    p = sub.add_parser("sweep", help="run a grid of pretraining runs (resumable) and summarize them")
+    p = sub.add_parser("sweep", help=HELP["sweep"])
     p.add_argument("--config", help="YAML recipe shared by every run")
     p.add_argument("--data", required=True, help="training data of every run")
     p.add_argument("--eval-data", help="test set for the kNN monitor")
@@ -126,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", nargs="+", required=True, metavar="key=v1,v2", help="e.g. base_lr=1e-4,5e-4")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _overrides(p, "epochs=2 (shared by every run)")
-    p = sub.add_parser("report", help="PNG figures and a Markdown page from run folders (needs matplotlib)")
+    p = sub.add_parser("report", help=HELP["report"])
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (finished or not)")
     p.add_argument("--output", required=True, help="folder for the figures and report.md")
-    p = sub.add_parser("export", help="backbone as safetensors with timm names, config.json and a model card")
+    p = sub.add_parser("export", help=HELP["export"])
     p.add_argument("--checkpoint", required=True, help="a training checkpoint")
     p.add_argument("--output", required=True, help="folder to write")
     p.add_argument("--format", choices=FORMATS, default="mocov3",
@@ -145,8 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the reference implementation's weights, else mit)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --output (a folder that holds anything else is refused)")
-    p = sub.add_parser("submit", help="run a mocov3 command on SLURM via submitit (one task per GPU, requeued on "
-                                      "preemption / timeout): mocov3 submit [options] -- pretrain ...")
+    p = sub.add_parser("submit", help=HELP["submit"])
     p.add_argument("--nodes", type=int, default=1, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (one task each)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: --gpus-per-node)")
@@ -165,16 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slurm, or local (this machine, submitit's local executor: tests and debugging)")
     p.add_argument("--wait", action="store_true", help="wait for the job to end and return its exit status")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the mocov3 command to run")
-    p = sub.add_parser("shard",
-                       help="convert any set (an image folder, a Hugging Face dataset, CIFAR, other shards) into "
-                            "shuffled tar shards (webdataset layout) + index.json")
+    p = sub.add_parser("shard", help=HELP["shard"])
     p.add_argument("src", metavar="SOURCE", help="what --data takes: an image folder, hf:NAME[:SPLIT], shards (a "
                                                   "folder or a URL), cifar10[:test]; images' bytes copied as they are")
     p.add_argument("out", metavar="OUT_DIR", help="empty folder for shard-NNNNNN.tar and index.json")
     p.add_argument("--shard-size", default="512MB", help="largest shard (e.g. 512MB, 1GB)")
     p.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle of the samples")
     _overrides(p, "data.image_column=img data.label_column=fine_label")
-    p = sub.add_parser("cache", help="show the on-disk cache (decoded images, features, downloads) or clear it")
+    p = sub.add_parser("cache", help=HELP["cache"])
     p.add_argument("--clear", nargs="*", choices=PARTS, metavar="PART",
                    help=f"delete these parts ({', '.join(PARTS)}; all when none is named)")
     p.add_argument("--cache-dir", help="cache root (default $MOCOV3_CACHE or ~/.cache/mocov3)")

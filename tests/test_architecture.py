@@ -15,9 +15,9 @@ import pytest
 ROOT = Path(__file__).parents[1] / "mocov3"
 
 LAYERS = [
-    ["runtime", "version"], ["config", "tracking"], ["distributed"], ["data", "models", "reference"],
+    ["runtime", "version"], ["config", "tracking", "commands"], ["distributed"], ["data", "models", "reference"],
     ["losses", "schedules"], ["methods"], ["train"],
-    ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["__main__"],
+    ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["entry"], ["__main__"],
 ]
 
 
@@ -131,9 +131,15 @@ def test_the_cycle_finder_finds_cycles():
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+#: The two deliberate exceptions: the console entry and the package's ``__init__`` import the rest only when it is
+#: used, so that ``mocov3 --version`` / ``--help`` and ``import mocov3.version`` do not import torch.
+LAZY = {"entry": {"cli"}, "__init__": {"export"}}
+
+
 def test_internal_imports_sit_at_module_top():
     inner = [f"{_module_name(p)} imports {m} inside a function"
-             for p in ROOT.rglob("*.py") for m, top in _imports(p) if not top]
+             for p in ROOT.rglob("*.py") for m, top in _imports(p)
+             if not top and m not in LAZY.get(_module_name(p), ())]
     assert not inner, "; ".join(inner)
 
 

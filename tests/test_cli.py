@@ -12,7 +12,7 @@ import torch
 
 from mocov3.cli import main
 
-from helpers import metrics
+from helpers import metrics, subprocess_env
 from conftest import TINY, make_folder
 
 
@@ -235,3 +235,30 @@ def test_quickstart_stopped_early_still_reports_knn(tmp_path):
     last = json.loads(out.strip().splitlines()[-1])
     step = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"]
     assert last["step"] == step > 0 and 0 <= last["top1"] <= 100
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["-h"], []])
+def test_version_and_help_answer_without_importing_torch(args):
+    """`mocov3 --version` / `--help` answer from mocov3.commands: nothing imports torch (its import is most of
+    a second of start-up), and the help lists what the full parser has."""
+    code = ("import sys; from mocov3.entry import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    rc = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc, file=sys.stderr)")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=subprocess_env())
+    assert res.stderr.strip().splitlines()[-1] == f"NO-TORCH {2 if not args else 0}", res.stderr
+    if args == ["--version"]:
+        from mocov3 import __version__
+
+        assert res.stdout.strip() == f"mocov3 {__version__}"
+    elif args:
+        from mocov3.cli import build_parser
+
+        assert res.stdout == build_parser().format_help()  # the same text as the full parser's
+
+
+def test_import_mocov3_is_light_and_load_backbone_still_there():
+    res = subprocess.run([sys.executable, "-c", "import sys, mocov3; print('torch' in sys.modules); "
+                          "f = mocov3.load_backbone; print('torch' in sys.modules, callable(f))"],
+                         capture_output=True, text=True, env=subprocess_env())
+    assert res.stdout.split() == ["False", "True", "True"], res.stderr
