@@ -7,10 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="${1:-}"
 shift || true
-if [ ! -x .venv/bin/mocov3 ]; then
-  python3 -m venv .venv
-  # torch==2.13.0 is the CPU build on this kind of machine; elsewhere any torch>=2.1 works.
-  .venv/bin/pip install -q "torch==2.13.0" -e .
+if [ ! -x .venv/bin/mocov3 ] || ! .venv/bin/python -c "import matplotlib" 2>/dev/null; then
+  [ -x .venv/bin/python ] || python3 -m venv .venv
+  # torch==2.13.0 is the CPU build on this kind of machine; elsewhere any torch>=2.1 works. The plot extra
+  # (matplotlib) is what `mocov3 report`, the README's next step, needs.
+  .venv/bin/pip install -q "torch==2.13.0" -e ".[plot]"
 fi
 if [ -n "$ROOT" ]; then TRAIN="$ROOT/train"; TEST="$ROOT/test"; else TRAIN=cifar10; TEST=cifar10:test; fi
 OUT="${MOCOV3_RUN_DIR:-runs/quickstart}"

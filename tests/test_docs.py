@@ -93,3 +93,19 @@ def test_the_sources_throughput_table_is_the_benchmark_s():
         line = next(x for x in table.splitlines() if x.startswith(f"| {label} |"))
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[-2:] == [str(round(res[key]["img_s_1_workers"])), str(round(res[key]["img_s_2_workers"]))]
+
+
+def test_the_docs_install_the_way_that_works():
+    """mocov3 is not on the package index: no page tells a user to `pip install mocov3` bare (extras from a
+    checkout, `pip install -e`, are fine), and the quick start installs what `mocov3 report` needs."""
+    bare = re.compile(r"pip install mocov3(?![\[\w-])")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for line in page.read_text().splitlines():
+            assert not bare.search(line), f"{page.name}: {line.strip()}"
+    assert '".[plot]"' in (ROOT / "scripts" / "quickstart.sh").read_text()
+
+
+def test_example_outputs_of_the_readme_are_ignored_by_git():
+    ignored = (ROOT / ".gitignore").read_text().split()
+    for folder in ("exported", "hub", "runs"):
+        assert any(line.strip("/") == folder for line in ignored), folder
