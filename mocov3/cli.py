@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clear", nargs="*", choices=PARTS, metavar="PART",
                    help=f"delete these parts ({', '.join(PARTS)}; all when none is named)")
     p.add_argument("--cache-dir", help="cache root (default $MOCOV3_CACHE or ~/.cache/mocov3)")
+    p.add_argument("--json", action="store_true", help="the sizes as one JSON line (for scripts), not a table")
     return parser
 
 
@@ -322,8 +323,24 @@ def cmd_cache(args) -> int:
         freed = clear_cache(root, args.clear or PARTS)
         _print_json({"cache_dir": str(root), "cleared": args.clear or list(PARTS), "freed_mb": round(freed / 1e6, 1)})
         return 0
-    _print_json({"cache_dir": str(root), "mb": {k: round(v / 1e6, 1) for k, v in cache_usage(root).items()}})
+    usage = cache_usage(root)
+    if args.json:
+        _print_json({"cache_dir": str(root), "mb": {k: round(v / 1e6, 1) for k, v in usage.items()}})
+        return 0
+    what = {"decoded": "decoded image folders (remade on the next run)",
+            "features": "backbone features of evaluated checkpoints (remade by the next knn / linear)",
+            "downloads": "CIFAR archives and their extracted files (downloaded again when needed)"}
+    rows = [(part, _mb(usage[part]), f"mocov3 cache --clear {part}", what[part]) for part in PARTS]
+    rows.append(("all", _mb(sum(usage.values())), "mocov3 cache --clear", ""))
+    print(f"cache: {root}  (MOCOV3_CACHE or --cache-dir sets it)")
+    widths = [max(len(r[i]) for r in rows + [("part", "size", "removed by", "")]) for i in range(3)]
+    for r in [("part", "size", "removed by", "what")] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
     return 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
 
 
 COMMANDS = {"pretrain": cmd_pretrain, "knn": cmd_knn, "linear": cmd_linear, "finetune": cmd_finetune,

@@ -191,9 +191,14 @@ def test_cache_command_lists_and_clears(folder, tmp_path, capsys):
     cache = tmp_path / "cache"  # the fixture's MOCOV3_CACHE
     assert _pretrain(folder, tmp_path / "run", "train.max_steps=1") == 0
     capsys.readouterr()
-    assert main(["cache"]) == 0
+    assert main(["cache", "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["cache_dir"] == str(cache) and info["mb"]["decoded"] >= 0 and (cache / "decoded").is_dir()
+    assert main(["cache"]) == 0  # a table for a person: each part, its size, the command that removes it
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"cache: {cache}") and table[1].split()[:3] == ["part", "size", "removed"]
+    decoded = next(line for line in table if line.startswith("decoded"))
+    assert "MB" in decoded and "mocov3 cache --clear decoded" in decoded
     assert main(["cache", "--clear", "decoded"]) == 0
     assert not (cache / "decoded").exists()
 
