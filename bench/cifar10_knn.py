@@ -2,7 +2,7 @@
 
 Usage: python bench/cifar10_knn.py --data-root ~/.cache/mocov3/cifar10-jpeg [--epochs 6] [key=value ...]
 Extracts nothing itself: give it the folder that holds train/ and test/ (from
-../shared/datasets/cifar10-jpeg.tar.gz). Writes bench/results/cifar10_knn_<device>.json.
+a cifar10-jpeg.tar.gz archive of class folders). Writes bench/results/cifar10_knn_<device>.json.
 """
 from __future__ import annotations
 

@@ -109,3 +109,14 @@ def test_example_outputs_of_the_readme_are_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().split()
     for folder in ("exported", "hub", "runs"):
         assert any(line.strip("/") == folder for line in ignored), folder
+
+
+def test_docs_name_no_path_of_the_development_machine_and_agree_on_the_quick_start():
+    """A reader has no ../shared; and the quick start's duration is one figure wherever it is given."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "bench").glob("*.py"))]
+    for page in pages:
+        assert "../shared" not in page.read_text(), page.name
+    recipe = (ROOT / "mocov3" / "recipes" / "quickstart_cpu.yaml").read_text()
+    readme = (ROOT / "README.md").read_text()
+    minutes = re.search(r"about (\d+) minutes on 2 cores", recipe).group(1)
+    assert f"about {minutes} min on 2 cores" in readme
