@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import ConfigError, DataError, read_metrics
+import yaml
+
+from .runtime import ConfigError, DataError, MocoError, read_metrics, read_text
 from .sweep import SUMMARY_COLUMNS, format_cell, summarize_run
 
 
@@ -26,15 +28,29 @@ def _first_layer(norms: dict) -> str:
     return next(k for k in norms if k != "total")
 
 
-def first_layer_label(name: str) -> str:
-    """A legend label that says which layer the first trainable group is."""
+def first_layer_label(name: str, pos_embed: str = "learned") -> str:
+    """A legend label that says which layer the first trainable group is (``pos_embed``: the run's
+    ``model.pos_embed``; a sin-cos or absent position embedding is not trained, so the group is the class token)."""
     if name == "patch_embed":
         return "patch projection (first layer)"
     if name == "embeddings":
-        return "class token + position embedding (first trainable; patch projection frozen)"
+        what = "class token + position embedding" if pos_embed == "learned" else "class token"
+        return f"{what} (first trainable; patch projection frozen)"
     if name == "stem":
         return "stem (first layer)"
     return f"{name} (first trainable layer)"
+
+
+def _config(run: Path) -> dict:
+    f = run / "config.yaml"
+    try:
+        return (yaml.safe_load(read_text(f, "config", limit=1 << 20)) or {}) if f.is_file() else {}
+    except (OSError, yaml.YAMLError, MocoError):
+        return {}
+
+
+def _resumes(lines: list[dict], key: str) -> list:
+    return [l[key] for l in lines if l.get("event") == "resume" and l.get(key) is not None]
 
 
 def run_labels(runs: list[Path]) -> list[str]:
@@ -55,9 +71,10 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
     output.mkdir(parents=True, exist_ok=True)
     data = {label: _load(Path(r)) for label, r in zip(run_labels(runs), runs)}
+    configs = {label: _config(Path(r)) for label, r in zip(run_labels(runs), runs)}
     figs = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for name, lines in data.items():
         fine = [(l["epoch"], l["knn_fine_top1"]) for l in lines if "knn_fine_top1" in l]
         pts = [(l["epoch"], l["knn_top1"]) for l in lines if "knn_top1" in l]
@@ -74,10 +91,21 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         if init:  # the random-init reference: a hollow marker at epoch 0
             ax.plot(*zip(*init), "o", ms=6, mfc="none", color=color,
                     label=None if color else f"{name} (random init only: no kNN point after training yet)")
+        for epoch in _resumes(lines, "epoch"):
+            ax.axvline(epoch, color=color or "gray", ls=":", lw=1, alpha=0.7)
+    # what the markers mean, once: the hollow one is the same network before any step (its own bank and test
+    # images, as the points after training), the dotted lines where a run was resumed
+    handles, labels = ax.get_legend_handles_labels()
+    if any("knn_init_top1" in l for lines in data.values() for l in lines):
+        handles.append(plt.Line2D([], [], marker="o", mfc="none", color="gray", ls=""))
+        labels.append("random init (epoch 0, same bank and test set)")
+    if any(_resumes(lines, "epoch") for lines in data.values()):
+        handles.append(plt.Line2D([], [], color="gray", ls=":"))
+        labels.append("resumed here")
     ax.set_xlabel("epoch")
     ax.set_ylabel("kNN top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles, labels, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(output / "knn.png", dpi=120)
     plt.close(fig)
@@ -90,9 +118,11 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         grads = [l for l in train if "grad_norm" in l]
         if grads:
             first = _first_layer(grads[0]["grad_norm"])
-            fig, (a1, a2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+            fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 5), sharex=True)
             steps = [l["step"] for l in grads]
-            a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads], label=first_layer_label(first))
+            pos = (configs[name].get("model") or {}).get("pos_embed", "learned")
+            a1.plot(steps, [l["grad_norm"].get(first, float("nan")) for l in grads],
+                    label=first_layer_label(first, pos))
             names = list(grads[0]["grad_norm"])
             blocks = [k for k in names if k.startswith(("block", "layer"))]
             if blocks:  # the paper's figure: the first layer against the last one
@@ -102,9 +132,12 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
             a1.plot(steps, [l["grad_norm"]["total"] for l in grads], label="whole model", alpha=0.5, lw=0.8)
             for s in (l for l in lines if "spike" in l):
                 a1.axvline(s["step"], color="red", alpha=0.3, lw=1)
+            for step in _resumes(lines, "step"):
+                for a in (a1, a2):
+                    a.axvline(step, color="gray", ls=":", lw=1)
             a1.set_yscale("log")
             a1.set_ylabel("gradient norm")
-            a1.legend(fontsize=8)
+            a1.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, not on them
             knn = [(l["step"], l["knn_fine_top1"]) for l in lines if "knn_fine_top1" in l] or \
                 [(l["step"], l["knn_top1"]) for l in lines if "knn_top1" in l]
             if knn:

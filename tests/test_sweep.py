@@ -6,6 +6,7 @@ from mocov3.cli import main
 from mocov3.sweep import count_dips, parse_grid, run_name
 
 from conftest import TINY
+from helpers import metrics
 
 
 def test_count_dips():
@@ -87,3 +88,25 @@ def test_report_on_an_unfinished_run(folder, tmp_path, capsys):
     assert r["final_knn"] == "-" and r["best_knn"] == "-" and float(r["init_knn"]) >= 0
     assert float(r["epoch"]) == pytest.approx(0.5) and r["epochs"] == "2"
     assert "None" not in page
+
+
+def test_report_marks_resumes_and_names_the_first_trainable_layer_truly(folder, tmp_path, capsys):
+    """A resumed run's metrics say where it went on (`event: resume`), which the figures draw; the first trainable
+    group of a ViT with a frozen patch projection is the class token alone when the position embedding is the
+    fixed sin-cos one (and class token + position embedding only when it is learned)."""
+    pytest.importorskip("matplotlib")
+    from mocov3.report import _resumes, first_layer_label
+
+    out = tmp_path / "run"
+    args = ["pretrain", "--data", str(folder), "--eval-data", str(folder), "--output-dir", str(out), "--no-progress",
+            *TINY]
+    assert main([*args, "train.max_steps=3"]) == 0
+    assert main(args) == 0
+    lines = metrics(out)
+    assert _resumes(lines, "step") == [3] and _resumes(lines, "epoch") == [0.75]
+    assert [l["step"] for l in lines if "loss" in l] == list(range(1, 9))  # one run, each step once
+    assert first_layer_label("embeddings", "sincos").startswith("class token (first trainable")
+    assert first_layer_label("embeddings", "learned").startswith("class token + position embedding")
+    capsys.readouterr()
+    assert main(["report", str(out), "--output", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "knn.png").stat().st_size > 0

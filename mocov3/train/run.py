@@ -299,6 +299,9 @@ class Run:
                 from None
         state.step = p.step
         self.folder.metrics.truncate_after(state.step)
+        spe = self.length.steps_per_epoch if self.length is not None else 0
+        # marks where the run went on (`mocov3 report` draws it): the metrics before and after are one run
+        self.folder.metrics.write({"step": state.step, "epoch": state.step / spe if spe else None, "event": "resume"})
         log.info("resumed from %s at step %d", path, state.step)
 
     # -- the loop
