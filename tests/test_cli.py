@@ -267,3 +267,42 @@ def test_import_mocov3_is_light_and_load_backbone_still_there():
                           "f = mocov3.load_backbone; print('torch' in sys.modules, callable(f))"],
                          capture_output=True, text=True, env=subprocess_env())
     assert res.stdout.split() == ["False", "True", "True"], res.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_path_runs_end_to_end(tmp_path):
+    """The README's path for a new user, as printed: the quick-start script, then the Usage block's knn,
+    linear --fast, export (both formats) and report lines, with only the data and run paths replaced (a small
+    generated image folder for CIFAR-10) and the run shortened."""
+    repo = Path(__file__).parents[1]
+    root = tmp_path / "c10"
+    make_folder(root / "train", n_per_class=20, size=(32, 32))
+    make_folder(root / "test", n_per_class=6, size=(32, 32), seed=1)
+    run = tmp_path / "runs" / "q"
+    env = {**os.environ, "MOCOV3_RUN_DIR": str(run)}
+    res = subprocess.run(["bash", "scripts/quickstart.sh", str(root), "batch_size=32", "train.max_steps=2",
+                          "--no-progress", "data.num_workers=0"], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 0 <= json.loads(res.stdout.strip().splitlines()[-1])["top1"] <= 100
+    usage = (repo / "README.md").read_text().split("## Usage")[1].split("```bash")[1].split("```")[0]
+    wanted = ("mocov3 knn --checkpoint runs/q/", "mocov3 linear --checkpoint runs/q/", "mocov3 export --checkpoint",
+              "mocov3 report ")
+    commands = []
+    for line in usage.replace("\\\n", " ").splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith(wanted):
+            line = line.replace("[--push-to-hub USER/REPO]", "").replace("--results runs/q_linear/result.json", "")
+            line = line.replace("runs/s/*", str(run)).replace("runs/q/", f"{run}/")
+            line = line.replace("cifar10:test", str(root / "test")).replace("cifar10", str(root / "train"))
+            commands.append(line)
+    assert len(commands) == 5, commands  # knn, linear --fast, export in both formats, report
+    mocov3 = repo / ".venv" / "bin" / "mocov3"
+    for line in commands:
+        args = line.split()[1:]
+        if args[0] in ("knn", "linear"):
+            args.append("data.num_workers=0")  # small generated folders: no worker processes needed
+        res = subprocess.run([str(mocov3), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, (line, res.stderr[-2000:])
+    assert (tmp_path / "exported" / "model.safetensors").is_file() and (tmp_path / "hub" / "README.md").is_file()
+    assert (tmp_path / "runs" / "s_report" / "knn.png").is_file()
