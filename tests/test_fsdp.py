@@ -94,10 +94,13 @@ def test_fsdp_resumes_a_ddp_checkpoint(folder, tmp_path):
 
 @pytest.mark.parametrize("extra, why", [
     (["model=resnet18"], "ResNet"), (["method=swav"], "swav"), (["optim.name=lamb"], "lamb"),
-    (["train.precision=fp16"], "fp16"), (["model.mlp_norm=bn"], "ViT-BN")])
+    (["train.precision=fp16"], "fp16"), (["model.mlp_norm=bn"], "ViT-BN"), (["method=dino"], "dino")])
 def test_fsdp_refuses_what_it_does_not_support(extra, why):
+    from mocov3.methods import method_class
+
     with pytest.raises(ConfigError, match=f"train.strategy=fsdp does not support .*{why}"):
-        tiny_cfg("train.strategy=fsdp", *extra)
+        cfg = tiny_cfg("train.strategy=fsdp", *extra)
+        method_class(cfg.method.name).check_config(cfg)  # what a method cannot take is the method's to say
 
 
 @pytest.mark.slow
