@@ -92,6 +92,10 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        # moto keeps its buckets in this process's memory, shared by every server it starts: a fresh store
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL_S3']}/moto-api/reset", method="POST"))
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
         fs.mkdir("bucket")

@@ -73,7 +73,8 @@ def test_a_slurm_job_requeued_and_timed_out_resumes_and_equals_an_uninterrupted_
             requeued = True
         time.sleep(0.5)
     log = "\n".join(p.read_text(errors="replace") for p in sorted(logs.glob("*_0_log.*")))
-    assert state == "COMPLETED", (state, log[-3000:])
+    every = "\n".join(f"== {p.name}\n" + p.read_text(errors="replace")[-1500:] for p in sorted(logs.glob("*_log.*")))
+    assert state == "COMPLETED", (state, every)
     resumes = re.findall(r"resumed from \S+ at step (\d+)", log)
     assert requeued and len(resumes) >= 2, log[-3000:]  # the operator's requeue, then at least one time limit
     assert "Caught signal SIGUSR2" in log  # SLURM's own time-limit warning reached the job
