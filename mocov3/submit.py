@@ -74,6 +74,10 @@ class TrainingTask:
         # and waits for the child itself; inside a blocking wait() it would wait for wait()'s own lock
         while (rc := self.proc.poll()) is None:
             time.sleep(0.2)
+        if rc == 0:
+            # done: a time-limit warning that arrives while this task exits must not requeue a finished run
+            # (submitit would, and a late warning with nothing to requeue marks the job failed)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         if rc in (128 + signal.SIGTERM, 128 + signal.SIGINT):
             # the run stopped for a preemption / time limit and saved a checkpoint: task 0 requeues the job
             # (submitit), which ends this task too; wait for that instead of reporting a failure

@@ -80,5 +80,9 @@ def test_a_slurm_job_requeued_and_timed_out_resumes_and_equals_an_uninterrupted_
     assert "Caught signal SIGUSR2" in log  # SLURM's own time-limit warning reached the job
     # each stop saved the step it was at, and the next allocation went on from there: no work lost (the run
     # ignores SLURM's warning itself and stops on the SIGTERM submitit sends it once the warning is taken)
-    assert re.findall(r"stopped at step (\d+)", log) == resumes, log[-3000:]
+    stopped = re.findall(r"stopped at step (\d+)", log)
+    last = str(max(_losses(ref)))
+    # (a warning that reaches the job while the finished run is exiting may requeue it once more: that
+    # allocation finds the run at its last step and ends at once)
+    assert resumes[:len(stopped)] == stopped and set(resumes[len(stopped):]) <= {last}, log[-3000:]
     assert _losses(out) == _losses(ref)  # every step once, as the uninterrupted run took it
