@@ -96,9 +96,12 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
     # what the markers mean, once: the hollow one is the same network before any step (its own bank and test
     # images, as the points after training), the dotted lines where a run was resumed
     handles, labels = ax.get_legend_handles_labels()
-    if any("knn_init_top1" in l for lines in data.values() for l in lines):
+    inits = {(configs[n].get("eval") or {}).get("knn_init", "subset") for n, lines in data.items()
+             if any("knn_init_top1" in l for l in lines)}
+    if inits:  # eval.knn_init: measured on the fine curve's small bank and test subset, or on the full ones
+        where = {"subset": "on the fine curve's subsets", "full": "on the full bank and test set"}
         handles.append(plt.Line2D([], [], marker="o", mfc="none", color="gray", ls=""))
-        labels.append("random init (epoch 0, same bank and test set)")
+        labels.append("random init (epoch 0, " + " / ".join(where.get(i, i) for i in sorted(inits)) + ")")
     if any(_resumes(lines, "epoch") for lines in data.values()):
         handles.append(plt.Line2D([], [], color="gray", ls=":"))
         labels.append("resumed here")
