@@ -52,7 +52,7 @@ def test_gpu_check_runs_through_on_cpu(tmp_path):
     assert "pytest rc=" in logs["pytest_gpu.txt"]
     assert "pretrain rc=0" in logs["cifar_pretrain.txt"], logs["cifar_pretrain.txt"][-2000:]
     rows = json.loads((out / "step_throughput_gpu.json").read_text())["results"]  # no CUDA: error rows
-    assert len(rows) == 9 and all("error" in row for row in rows)
+    assert len(rows) == 10 and all("error" in row for row in rows)
     res = json.loads((out / "cifar10_e2e_gpu.json").read_text())
     # 72 images, batch 32: 2 steps per epoch, 50 at most; the time budget decided after its probe (40 steps)
     assert res["budget"]["at_step"] == 40 and 20 <= res["budget"]["epochs"] <= 25, res["budget"]
