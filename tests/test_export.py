@@ -52,7 +52,9 @@ def test_export_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("variant", [[], ["model.pooling=gap", "model.final_norm=false"], ["model.pos_embed=learned"],
                                      ["model.pos_embed=none", "model.pooling=gap"],
-                                     ["model.patch_norm=wn", "model.freeze_patch_embed=false"]])
+                                     ["model.patch_norm=wn", "model.freeze_patch_embed=false"],
+                                     ["method=dino", "method.out_dim=32", "method.proj_hidden_dim=32",
+                                      "method.bottleneck_dim=16"]])
 @pytest.mark.interop
 def test_export_loads_into_timm(folder, tmp_path, variant):
     tv = pytest.importorskip("timm.models.vision_transformer")
