@@ -89,7 +89,7 @@ def timm_vit_name(spec: ViTSpec) -> tuple[str, bool]:
     size = _TIMM_VIT_SIZES.get((spec.embed_dim, spec.depth))
     if size and (size, spec.patch_size, spec.img_size) in _TIMM_VIT_REGISTERED:
         return f"vit_{size}_patch{spec.patch_size}_{spec.img_size}", True
-    widths = {"tiny": 192, "small": 384, "base": 768, "large": 1024, "huge": 1280}
+    widths = {size: w for (w, _), size in _TIMM_VIT_SIZES.items()}
     near = min(_TIMM_VIT_REGISTERED, key=lambda r: (abs(widths[r[0]] - spec.embed_dim), r[1] != spec.patch_size,
                                                     r[2] != 224, r[1], r[2]))
     return f"vit_{near[0]}_patch{near[1]}_{near[2]}", False
@@ -258,8 +258,7 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
 _METHOD_NAMES = {"mocov3": "MoCo v3", "simclr": "SimCLR", "byol": "BYOL", "swav": "SwAV", "dino": "DINO"}
 _VIT_NAMES = {"vit_tiny": "ViT-Ti", "vit_small": "ViT-S", "vit_base": "ViT-B", "vit_large": "ViT-L",
               "vit_huge": "ViT-H"}
-_VIT_PRESETS = {"vit_tiny": (192, 12), "vit_small": (384, 12), "vit_base": (768, 12), "vit_large": (1024, 24),
-                "vit_huge": (1280, 32)}
+_VIT_PRESETS = {f"vit_{size}": shape for shape, size in _TIMM_VIT_SIZES.items()}  # name -> (width, depth)
 _RESNET_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 #: The evaluation protocols of ``--results``, as the card and its model-index name them.
 _PROTOCOLS = {"knn": "kNN", "linear": "linear probe", "finetune": "fine-tuning"}

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
-from .runtime import ConfigError, DataError, MocoError, read_metrics, read_text
-from .sweep import SUMMARY_COLUMNS, format_cell, summarize_run
+from .runtime import ConfigError, DataError, read_metrics
+from .sweep import SUMMARY_COLUMNS, format_cell, run_config, summarize_run
 
 
 def _load(run: Path) -> list[dict]:
@@ -41,14 +39,6 @@ def first_layer_label(name: str, pos_embed: str = "learned") -> str:
     return f"{name} (first trainable layer)"
 
 
-def _config(run: Path) -> dict:
-    f = run / "config.yaml"
-    try:
-        return (yaml.safe_load(read_text(f, "config", limit=1 << 20)) or {}) if f.is_file() else {}
-    except (OSError, yaml.YAMLError, MocoError):
-        return {}
-
-
 def _resumes(lines: list[dict], key: str) -> list:
     return [l[key] for l in lines if l.get("event") == "resume" and l.get(key) is not None]
 
@@ -71,7 +61,7 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
     output.mkdir(parents=True, exist_ok=True)
     data = {label: _load(Path(r)) for label, r in zip(run_labels(runs), runs)}
-    configs = {label: _config(Path(r)) for label, r in zip(run_labels(runs), runs)}
+    configs = {label: run_config(Path(r)) for label, r in zip(run_labels(runs), runs)}
     figs = []
 
     fig, ax = plt.subplots(figsize=(10, 4))

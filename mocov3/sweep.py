@@ -13,7 +13,7 @@ import yaml
 from . import distributed as du
 from .config import load_config
 from .pretrain import pretrain
-from .runtime import ConfigError, DataError, read_metrics
+from .runtime import ConfigError, DataError, MocoError, read_metrics, read_text
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,7 @@ def summarize_run(run_dir: Path) -> dict:
     fine = [l["knn_fine_top1"] for l in lines if "knn_fine_top1" in l]
     spikes = [l for l in lines if "spike" in l]
     losses = [l["loss"] for l in lines if "loss" in l]
-    planned = None
-    cfg_file = Path(run_dir) / "config.yaml"
-    if cfg_file.is_file():
-        try:
-            planned = (yaml.safe_load(cfg_file.read_text()) or {}).get("train", {}).get("epochs")
-        except yaml.YAMLError:
-            planned = None
+    planned = (run_config(run_dir).get("train") or {}).get("epochs")
     epoch = max((l.get("epoch", 0.0) for l in lines), default=0.0)
     # Dips are counted on the fine-grained curve when the run has one (docs/paper.md §5 needs that resolution).
     return {"run": Path(run_dir).name, "epoch": float(epoch), "epochs": planned,
@@ -93,6 +87,15 @@ def summarize_run(run_dir: Path) -> dict:
             "dips": count_dips(fine or knn), "spikes": len(spikes),
             "spikes_first_in_patch_embed": sum(s["spike"]["first_layer"] == "patch_embed" for s in spikes),
             "final_loss": losses[-1] if losses else None}
+
+
+def run_config(run_dir) -> dict:
+    """A run folder's ``config.yaml`` as a dict (bounded read); {} when it is missing or unreadable."""
+    f = Path(run_dir) / "config.yaml"
+    try:
+        return (yaml.safe_load(read_text(f, "config", limit=1 << 20)) or {}) if f.is_file() else {}
+    except (OSError, yaml.YAMLError, MocoError):
+        return {}
 
 
 def format_cell(value) -> str:

@@ -40,7 +40,13 @@ if ! pgrep -x munged >/dev/null; then
   runuser -u munge -- /usr/sbin/munged || /usr/sbin/munged --force || cannot "munged does not start"
 fi
 
+# $DIR is this script's own: it removes the state of an earlier cluster only in a folder it made (its marker)
+if [ -e "$DIR" ] && [ ! -f "$DIR/.mocov3-slurm" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
+  cannot "$DIR holds files this script did not write; choose an empty folder (MOCOV3_SLURM_DIR)"
+fi
 stop
+mkdir -p "$DIR"
+touch "$DIR/.mocov3-slurm"
 rm -rf "$DIR/state" "$DIR/spool"
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
 HOST=$(hostname -s)

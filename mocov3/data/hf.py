@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -144,20 +144,6 @@ class NotInMemory(DataError):
     """The set cannot be held decoded in memory (too large, or images of different sizes)."""
 
 
-def encoded_samples(ds, image_column: str, label_column: Optional[str]) -> Iterator[tuple[bytes, str, int]]:
-    """(encoded image bytes, file extension, label or -1) of every row, without decoding the images."""
-    datasets = _datasets()
-    raw = ds.cast_column(image_column, datasets.Image(decode=False))
-    for row in raw:
-        data, path = _cell_bytes(row[image_column], image_column)
-        ext = Path(path).suffix.lower().lstrip(".") or _sniff(data)
-        yield data, ext, int(row[label_column]) if label_column is not None else -1
-
-
-def _sniff(data: bytes) -> str:
-    return "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpg"
-
-
 def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_limit_gb: float,
                      spec: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(images uint8 [N, 3, H, W], labels [N], the rows skipped as unreadable), when the images fit in memory
@@ -165,8 +151,10 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
     n = len(ds)
     if n == 0:
         raise DataError(f"{spec} has no rows")
-    images, labels, bad, size = None, [], [], None
-    for i, (data, _, label) in enumerate(encoded_samples(ds, image_column, label_column)):
+    images, kept, bad, size = None, [], [], None
+    rows, all_labels = Rows(ds, image_column), labels(ds, label_column)
+    for i in range(n):
+        data, label = rows[i], int(all_labels[i])
         try:
             with Image.open(io.BytesIO(data)) as im:
                 arr = np.asarray(im.convert("RGB"))
@@ -184,14 +172,13 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
         elif arr.shape[:2] != size:
             raise NotInMemory(f"{spec}: images of different sizes ({size[1]}x{size[0]}, row {i}: {arr.shape[1]}x"
                               f"{arr.shape[0]})")
-        images[len(labels)] = arr.transpose(2, 0, 1)
-        labels.append(label)
-    if not labels:
+        images[len(kept)] = arr.transpose(2, 0, 1)
+        kept.append(label)
+    if not kept:
         raise DataError(f"no readable images in {spec}")
     if bad:
         log.warning("%d unreadable images were skipped in %s", len(bad), spec)
-    return images[:len(labels)], np.asarray(labels, np.int64), bad
+    return images[:len(kept)], np.asarray(kept, np.int64), bad
 
 
-__all__ = ["is_hf_spec", "parse_spec", "open_split", "columns", "labels", "Rows", "NotInMemory", "encoded_samples",
-           "decode_in_memory"]
+__all__ = ["is_hf_spec", "parse_spec", "open_split", "columns", "labels", "Rows", "NotInMemory", "decode_in_memory"]
