@@ -19,9 +19,10 @@ from .data.shards import parse_size, write_shards
 from .data.sources import shard_samples
 from .eval.api import load_for_eval, run_finetune, run_knn, run_linear
 from .export import EXPORT_FILES, FORMATS, export_backbone, push_to_hub, read_results
+from .methods import METHODS
 from .pretrain import pretrain, resolve_config
 from .report import make_report
-from .runtime import ConfigError, MocoError, first_line, launch_rank
+from .runtime import ConfigError, MocoError, cpu_auto_precision, first_line, launch_rank
 from .submit import submit
 from .sweep import sweep
 
@@ -46,8 +47,8 @@ def _overrides(p: argparse.ArgumentParser, example: str) -> None:
 def _pretrain_parser(sub) -> None:
     p = sub.add_parser(
         "pretrain", help=HELP["pretrain"], formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain a backbone with MoCo v3 (or method=simclr|byol|swav). Re-running the command on "
-                    "an existing output folder resumes it.", epilog=describe_keys())
+        description=f"Pretrain a backbone with MoCo v3 (or method={'|'.join(m for m in METHODS if m != 'mocov3')}). "
+                    "Re-running the command on an existing output folder resumes it.", epilog=describe_keys())
     p.add_argument("--config", help="YAML recipe (see configs/); default: the built-in defaults, or the "
                                     "config of the checkpoint being resumed")
     p.add_argument("--data", help="image folder (one subfolder per class), shards (a folder or a URL), "
@@ -324,8 +325,10 @@ def cmd_cache(args) -> int:
         _print_json({"cache_dir": str(root), "cleared": args.clear or list(PARTS), "freed_mb": round(freed / 1e6, 1)})
         return 0
     usage = cache_usage(root)
+    precision, why = cpu_auto_precision()  # a rule on the CPU, nothing kept in the cache (nothing to clear)
     if args.json:
-        _print_json({"cache_dir": str(root), "mb": {k: round(v / 1e6, 1) for k, v in usage.items()}})
+        _print_json({"cache_dir": str(root), "mb": {k: round(v / 1e6, 1) for k, v in usage.items()},
+                     "cpu_auto_precision": precision, "cpu_auto_precision_reason": why})
         return 0
     what = {"decoded": "decoded image folders (remade on the next run)",
             "features": "backbone features of evaluated checkpoints (remade by the next knn / linear)",
@@ -336,6 +339,8 @@ def cmd_cache(args) -> int:
     widths = [max(len(r[i]) for r in rows + [("part", "size", "removed by", "")]) for i in range(3)]
     for r in [("part", "size", "removed by", "what")] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + ("  " + r[3] if r[3] else ""))
+    print(f"train.precision=auto on this CPU: {precision} ({why}; decided by the CPU's capabilities, not by a "
+          f"timing, so not kept here)")
     return 0
 
 

@@ -87,7 +87,8 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: Literal["mocov3", "simclr", "byol", "swav", "dino"] = _f(
-        "mocov3", "self-supervised method (§6 compares the first four; DINO, arXiv 2104.14294, beside them)")
+        "mocov3", "self-supervised method (docs/frameworks.md; the names are the method registry's: "
+                  "tests/test_config.py keeps them equal)")
     temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)", gt=0)
     momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)", ge=0, le=1)
     momentum_schedule: Literal["cosine", "constant"] = _f("cosine", "m rises to 1 by half-cosine, or stays")

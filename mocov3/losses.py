@@ -1,4 +1,5 @@
-"""The losses of the four methods, each written for the global batch across processes.
+"""The methods' losses (each method in ``mocov3.methods`` names its own), each written for the global batch
+across processes.
 
 Every function takes this process's rows and does its own cross-process communication, so one process
 and W processes compute the same loss and gradients for the same global batch (tested with 2 gloo

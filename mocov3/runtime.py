@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -186,42 +185,57 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def _cpu_info() -> tuple[str, set]:
+    """(vendor, flags) of this machine's first CPU from /proc/cpuinfo (("", set()) where there is none)."""
+    vendor, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_bf16_is_faster() -> bool:
-    """Measured, once per process (~0.5 s): a ViT MLP block's forward and backward under bf16 autocast
-    against fp32. Native bf16 support is not enough: on CPUs with AVX512-BF16 but no AMX bf16 was 1.5x
-    *slower* than fp32 (docs/results.md), so only a measured gain of 10 % or more picks bf16."""
+def cpu_auto_precision() -> tuple[str, str]:
+    """What ``precision=auto`` means on this CPU, and why: a rule on the CPU's capabilities, never a timing.
+
+    Until 0.4 this was a timing taken at every start, and a busy machine flipped it: the same ``mocov3 knn``
+    printed 45.8 then 47.4 (issue 30). The rule reproduces every measurement in docs/results.md:
+    * no native bf16 (AVX2 only): oneDNN emulates it, 7x slower -> fp32;
+    * AMX (Intel Sapphire Rapids and later): bf16 tiles -> bf16;
+    * AMD with AVX512-BF16 (Zen 4 and later): 1.4x faster in bf16 on the quick-start step -> bf16;
+    * Intel with AVX512-BF16 but no AMX (Cooper Lake): 1.5x *slower* in bf16 -> fp32."""
+    vendor, flags = _cpu_info()
     if not cpu_has_fast_bf16():
-        return False
-    gen = torch.Generator().manual_seed(0)
-    w1, w2 = torch.randn(384, 1536, generator=gen) * 0.02, torch.randn(1536, 384, generator=gen) * 0.02
-    w1.requires_grad_(True)
-    w2.requires_grad_(True)
-    x = torch.randn(512, 384, generator=gen)
+        return "fp32", "no native bf16 on this CPU (bf16 would be emulated)"
+    if "amx_bf16" in flags:
+        return "bf16", "AMX bf16 on this CPU"
+    if vendor == "AuthenticAMD" and "avx512_bf16" in flags:
+        return "bf16", "AMD CPU with AVX512-BF16"
+    return "fp32", "bf16 without AMX on this CPU (measured slower than fp32)"
 
-    def best(bf16: bool) -> float:
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                y = torch.nn.functional.gelu(x @ w1) @ w2
-            y.float().sum().backward()
-            times.append(time.perf_counter() - t)
-        return min(times)
 
-    best(False)  # warm-up
-    fp32, bf16 = best(False), best(True)
-    log.info("CPU bf16 check: fp32 %.0f ms, bf16 %.0f ms per block step", fp32 * 1e3, bf16 * 1e3)
-    return bf16 < 0.9 * fp32
+def cpu_prefers_bf16() -> bool:
+    """True where ``precision=auto`` picks bf16 on this CPU (:func:`cpu_auto_precision`)."""
+    return cpu_auto_precision()[0] == "bf16"
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on GPUs (fp16 where bf16 is missing); on CPUs bf16 only where it measures faster
-    than fp32 (:func:`cpu_bf16_is_faster`), else fp32."""
+    """``auto`` -> bf16 on GPUs (fp16 where bf16 is missing); on CPUs by :func:`cpu_auto_precision`'s rule
+    (bf16 where the CPU computes it faster than fp32, else fp32). A property of the machine: a busy moment
+    cannot change it."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_bf16_is_faster() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_prefers_bf16() else "fp32"
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         log.warning("bf16 is not supported on this GPU; using fp16 with a gradient scaler")
         return "fp16"

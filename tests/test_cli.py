@@ -195,8 +195,12 @@ def test_cache_command_lists_and_clears(folder, tmp_path, capsys):
     assert main(["cache", "--json"]) == 0
     info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert info["cache_dir"] == str(cache) and info["mb"]["decoded"] >= 0 and (cache / "decoded").is_dir()
+    from mocov3.runtime import cpu_auto_precision
+
+    assert info["cpu_auto_precision"] == cpu_auto_precision()[0]  # what auto means here, and why
     assert main(["cache"]) == 0  # a table for a person: each part, its size, the command that removes it
     table = capsys.readouterr().out.splitlines()
+    assert table[-1].startswith(f"train.precision=auto on this CPU: {cpu_auto_precision()[0]}")
     assert table[0].startswith(f"cache: {cache}") and table[1].split()[:3] == ["part", "size", "removed"]
     decoded = next(line for line in table if line.startswith("decoded"))
     assert "MB" in decoded and "mocov3 cache --clear decoded" in decoded

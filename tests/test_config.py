@@ -208,3 +208,22 @@ def test_shipped_recipes_are_found_by_name_from_any_folder(tmp_path, monkeypatch
     assert load_config("quickstart_cpu.yaml").train.epochs == 7
     with pytest.raises(ConfigError, match="config file not found: nope.yaml .shipped recipes: cifar10"):
         load_config("nope.yaml")
+
+
+def test_method_names_are_the_registrys():
+    """config.py cannot import the methods (a lower layer), so its ``method.name`` choices are written there;
+    they must be exactly the names the method registry holds, and the help lists must come from it."""
+    import typing
+
+    from mocov3.config import MethodConfig
+    from mocov3.methods import METHODS
+
+    assert set(typing.get_args(typing.get_type_hints(MethodConfig)["name"])) == set(METHODS)
+    from mocov3.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["pretrain"].format_help()
+    for name in METHODS:
+        assert name in text
+    import mocov3.losses
+
+    assert "four" not in mocov3.losses.__doc__

@@ -164,10 +164,10 @@ def test_a_resume_keeps_the_recorded_precision(pretrained, folder, tmp_path, mon
             return pretrain_tiny(folder, out, "train.precision=auto", *extra)
         return main(_cmd(task, pretrained, folder, out, "train.precision=auto", *extra))
 
-    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: False)
+    monkeypatch.setattr(runtime, "cpu_prefers_bf16", lambda: False)
     assert go("train.max_steps=1") == 0
     assert Payload.read(out / "checkpoint.pt").precision == "fp32"
-    monkeypatch.setattr(runtime, "cpu_bf16_is_faster", lambda: True)
+    monkeypatch.setattr(runtime, "cpu_prefers_bf16", lambda: True)
     assert go("train.max_steps=2") == 0
     assert Payload.read(out / "checkpoint.pt").precision == "fp32"
     assert yaml.safe_load((out / "config.yaml").read_text())["run"]["precision"] == "fp32"

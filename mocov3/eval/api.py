@@ -77,8 +77,12 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     if train.classes != test.classes:
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")
-    return EvalSetup(cfg, checkpoint, ckpt.get("step"), method.backbone.to(dev), rt,
-                     eval_precision(cfg.train.precision, dev), train, test)
+    # a one-off evaluation follows the checkpoint's precision unless this command line names one
+    asked = cfg.train.precision if any(o.split("=", 1)[0].strip() == "train.precision" for o in overrides) else None
+    precision = eval_precision(asked, ckpt.get("precision"), dev)
+    log.info("evaluating in %s (%s)", precision, "asked for" if asked else
+             "as the checkpoint records" if ckpt.get("precision") else "the checkpoint records none")
+    return EvalSetup(cfg, checkpoint, ckpt.get("step"), method.backbone.to(dev), rt, precision, train, test)
 
 
 def _features(setup: EvalSetup, sets, use_cache: bool) -> list:
@@ -108,7 +112,7 @@ def run_knn(setup: EvalSetup, ks: Optional[Sequence[int]] = None, temperatures: 
                     temperatures)
     best = grid[0]
     return {"top1": best["top1"], "top5": best["top5"], "k": best["k"], "temperature": best["temperature"],
-            "step": setup.step, "grid": grid}
+            "step": setup.step, "precision": setup.precision, "grid": grid}
 
 
 def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
@@ -141,7 +145,7 @@ def _fast_linear(setup: EvalSetup, use_cache: bool, before: dict) -> dict:
     res = fast_linear_probe(fa, la, fb, lb, len(setup.train.classes), cfg.linear)
     assert_unchanged(setup.backbone, before)
     return {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "fast",
-            "epochs": cfg.linear.epochs, "step": setup.step, "sweep": res["sweep"]}
+            "epochs": cfg.linear.epochs, "step": setup.step, "precision": setup.precision, "sweep": res["sweep"]}
 
 
 def _full_linear(setup: EvalSetup, output_dir: Path, progress: bool, allow_changed, before: dict, write: bool) -> dict:
@@ -151,7 +155,7 @@ def _full_linear(setup: EvalSetup, output_dir: Path, progress: bool, allow_chang
     if not res or "interrupted_by" in res:
         return res
     out = {"top1": res["top1"], "top5": res["top5"], "lr": res["base_lr"], "mode": "full",
-           "epochs": setup.cfg.linear.epochs, "step": setup.step}
+           "epochs": setup.cfg.linear.epochs, "step": setup.step, "precision": res["precision"]}
     if write:
         _write_result(output_dir, out)
     return out
@@ -175,7 +179,7 @@ def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False,
     if not du.is_main() or "interrupted_by" in res:
         return res if du.is_main() else {}
     out = {"top1": res["top1"], "top5": res["top5"], "from_scratch": from_scratch,
-           "epochs": setup.cfg.finetune.epochs, "output_dir": str(output_dir)}
+           "epochs": setup.cfg.finetune.epochs, "precision": res["precision"], "output_dir": str(output_dir)}
     _write_result(output_dir, out)
     return out
 

@@ -223,7 +223,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         if not evals.ran and du.broadcast_int(int(last is None)):
             last = evaluate_now()
         du.barrier()
-    return last or {}
+    return {**last, "precision": rt.precision} if last else {}
 
 
 def classifier_flops(model: Classifier, cfg: Config) -> float:

@@ -194,7 +194,7 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
             run.folder.metrics.write({"step": state.step, "epoch": state.step / length.steps_per_epoch,
                                       "test_top1": res["top1"], "test_top5": res["top5"]})
         du.barrier()
-    return {**res, "base_lr": lc.base_lr} if res else {}
+    return {**res, "base_lr": lc.base_lr, "precision": rt.precision} if res else {}
 
 
 def snapshot(module: nn.Module) -> dict:

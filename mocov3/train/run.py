@@ -30,8 +30,8 @@ import yaml
 from .. import distributed as du
 from ..config import Config, to_dict
 from ..models.factory import backbone_spec, check_fits
-from ..runtime import (CheckpointError, ConfigError, MetricsWriter, StorageError, TrainingError, first_line,
-                       resolve_device, resolve_precision, storage_error)
+from ..runtime import (CheckpointError, ConfigError, MetricsWriter, StorageError, TrainingError, cpu_has_fast_bf16,
+                       first_line, resolve_device, resolve_precision, storage_error)
 from ..tracking import open_sinks
 from . import budget, sharded
 from .flops import peak_flops
@@ -73,9 +73,23 @@ def use_compile(setting: str, device: torch.device) -> bool:
     return setting == "true" or (setting == "auto" and device.type == "cuda")
 
 
-def eval_precision(setting: str, device: torch.device) -> str:
-    """The precision of a one-off evaluation (kNN, the fast probe): decided for this device now."""
-    return resolve_precision(setting, device)
+def eval_precision(asked: Optional[str], recorded: Optional[str], device: torch.device) -> str:
+    """The precision of a one-off evaluation of a checkpoint (kNN, the fast probe).
+
+    ``asked`` (a ``train.precision`` the user gave on this command line) wins, ``auto`` included; otherwise
+    the checkpoint's own: the precision its run recorded, fp32 where it records none (the reference
+    implementation's files, a backbone alone). Deciding it here from the machine would make one checkpoint's
+    kNN differ between machines and, with a timed decision, between two calls on one machine (issue 30)."""
+    if asked:
+        return resolve_precision(asked, device)
+    precision = recorded or "fp32"
+    if device.type == "cpu" and precision == "fp16":  # a GPU's stand-in for bf16; no meaning on a CPU
+        log.info("the checkpoint was trained in fp16 on a GPU; evaluating in fp32 on the CPU")
+        return "fp32"
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
+        log.warning("evaluating in bf16 as the checkpoint records; this CPU emulates bf16 (slow): "
+                    "train.precision=fp32 is faster")
+    return resolve_precision(precision, device)
 
 
 # ------------------------------------------------------------------------------------------ trainers
