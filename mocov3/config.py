@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -196,7 +196,9 @@ class TrainConfig:
                             "W&B run")
     wandb_project: str = _f("mocov3", "W&B project")
     wandb_name: str = _f("", "W&B run name; empty = the run folder's name")
-    threads: int = _f(0, "torch CPU threads; 0 = leave torch's default", ge=0)
+    threads: Union[int, Literal["auto"]] = _f(
+        "auto", "torch CPU threads: auto = the CPUs this process may use (affinity, cgroup quota) less one per "
+                "data worker it starts; N = N; 0 = torch's default (every core of the machine)", ge=0, le=1024)
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", "with several processes: ddp = a full replica per rank; fsdp = parameters, gradients and optimizer "
                "state sharded over the ranks (FSDP2, per ViT block; for ViT-L/H); checkpoints load under either")
@@ -292,7 +294,12 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _check_type(path, value, args[0])
+        for arg in args[:-1]:  # e.g. Union[int, Literal["auto"]]: the first type the value is
+            try:
+                return _check_type(path, value, arg)
+            except ConfigError:
+                pass
+        return _check_type(path, value, args[-1])
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads yes / no / on / off as booleans
@@ -479,7 +486,7 @@ def validate(cfg: Config) -> None:
     for key, rng in ranges().items():
         sec, name = key.split(".")
         value = getattr(getattr(cfg, sec), name)
-        if value is not None:
+        if isinstance(value, (int, float)):  # not None, not a word such as train.threads=auto
             _check_range(key, value, *rng)
     d, m, o = cfg.data, cfg.method, cfg.optim
     dev = cfg.train.device

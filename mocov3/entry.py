@@ -7,6 +7,7 @@ import sys
 from typing import Optional
 
 from .commands import COMMANDS, top_parser
+from .cpus import prepare_environment
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -17,6 +18,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             sub.add_parser(name, help=text)
         parser.parse_args(args)  # prints the help or the version and exits; a bare call is an error (exit 2)
         return 2
+    # before torch loads its OpenMP runtime, which reads the wait policy once (mocov3/cpus.py: why)
+    prepare_environment()
     from .cli import main as cli_main  # the full command line: torch, the models, the data
 
     return cli_main(args)

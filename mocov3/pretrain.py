@@ -137,6 +137,7 @@ def build_data(cfg: Config, rt: Runtime) -> RunData:
     train.to(rt.device)
     batches = sources.train_batches(train, cfg.data, cfg.train.batch_size, rt.rank, rt.world, cfg.train.seed,
                                     rt.device, cfg.data.num_workers)
+    rt.settle_threads(cfg.train.threads, sources.workers_started(train, cfg.data.num_workers))
     bank = test = None
     if cfg.data.eval_path:
         require_labels(train, "the kNN monitor (--eval-data) uses the training set as its labelled bank: "

@@ -40,6 +40,12 @@ def open_set(spec: str, data_cfg, split: str = "train", use_cache: bool = True) 
     return load_dataset(spec, data_cfg, split=split, use_cache=use_cache)
 
 
+def workers_started(data: ImageData, num_workers: int) -> int:
+    """Data workers a set starts beside the training process: none for a set in memory (its batches are cut
+    on the device), ``data.num_workers`` for a streamed one (train.threads=auto leaves them a CPU each)."""
+    return 0 if data.in_memory else num_workers
+
+
 def _gpu_decode(data: ImageData, decode: str, device: torch.device) -> bool:
     return wants_gpu_decode(decode, device, streaming=not data.in_memory)
 

@@ -74,6 +74,7 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
     test = sources.open_set(test_data, cfg.data, split="test", use_cache=use_cache).to(dev)
     for data in (train, test):
         require_labels(data, "evaluation needs labelled --train-data and --test-data")
+    rt.settle_threads(cfg.train.threads, max(sources.workers_started(d, cfg.data.num_workers) for d in (train, test)))
     if train.classes != test.classes:
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")

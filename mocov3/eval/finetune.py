@@ -194,6 +194,7 @@ def finetune(cfg: Config, backbone_state: Optional[dict], train: ImageData, test
         batches = sources.supervised_batches(train, ft.batch_size, rt.rank, rt.world, cfg.train.seed, rt.device,
                                              cfg.data.image_size, ft.crop_scale, cfg.data.crop_ratio,
                                              cfg.data.num_workers, decode=cfg.data.decode)
+        rt.settle_threads(cfg.train.threads, sources.workers_started(train, cfg.data.num_workers))
         length = run.make_length(batches.steps_per_epoch)
         state = supervised_state(cfg, rt, model, length, ft.batch_size, ft.base_lr, ft.warmup_epochs,
                                  lambda m: layer_decay_groups(m, ft.weight_decay, ft.layer_decay))

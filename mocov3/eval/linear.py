@@ -170,6 +170,7 @@ def full_linear_probe(cfg: Config, backbone: nn.Module, train: ImageData, test: 
         batches = sources.supervised_batches(train, bs, rt.rank, rt.world, cfg.train.seed, rt.device,
                                              data_cfg.image_size, (0.08, 1.0), (3 / 4, 4 / 3), data_cfg.num_workers,
                                              decode=data_cfg.decode)
+        rt.settle_threads(cfg.train.threads, sources.workers_started(train, cfg.data.num_workers))
         length = run.make_length(batches.steps_per_epoch)
         torch.manual_seed(cfg.train.seed)
         probe = LinearProbe(backbone.num_features, len(train.classes), lc.bn).to(rt.device)

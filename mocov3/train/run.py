@@ -27,6 +27,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import yaml
 
+from .. import cpus
 from .. import distributed as du
 from ..config import Config, to_dict
 from ..models.factory import backbone_spec, check_fits
@@ -48,24 +49,41 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # ------------------------------------------------------------------------------------------- runtime
 @dataclass
 class Runtime:
-    """Where a run computes. ``precision`` is settled by :meth:`Run.open` (it may come from a checkpoint)."""
+    """Where a run computes. ``precision`` is settled by :meth:`Run.open` (it may come from a checkpoint);
+    ``threads`` by :meth:`settle_threads` (again once the data says how many workers it starts)."""
 
     device: torch.device
     world: int
     rank: int
     precision: str = "fp32"
+    threads: int = 0
+    threads_reason: str = ""
+
+    def settle_threads(self, setting, workers: int = 0) -> None:
+        """``train.threads`` for this process, beside ``workers`` data workers (cpus.choose_threads); said in
+        one log line when it changes, and in every run's start record (:meth:`describe_threads`)."""
+        n, why = cpus.choose_threads(setting, workers)
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        threads, self.threads_reason = torch.get_num_threads(), why
+        if threads != self.threads or not self.threads:
+            log.info("%d CPU thread(s) (%s); OpenMP wait policy %s", threads, why, cpus.wait_policy())
+        self.threads = threads
+
+    def describe_threads(self) -> dict:
+        return {"threads": self.threads, "threads_reason": self.threads_reason, "omp_wait_policy": cpus.wait_policy()}
 
 
-def build_runtime(device: str = "auto", threads: int = 0) -> Runtime:
+def build_runtime(device: str = "auto", threads="auto") -> Runtime:
     """This rank's device (its own GPU under torchrun), the process group (from torchrun's environment),
     the CPU threads. The only place these are set up."""
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before NCCL initializes, so each rank owns its GPU
     du.init_from_env(dev.type)
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return Runtime(dev, du.world_size(), du.rank(), resolve_precision("fp32", dev))
+    rt = Runtime(dev, du.world_size(), du.rank(), resolve_precision("fp32", dev))
+    rt.settle_threads(threads)  # no data workers yet: decoding a set into memory gets every CPU
+    return rt
 
 
 def use_compile(setting: str, device: torch.device) -> bool:
@@ -285,7 +303,8 @@ class Run:
         """A new run: an empty metrics file starting with a ``start`` record."""
         self.folder.metrics.truncate_after(-1)
         self.folder.metrics.write({"step": 0, "epoch": 0.0, "event": "start", "task": self.trainer.task,
-                                   "world_size": self.rt.world, "precision": self.rt.precision, **record})
+                                   "world_size": self.rt.world, "precision": self.rt.precision,
+                                   **self.rt.describe_threads(), **record})
 
     def restore(self, state: TrainState) -> None:
         """Model, optimizer, scaler, step, RNG and monitor state from the checkpoint; metrics logged after
@@ -315,7 +334,8 @@ class Run:
         self.folder.metrics.truncate_after(state.step)
         spe = self.length.steps_per_epoch if self.length is not None else 0
         # marks where the run went on (`mocov3 report` draws it): the metrics before and after are one run
-        self.folder.metrics.write({"step": state.step, "epoch": state.step / spe if spe else None, "event": "resume"})
+        self.folder.metrics.write({"step": state.step, "epoch": state.step / spe if spe else None, "event": "resume",
+                                   **self.rt.describe_threads()})
         log.info("resumed from %s at step %d", path, state.step)
 
     # -- the loop
