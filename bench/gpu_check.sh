@@ -9,6 +9,7 @@
 # Then one call of the device tool, with carry=["data", ".whl"] and timeout_s 560:
 #     bash bench/gpu_check.sh
 #     LARGE_VITS=1 bash bench/gpu_check.sh   (+ ViT-L/16, ViT-H/14 memory rows: add BUDGET=630)
+#     SHORT=1 BUDGET=150 PAIRS=vit_small_224:bf16,... bash bench/gpu_check.sh   (step throughput alone)
 #
 # Output under $OUT (default bench/results/gpu), at most 6 files (the device tool brings back 8):
 # env.json, step_throughput_gpu.json, data_throughput_gpu.json, cifar10_e2e_gpu.json,
@@ -23,6 +24,8 @@ set -uo pipefail
 BUDGET="${BUDGET:-480}"
 LARGE_VITS="${LARGE_VITS:-0}"
 SKIP_GPU_SECTIONS="${SKIP_GPU_SECTIONS:-0}"   # 1: only section 3 (a dry run of it on a CPU machine)
+SHORT="${SHORT:-0}"   # 1: section 2 alone, with PAIRS, in BUDGET seconds (a lease with little device time left)
+PAIRS="${PAIRS:-aug_224:bf16:aug,aug_224:bf16:aug_compiled,vit_small_224:bf16:compiled,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,dino_vit_small_224:bf16:compiled,vit_small_224:bf16,vit_base_224:bf16,resnet50_224:bf16,resnet50_224:bf16:compiled}"
 TAR="${CIFAR_TAR:-data/cifar10-jpeg.tar.gz}"
 CIFAR_CONFIG="${CIFAR_CONFIG:-configs/cifar10_vit_small_gpu_short.yaml}"
 CIFAR_SECONDS="${CIFAR_SECONDS:-180}"
@@ -82,10 +85,12 @@ if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
   # a fresh process (~8 s) and a compiled one compiles for ~40 s, so not every row may fit: the rows the
   # targets name come first (the augmentation, the compiled ViT-S/16 and ViT-B/16, the CIFAR model, whose
   # figure section 3 uses), then the eager baselines, ResNet-50 last; each row is saved as it is measured
-  bounded "$(limit 220 255)" "$LOGS/throughput.txt" "$PYTHON" bench/step_throughput.py --device cuda --steps 15 \
-    --pairs aug_224:bf16:aug,aug_224:bf16:aug_compiled,vit_small_224:bf16:compiled,vit_base_224:bf16:compiled,cifar_vits4:bf16:compiled,dino_vit_small_224:bf16:compiled,vit_small_224:bf16,vit_base_224:bf16,resnet50_224:bf16,resnet50_224:bf16:compiled \
-    --out "$OUT/step_throughput_gpu.json" --profile-dir "$LOGS"
+  if [ "$SHORT" = 1 ]; then THROUGHPUT_LIMIT=$(limit 100000 5); PROFILE=(); else THROUGHPUT_LIMIT=$(limit 220 255); PROFILE=(--profile-dir "$LOGS"); fi
+  bounded "$THROUGHPUT_LIMIT" "$LOGS/throughput.txt" "$PYTHON" bench/step_throughput.py --device cuda --steps 15 \
+    --pairs "$PAIRS" --out "$OUT/step_throughput_gpu.json" "${PROFILE[@]}"
   stamp "throughput done (rc=$?)"
+fi
+if [ "$SKIP_GPU_SECTIONS" != 1 ] && [ "$SHORT" != 1 ]; then
 
   # 2b. the input path: CPU decode per core beside nvJPEG decode + crop on the GPU (issue 12)
   bounded "$(limit 40 215)" "$LOGS/data_throughput.txt" "$PYTHON" bench/data_throughput.py --n "$DATA_N" \
@@ -104,7 +109,9 @@ fi
 # 3. the short CIFAR-10 recipe end to end under a time budget (train.budget_minutes: the run measures its
 # own pace after its first steps and sets its epochs so that the schedule and its kNN points end inside the
 # budget), stopped by SIGTERM at the latest (which saves a checkpoint), then its kNN
-if [ -f "$TAR" ]; then
+if [ "$SHORT" = 1 ]; then
+  stamp "cifar skipped (SHORT=1)"
+elif [ -f "$TAR" ]; then
   D="$WORK/data/cifar10-jpeg"
   mkdir -p "$WORK/data" && [ -d "$D/train" ] || tar xzf "$TAR" -C "$WORK/data"
   SECONDS_LEFT=$(limit "$CIFAR_SECONDS" 95)
@@ -132,7 +139,7 @@ else
 fi
 # 4. CUDA-only tests (SyncBatchNorm kernels on NCCL, a bf16 step, nvJPEG) and interop (timm, torchvision exist
 # only there), last: on the first lease this section hung past its limit and the rest never ran
-if [ "$SKIP_GPU_SECTIONS" != 1 ]; then
+if [ "$SKIP_GPU_SECTIONS" != 1 ] && [ "$SHORT" != 1 ]; then
   bounded "$(limit 60 0)" "$LOGS/pytest_gpu.txt" "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py \
     tests/test_export.py tests/test_methods.py tests/test_gpu_decode.py tests/test_augment.py \
     -k "gpu or cuda or interop or nvjpeg"
