@@ -3,11 +3,13 @@
 "before": torch's defaults (one thread per core, OpenMP's spinning wait); "after": what ``mocov3`` sets
 (mocov3/cpus.py: ``train.threads=auto``, a passive OpenMP wait unless the user chose one). Each case is a fresh
 process of bench/step_throughput.py (``--one quickstart:PRECISION``) with the environment of its setting;
-"busy" runs it beside a competitor of this benchmark's own (a Python loop busy on one core, started before the
-case and stopped after it). The cases alternate (idle and busy, before and after) and each is repeated
-``--repeats`` times, so a change in the machine's load shows as spread rather than as a difference.
+"busy" runs it beside a competitor of this benchmark's own, started before the case and stopped after it:
+``python``, a Python loop busy on one core; ``torch``, another PyTorch process multiplying matrices with
+torch's defaults (a thread per core, spinning waits: what a second run, a test or a notebook beside this one
+is). The cases alternate (idle and busy, before and after) and each is repeated ``--repeats`` times, so a
+change in the machine's load shows as spread rather than as a difference.
 
-    python bench/busy_throughput.py [--batch 128] [--steps 3] [--repeats 2] [--out bench/results/busy_throughput_cpu.json]
+    python bench/busy_throughput.py [--batch 128] [--steps 3] [--repeats 2] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -37,11 +39,18 @@ def setting_env(setting: str) -> dict:
     return env
 
 
-def one_case(precision: str, setting: str, busy: bool, batch: int, steps: int) -> dict:
+COMPETITORS = {
+    "python": "while True: pass",
+    "torch": "import torch\nx = torch.randn(512, 512)\nwhile True: x = torch.tanh(x @ x)",
+}
+
+
+def one_case(precision: str, setting: str, busy: str, batch: int, steps: int) -> dict:
     competitor = None
     if busy:  # one core kept busy for the whole case by a process of our own
-        competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(0.5)
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        competitor = subprocess.Popen([sys.executable, "-c", COMPETITORS[busy]], env=env)
+        time.sleep(1.0)
     try:
         cmd = [sys.executable, str(ROOT / "bench" / "step_throughput.py"), "--device", "cpu", "--steps", str(steps),
                "--batch", str(batch), "--one", f"quickstart:{precision}"]
@@ -62,14 +71,15 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--competitors", default="python,torch", help=f"comma list of {', '.join(COMPETITORS)}")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "busy_throughput_cpu.json"))
     args = ap.parse_args()
     runs = []
     for rep in range(args.repeats):
         for precision in args.precisions.split(","):
             for setting in ("before", "after"):
-                for busy in (False, True):
-                    row = {"precision": precision, "setting": setting, "load": "busy" if busy else "idle",
+                for busy in [""] + args.competitors.split(","):
+                    row = {"precision": precision, "setting": setting, "load": f"busy_{busy}" if busy else "idle",
                            "repeat": rep, **one_case(precision, setting, busy, args.batch, args.steps)}
                     runs.append(row)
                     print(json.dumps(row), flush=True)
@@ -77,26 +87,34 @@ def main() -> int:
     for precision in args.precisions.split(","):
         for setting in ("before", "after"):
             speeds = {load: [r["images_per_sec"] for r in runs if (r["precision"], r["setting"], r["load"]) ==
-                             (precision, setting, load) and "images_per_sec" in r] for load in ("idle", "busy")}
-            if not (speeds["idle"] and speeds["busy"]):
+                             (precision, setting, load) and "images_per_sec" in r]
+                      for load in ["idle"] + [f"busy_{c}" for c in args.competitors.split(",")]}
+            if not speeds["idle"]:
                 continue
-            idle, busy = statistics.median(speeds["idle"]), statistics.median(speeds["busy"])
-            table.append({"precision": precision, "setting": setting, "idle_images_per_sec": round(idle, 1),
-                          "busy_images_per_sec": round(busy, 1), "busy_share_of_idle": round(busy / idle, 3),
-                          "idle_all": [round(s, 1) for s in speeds["idle"]],
-                          "busy_all": [round(s, 1) for s in speeds["busy"]]})
+            idle = statistics.median(speeds["idle"])
+            row = {"precision": precision, "setting": setting, "idle_images_per_sec": round(idle, 1),
+                   "idle_all": [round(s, 1) for s in speeds["idle"]]}
+            for load, values in speeds.items():
+                if load != "idle" and values:
+                    busy = statistics.median(values)
+                    row.update({f"{load}_images_per_sec": round(busy, 1),
+                                f"{load}_share_of_idle": round(busy / idle, 3),
+                                f"{load}_all": [round(s, 1) for s in values]})
+            table.append(row)
     after_env = setting_env("after")
     res = {"what": f"the quick-start training step (batch {args.batch}, {args.steps} timed steps after one warm-up), "
-                   "idle and beside one process busy on one core; before = torch's defaults (a thread per core, "
-                   "spinning OpenMP wait), after = mocov3's (train.threads=auto, OMP_WAIT_POLICY=PASSIVE); "
+                   "idle and beside a busy process (a Python loop on one core, or PyTorch with its defaults); "
+                   "before = torch's defaults (a thread per core, spinning OpenMP wait), "
+                   "after = mocov3's (train.threads=auto, OMP_WAIT_POLICY=PASSIVE); "
                    "medians over the repeats",
            "after_env": {k: after_env[k] for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")},
            "available_cpus": list(cpus.available_cpus()),
            "table": table, "runs": runs, **machine_info()}
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     for row in table:
-        print(f"{row['precision']:5s} {row['setting']:6s} idle {row['idle_images_per_sec']:7.1f}  busy "
-              f"{row['busy_images_per_sec']:7.1f} img/s  ({100 * row['busy_share_of_idle']:.0f} % of idle)")
+        busy = "  ".join(f"{c} {row[f'busy_{c}_images_per_sec']:6.1f} ({100 * row[f'busy_{c}_share_of_idle']:.0f} %)"
+                         for c in args.competitors.split(",") if f"busy_{c}_images_per_sec" in row)
+        print(f"{row['precision']:5s} {row['setting']:6s} idle {row['idle_images_per_sec']:7.1f} img/s  beside {busy}")
     return 0
 
 

@@ -19,9 +19,14 @@ stop() {
   sleep 1
   pkill -f "slurmd -f $CONF" 2>/dev/null || true
   pkill -f "slurmctld -f $CONF" 2>/dev/null || true
+  # `stop` also ends the munge daemon when this script started it (no daemon outlives the tests, issue 37)
+  if [ "${1:-}" = all ] && [ -f "$DIR/munged.ours" ]; then
+    pkill -x munged 2>/dev/null || true
+    rm -f "$DIR/munged.ours"
+  fi
 }
 
-if [ "$cmd" = stop ]; then stop; exit 0; fi
+if [ "$cmd" = stop ]; then stop all; exit 0; fi
 [ "$(id -u)" = 0 ] || cannot "needs root (to install SLURM and run slurmd)"
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
    || ! command -v sbatch >/dev/null; then
@@ -31,8 +36,10 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! comm
          slurm-client munge >"$DIR.apt.log" 2>&1; } || cannot "apt-get install slurmctld slurmd munge failed ($DIR.apt.log)"
 fi
 
-# munge: the key and the daemon (shared by every cluster on this machine)
+# munge: the key and the daemon (shared by every cluster on this machine; stopped by `stop` if started here)
+STARTED_MUNGE=0
 if ! pgrep -x munged >/dev/null; then
+  STARTED_MUNGE=1
   mkdir -p /etc/munge /var/lib/munge /var/log/munge /run/munge
   [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
   chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge /run/munge 2>/dev/null || true
@@ -47,6 +54,7 @@ fi
 stop
 mkdir -p "$DIR"
 touch "$DIR/.mocov3-slurm"
+[ "$STARTED_MUNGE" = 1 ] && touch "$DIR/munged.ours"
 rm -rf "$DIR/state" "$DIR/spool"
 mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
 HOST=$(hostname -s)

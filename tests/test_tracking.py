@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -39,22 +40,40 @@ def _wandb_records(path: Path):
             yield rec
 
 
-def _offline_runs(run_dir: Path):
-    """(run id, history rows, config keys) per offline W&B run folder, oldest first."""
-    out = []
-    for d in sorted((run_dir / "wandb").glob("offline-run-*")):
-        rows, config, run_id = [], {}, None
-        for rec in _wandb_records(next(d.glob("run-*.wandb"))):
-            kind = rec.WhichOneof("record_type")
-            if kind == "run":
-                run_id = rec.run.run_id
-                config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-            elif kind == "config":
-                config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
-            elif kind == "history":
-                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
-        out.append((run_id, rows, config))
-    return out
+def _read_offline_run(d: Path):
+    """(run id, history rows, config, finished) of one offline W&B run folder as its file holds it now."""
+    rows, config, run_id, finished = [], {}, None, False
+    for rec in _wandb_records(next(d.glob("run-*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run_id = rec.run.run_id
+            config.update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+        elif kind == "exit":
+            finished = True
+    return run_id, rows, config, finished
+
+
+def _offline_runs(run_dir: Path, timeout: float = 180):
+    """(run id, history rows, config keys) per offline W&B run folder, oldest first.
+
+    W&B's own service process writes these files, and ``wandb.finish()`` can return before it has flushed
+    them: on a busy machine a resumed run's file was read without its run record (issue 37). So each file is
+    read again until W&B has written its ``exit`` record (the run's end), or until ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = []
+        for d in sorted((run_dir / "wandb").glob("offline-run-*")):
+            try:
+                out.append(_read_offline_run(d))
+            except Exception:  # noqa: BLE001 - a file caught mid-write: read it again
+                out.append((None, [], {}, False))
+        if (out and all(r[3] for r in out)) or time.monotonic() > deadline:
+            return [r[:3] for r in out]
+        time.sleep(0.5)
 
 
 def test_wandb_offline_mirrors_metrics_and_resumes_the_same_run(folder, tmp_path, monkeypatch):
