@@ -2,8 +2,9 @@
 
 Each method pretrains a small ViT (and MoCo v3 a ResNet-18) for a fixed number of steps on a small real
 image set, 2,000 CIFAR-10 training images (200 per class, the first in the archive's order) at 32 px from
-../shared/datasets/cifar10-jpeg.tar.gz, and the kNN top-1 on 1,000 test images is compared with the same
-model's at initialization. The same run with the loss's sign flipped ("broken") must not gain.
+the CIFAR-10 JPEG archive (``$MOCOV3_CIFAR10_TAR``, default ``shared/datasets/cifar10-jpeg.tar.gz`` beside the
+checkout), and the kNN top-1 on 1,000 test images is compared with the same model's at initialization. The same
+run with the loss broken (its sign flipped, or both views the same image) should not gain.
 
     python bench/quality_guard.py [--out bench/results/quality_guard_cpu.json] [--only mocov3_vit,byol_vit]
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+ARCHIVE = Path(os.environ.get("MOCOV3_CIFAR10_TAR", ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
 
 # a 2-block, 64-wide ViT with 4-pixel patches (64 tokens) and a trainable patch projection (the frozen random
 # one did not learn in this few steps: +0.6 points); 8 epochs of 31 steps (2,000 images, batch 64)

@@ -26,11 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+ARCHIVE = Path(os.environ.get("MOCOV3_CIFAR10_TAR", ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
 
 
 def cifar_root(cache: Path) -> Path:
-    """The CIFAR-10 JPEG folders (train/, test/), extracted once from ../shared's archive into ``cache``."""
+    """The CIFAR-10 JPEG folders (train/, test/), extracted once into ``cache`` from the archive
+    (``$MOCOV3_CIFAR10_TAR``)."""
     root = cache / "cifar10-jpeg"
     if not (root / "test").is_dir():
         cache.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ import pytest
 ROOT = Path(__file__).parents[1] / "mocov3"
 
 LAYERS = [
-    ["runtime", "version"], ["config", "tracking", "commands"], ["distributed"], ["data", "models", "reference"],
+    ["runtime", "version", "cpus"], ["config", "tracking", "commands"], ["distributed"],
+    ["data", "models", "reference"],
     ["losses", "schedules"], ["methods"], ["train"],
     ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["entry"], ["__main__"],
 ]

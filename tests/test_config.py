@@ -161,7 +161,8 @@ def test_every_numeric_range_is_checked():
         section, name = key.split(".")
         default = getattr(getattr(load_config(), section), name)
         for bad in _out_of_range(*rng):
-            value = int(bad) if isinstance(default, (int, str)) or default is None and name != "mlp_ratio" else float(bad)
+            integer = isinstance(default, (int, str)) or default is None and name != "mlp_ratio"  # str: "auto"
+            value = int(bad) if integer else float(bad)
             with pytest.raises(ConfigError, match="out of range") as e:
                 load_config(None, [f"{key}={value}"])
             assert "\n" not in str(e.value)

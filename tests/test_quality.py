@@ -4,7 +4,8 @@ No other test fails when a method stops learning (a sign error in a loss, a brok
 never moves). Here each method pretrains a small model for a fixed number of steps (248: 8 epochs of 2,000
 CIFAR-10 training images at 32 px, batch 64; seeds fixed, fp32) and its kNN top-1 on 1,000 CIFAR-10 test
 images must rise above the same model's at initialization by a margin. The data are the first 200 / 100
-images per class of ../shared/datasets/cifar10-jpeg.tar.gz (the tests skip where that archive is absent).
+images per class of the CIFAR-10 JPEG archive (``$MOCOV3_CIFAR10_TAR``, default
+``shared/datasets/cifar10-jpeg.tar.gz`` beside the checkout; the tests skip where it is absent).
 
 The runs and the margins come from bench/quality_guard.py, which measured every case with the loss as written,
 with its sign flipped (``flip``) and with both views the same image (``same_view``): run 20261204T191009Z of
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import quality_guard as qg  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not qg.ARCHIVE.is_file(), reason=f"needs {qg.ARCHIVE} (../shared beside the repo)")]
+              pytest.mark.skipif(not qg.ARCHIVE.is_file(), reason=f"needs {qg.ARCHIVE} (set MOCOV3_CIFAR10_TAR)")]
 
 #: case -> (the margin its kNN gain must reach, the broken variant measured against it)
 GUARDED = {"mocov3_vit": (2.5, "flip"), "simclr_vit": (4.0, "flip"), "byol_vit": (2.0, "same_view"),
