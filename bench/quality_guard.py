@@ -118,7 +118,12 @@ def main() -> int:
     import shutil
 
     work = Path(args.work)
+    # the work folder is this script's own: emptied only when it carries the marker the script writes
+    if work.exists() and any(work.iterdir()) and not (work / ".mocov3-quality-guard").is_file():
+        raise SystemExit(f"{work} holds files this script did not write; give another --work folder")
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / ".mocov3-quality-guard").write_text("bench/quality_guard.py's work folder\n")
     train, test = make_sets(work / "data")
     names = [n for n in args.only.split(",") if n] or list(CASES)
     rows = {}

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+#: run folders, checkpoints and extracted images: never under bench/results (only results are committed)
+WORK = Path(os.environ.get("MOCOV3_REPRODUCE_WORK", "/tmp/mocov3-reproduce"))
 ARCHIVE = Path(os.environ.get("MOCOV3_CIFAR10_TAR", ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"))
 
 
@@ -45,7 +47,7 @@ PARTS = {
     "quality": ("tests/test_quality.py's margins: every method's kNN gain over initialization, and broken losses",
                 15, "train.seed=0",
                 lambda out, data: ["bench/quality_guard.py", "--out", str(out / "quality_guard_cpu.json"),
-                                   "--work", str(out / "quality-work")]),
+                                   "--work", str(WORK / "quality")]),
     "busy": ("docs/results.md, 'A busy machine': the quick-start step idle and beside a busy process", 6,
              "torch.manual_seed(0)",
              lambda out, data: ["bench/busy_throughput.py", "--out", str(out / "busy_throughput_cpu.json")]),
@@ -59,10 +61,10 @@ PARTS = {
     "quickstart": ("README / docs/results.md, 'CIFAR-10 on the CPU': the quick-start recipe's kNN vs random init",
                    12, "train.seed=0 (the recipe's)",
                    lambda out, data: ["bench/cifar10_knn.py", "--data-root", str(data), "--output-dir",
-                                      str(out / "quickstart-run"), "--result", str(out / "cifar10_knn_cpu.json")]),
+                                      str(WORK / "quickstart"), "--result", str(out / "cifar10_knn_cpu.json")]),
     "study": ("docs/stability.md and docs/frameworks.md tables: the CPU study (bench/cpu_study.sh)", 240,
               "train.seed=0 (the recipes')",
-              lambda out, data: ["bench/cpu_study.sh", str(data), str(out / "study")]),
+              lambda out, data: ["bench/cpu_study.sh", str(data), str(WORK / "study")]),
 }
 
 
