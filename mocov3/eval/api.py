@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import distributed as du
-from ..config import Config, load_config, save_config
+from ..config import Config, load_config, parse_override, save_config
 from ..data.cache import resolve_cache_dir
 from ..data import sources
 from ..data.datasets import ImageData, require_labels
@@ -79,7 +79,7 @@ def load_for_eval(checkpoint: Path, train_data: str, test_data: str, device: str
         raise DataError(f"class folders differ between --train-data ({len(train.classes)} classes) and "
                         f"--test-data ({len(test.classes)} classes)")
     # a one-off evaluation follows the checkpoint's precision unless this command line names one
-    asked = cfg.train.precision if any(o.split("=", 1)[0].strip() == "train.precision" for o in overrides) else None
+    asked = cfg.train.precision if any(parse_override(o)[0] == "train.precision" for o in overrides) else None
     precision = eval_precision(asked, ckpt.get("precision"), dev)
     log.info("evaluating in %s (%s)", precision, "asked for" if asked else
              "as the checkpoint records" if ckpt.get("precision") else "the checkpoint records none")
