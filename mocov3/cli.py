@@ -22,18 +22,22 @@ from .export import EXPORT_FILES, FORMATS, export_backbone, push_to_hub, read_re
 from .methods import METHODS
 from .pretrain import pretrain, resolve_config
 from .report import make_report
+from .folders import claim, run_legacy
 from .runtime import ConfigError, MocoError, cpu_auto_precision, first_line, launch_rank
 from .submit import submit
-from .sweep import sweep
+from .sweep import sweep, sweep_legacy
 
 log = logging.getLogger("mocov3")
 
 
-def _setup_logging(output_dir: Path | None = None, quiet: bool = False) -> None:
+def _setup_logging(output_dir: Path | None = None, quiet: bool = False, kind: str = "",
+                   legacy=None) -> None:
+    """Log to stderr, and (rank 0) to ``output_dir/log.txt`` once the folder is claimed for ``kind``
+    (:func:`mocov3.folders.claim`: nothing is written into a folder that is not the command's own)."""
     level = logging.INFO if launch_rank() == 0 and not quiet else logging.WARNING
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if output_dir is not None and launch_rank() == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        claim(output_dir, kind, legacy=legacy)
         handlers.append(logging.FileHandler(output_dir / "log.txt"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
@@ -198,7 +202,7 @@ def _print_json(obj: dict) -> None:
 def cmd_pretrain(args) -> int:
     out = Path(args.output_dir)
     cfg = resolve_config(args.config, args.overrides, out, args.data, args.eval_data, args.resume)
-    _setup_logging(out)
+    _setup_logging(out, kind="pretrain", legacy=run_legacy("pretrain"))
     init = Path(args.init_from) if args.init_from else None
     res = pretrain(cfg, out, resume=args.resume, progress=not args.no_progress, allow_changed=_allowed(args),
                    init_from=init)
@@ -226,7 +230,7 @@ def cmd_knn(args) -> int:
 
 
 def cmd_linear(args) -> int:
-    _setup_logging(Path(args.output_dir) if args.output_dir else None)
+    _setup_logging(Path(args.output_dir) if args.output_dir else None, kind="linear", legacy=run_legacy("linear"))
     setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
                           use_cache=not args.no_cache)
     out = run_linear(setup, args.fast, not args.no_cache, Path(args.output_dir) if args.output_dir else None,
@@ -241,7 +245,7 @@ def cmd_linear(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    _setup_logging(Path(args.output_dir))
+    _setup_logging(Path(args.output_dir), kind="finetune", legacy=run_legacy("finetune"))
     setup = load_for_eval(Path(args.checkpoint), args.train_data, args.test_data, args.device, args.overrides,
                           use_cache=not args.no_cache)
     res = run_finetune(setup, Path(args.output_dir), args.from_scratch, progress=not args.no_progress,
@@ -254,7 +258,7 @@ def cmd_finetune(args) -> int:
 
 def cmd_sweep(args) -> int:
     out = Path(args.output_dir)
-    _setup_logging(out)
+    _setup_logging(out, kind="sweep", legacy=sweep_legacy)
     rows = sweep(args.config, args.data, args.eval_data, out, args.grid, args.overrides, not args.no_progress)
     print((out / "summary.md").read_text(), end="")
     _print_json({"runs": len(rows), "summary": str(out / "summary.json")})

@@ -579,7 +579,9 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    from .folders import write_atomic  # (a rename over the file: a symlink there is replaced, not followed)
+
+    write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def scaled_lr(base_lr: float, batch_size_total: int) -> float:

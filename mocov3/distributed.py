@@ -10,11 +10,13 @@ import datetime
 import gc
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .folders import claim
 from .runtime import MocoError, RunLock, RunLockedError, launch_rank
 
 
@@ -106,12 +108,17 @@ def broadcast_int(n: int) -> int:
 
 
 @contextlib.contextmanager
-def locked_folder(folder: Path):
+def locked_folder(folder: Path, kind: Optional[str] = None, legacy=None):
     """Hold ``folder``'s :class:`~mocov3.runtime.RunLock` (rank 0) for the ``with`` block; when it is taken,
-    every rank raises the one-line :class:`~mocov3.runtime.RunLockedError`."""
-    lock = RunLock(folder, enabled=is_main() if is_dist() else launch_rank() == 0)
+    every rank raises the one-line :class:`~mocov3.runtime.RunLockedError`. With ``kind``, rank 0 first
+    claims the folder for that command (:func:`mocov3.folders.claim`: absent, empty or its own; ``legacy``
+    accepts an older mocov3's unmarked one) and every rank raises its refusal."""
+    main = is_main() if is_dist() else launch_rank() == 0
+    lock = RunLock(folder, enabled=main)
     error = None
     try:
+        if kind is not None and main:
+            claim(folder, kind, legacy=legacy)
         lock.__enter__()
     except MocoError as e:
         error = e

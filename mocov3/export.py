@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from .models.factory import build_from_spec
 from .models.resnet import ResNetSpec
 from .models.vit import ViTSpec
+from .folders import check_no_links, write_atomic
 from .runtime import CheckpointError, ConfigError, StorageError, first_line, read_text, storage_error
 from .train.checkpoint import Payload, backbone_state_from_checkpoint, load_checkpoint, spec_from_config
 
@@ -179,8 +180,9 @@ def check_export_folder(output: Path, overwrite: bool) -> None:
         raise StorageError(f"export folder {output} is a file")
     if not output.is_dir() or not any(output.iterdir()):
         return
-    ours = (output / MANIFEST).is_file()
+    ours = (output / MANIFEST).is_file() and not (output / MANIFEST).is_symlink()
     if ours and overwrite:
+        check_no_links(output, "export folder")  # a link at README.md would redirect the write to its target
         return
     if ours:
         raise CheckpointError(f"{output} holds an earlier export; add --overwrite to replace it, or choose another "
@@ -243,13 +245,17 @@ def export_backbone(checkpoint: Path, output: Path, eval_results: Optional[dict]
         raise StorageError(f"export folder {output} is a file")
     try:
         output.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(output / "model.safetensors"), metadata={"format": EXPORT_FORMAT})
+        # the manifest first: a folder this export made stays recognizably its own if a write below fails;
+        # every file is a new one renamed into place (a symlink there is replaced, never written through)
+        write_atomic(output / MANIFEST, json.dumps({"format": fmt, "files": list(EXPORT_FILES)}) + "\n")
+        tmp = output / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": EXPORT_FORMAT})
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(output / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600
-        (output / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
-        (output / "README.md").write_text(card)
-        (output / MANIFEST).write_text(json.dumps({"format": fmt, "files": list(EXPORT_FILES)}) + "\n")
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600
+        os.replace(tmp, output / "model.safetensors")
+        write_atomic(output / "config.json", json.dumps(config_json, indent=2) + "\n")
+        write_atomic(output / "README.md", card)
     except OSError as e:
         raise storage_error("write the export folder", output, e) from None
     return output

@@ -21,7 +21,7 @@ from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, require_labels
 from .eval.monitor import KnnMonitor
 from .methods import build_method, method_class
-from .runtime import DataError
+from .runtime import ConfigError, DataError
 from .train.checkpoint import load_checkpoint, load_initial_weights
 from .train.flops import backbone_forward_flops, step_flops_per_image
 from .train.loop import RunLength, pretrain_step
@@ -73,13 +73,25 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
     resuming its checkpoint (or ``resume``) if present. A resume whose settings or data differ from the
     checkpoint's is refused before anything in the folder changes, except the keys in ``allow_changed``.
     A new run starts from the weights of ``init_from`` (a mocov3 checkpoint or the reference's) when given;
-    a resumed one ignores it (its own checkpoint holds the weights)."""
+    a resumed one has its own weights: it accepts ``init_from`` only if it started from that file (a requeued
+    command line), else refuses it (one line)."""
     if cfg.data.path is None:
         raise DataError("no training data: give --data (or data.path in the recipe)")
     with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
         data = build_data(cfg, run.rt)
         identity = sources.identity(data.train, cfg.data.path, run.rt.world, cfg.data.num_workers)
-        ckpt = run.open(lambda p: data_differences(p.extra.get("data_identity"), identity))
+        init_key = str(Path(init_from).resolve()) if init_from else None
+
+        def differences(p):
+            if init_from and p.extra.get("init_from") != init_key:
+                # a resume has its own weights: --init-from would be ignored; say so before anything is written
+                # (a requeued job that started from the same file passes: its checkpoint records it)
+                raise ConfigError(f"--init-from {init_from}: {output_dir} already holds a run (step {p.step}) that "
+                                  f"did not start from it; run without --init-from to resume that run, or choose "
+                                  f"another --output-dir")
+            return data_differences(p.extra.get("data_identity"), identity)
+
+        ckpt = run.open(differences)
         length = run.make_length(data.batches.steps_per_epoch)
         state = build_train_state(cfg, run.rt, length, init_from if ckpt is None else None)
         if ckpt is not None:
@@ -101,6 +113,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
                  knn, run.metrics_hook(state, cfg.train.batch_size, unreadable, per_image),
                  run.checkpoint_hook(state, lambda: {
                      "last_knn": knn.last, "data_identity": identity, "schedules": state.schedule.describe(),
+                     "init_from": ckpt.extra.get("init_from") if ckpt is not None else init_key,
                      "monitor": state.monitor.state_dict() if state.monitor is not None else {}})]
         stopped = run.fit(state, data.batches, pretrain_step, hooks)
     skipped = int(data.batches.unreadable) + len(data.train.skipped)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .folders import claim, write_atomic
 from .runtime import ConfigError, DataError, read_metrics
 from .sweep import SUMMARY_COLUMNS, format_cell, run_config, summarize_run
 
@@ -59,9 +60,9 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
         import matplotlib.pyplot as plt
     except ImportError:
         raise ConfigError("mocov3 report needs matplotlib (pip install 'mocov3[plot]')") from None
-    output.mkdir(parents=True, exist_ok=True)
     data = {label: _load(Path(r)) for label, r in zip(run_labels(runs), runs)}
     configs = {label: run_config(Path(r)) for label, r in zip(run_labels(runs), runs)}
+    claim(output, "report", what="report folder")  # the runs are read first: a bad one writes nothing
     figs = []
 
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -160,5 +161,5 @@ def make_report(runs: list[Path], output: Path, per_run_figures: bool = True) ->
     md += ["| " + " | ".join(format_cell(r.get(c)) for c in cols) + " |" for r in rows]
     for title, f in figs:
         md += ["", f"## {title}", "", f"![{title}]({f})"]
-    (output / "report.md").write_text("\n".join(md) + "\n")
+    write_atomic(output / "report.md", "\n".join(md) + "\n")
     return output / "report.md"

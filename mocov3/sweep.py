@@ -12,6 +12,7 @@ import yaml
 
 from . import distributed as du
 from .config import load_config
+from .folders import write_atomic
 from .pretrain import pretrain
 from .runtime import ConfigError, DataError, MocoError, read_metrics, read_text
 
@@ -105,6 +106,11 @@ def format_cell(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
+def sweep_legacy(folder: Path) -> bool:
+    """A sweep folder of a mocov3 that wrote no marker: a sub-folder holds a finished run's ``done.json``."""
+    return any((d / "done.json").is_file() for d in Path(folder).iterdir() if d.is_dir() and not d.is_symlink())
+
+
 def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir: Path, grid_items: list[str],
           overrides: list[str], progress: bool = False) -> list[dict]:
     """Run every combination of ``grid_items`` (each into its own sub-folder; finished ones, marked by
@@ -114,7 +120,7 @@ def sweep(config: Optional[str], data: str, eval_data: Optional[str], output_dir
     combos = [list(zip(keys, vals)) for vals in itertools.product(*[v for _, v in grid])]
     for combo in combos:  # validate every combination before running any
         load_config(config, overrides + [f"{k}={v}" for k, v in combo])
-    with du.locked_folder(output_dir):
+    with du.locked_folder(output_dir, "sweep", legacy=sweep_legacy):
         return _run_grid(config, data, eval_data, output_dir, overrides, progress, keys, combos)
 
 
@@ -132,10 +138,10 @@ def _run_grid(config, data, eval_data, output_dir: Path, overrides, progress, ke
             res = pretrain(cfg, run_dir, progress=progress)
             if res.interrupted_by:
                 raise KeyboardInterrupt
-            done.write_text(json.dumps({"step": res.step}) + "\n")
+            write_atomic(done, json.dumps({"step": res.step}) + "\n")
         rows.append({**dict(combo), **summarize_run(run_dir)})
-    (output_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (output_dir / "summary.md").write_text(_table(rows, keys))
+    write_atomic(output_dir / "summary.json", json.dumps(rows, indent=2) + "\n")
+    write_atomic(output_dir / "summary.md", _table(rows, keys))
     return rows
 
 

@@ -112,12 +112,20 @@ def test_export_refuses_a_non_empty_folder_it_did_not_write(folder, tmp_path, ca
 
 
 def test_partial_shard_output_is_refused_and_shard_cleans_it(folder, tmp_path, capsys):
-    out = _shards(folder, tmp_path / "shards")
-    # what a killed `mocov3 shard` leaves: its marker, finished shards, one .part, no index
-    (out / "index.json").unlink()
-    last = sorted(out.glob("shard-*.tar"))[-1]
-    last.rename(last.with_name(last.name + ".part"))
-    (out / ".mocov3-shard-partial").write_text("{}")
+    from mocov3.data.shards import write_shards
+
+    # what a killed `mocov3 shard` leaves: its marker (listing each file before it was made), finished shards,
+    # one .part, no index
+    out = tmp_path / "shards"
+
+    def killed_after(n):
+        for i in range(n):
+            yield bytes([i % 256]) * 3000, "jpg", 0
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(killed_after(5), ["a"], "test", out, 4000)
+    assert len(list(out.glob("shard-*.tar"))) == 4 and len(list(out.glob("*.part"))) == 1
     before = _files(out)
     capsys.readouterr()
     assert pretrain_tiny(out, tmp_path / "run", "train.max_steps=1") == 2
@@ -132,6 +140,16 @@ def test_partial_shard_output_is_refused_and_shard_cleans_it(folder, tmp_path, c
     other.mkdir()
     (other / "shard-000000.tar").write_bytes(b"someone's")
     assert main(["shard", str(folder), str(other)]) == 2 and (other / "shard-000000.tar").read_bytes() == b"someone's"
+    # ... also beside a partial marker: only the files the marker lists are the converter's to remove
+    (other / ".mocov3-shard-partial").write_text("{}\n")
+    capsys.readouterr()
+    assert main(["shard", str(folder), str(other)]) == 2 and (other / "shard-000000.tar").read_bytes() == b"someone's"
+    assert "not empty" in _err(capsys)
+    # a file of the user's named like the index's temporary file is never written over (nothing is, here)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.json.tmp").write_text("my notes")
+    assert main(["shard", str(folder), str(mine)]) == 2 and (mine / "index.json.tmp").read_text() == "my notes"
 
 
 def test_a_truncated_shard_without_an_index_is_an_error_not_fewer_samples(folder, tmp_path, capsys):

@@ -149,8 +149,20 @@ def test_a_resume_with_another_batch_size_is_refused_unless_allowed(pretrained, 
 def test_another_trainers_folder_is_refused(pretrained, folder, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_cmd("finetune", pretrained, folder, out, "train.max_steps=1")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert main(_cmd("linear", pretrained, folder, out)) == 2
-    assert "is a finetune checkpoint" in capsys.readouterr().err
+    assert "is a mocov3 finetune folder, not a linear one" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # an older mocov3's folder (no marker) is recognized by its checkpoint and the task config.yaml records:
+    # the fine-tuning resumes there (the folder left unmarked), a probe is refused
+    (out / ".mocov3-finetune").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(_cmd("linear", pretrained, folder, out)) == 2
+    assert "was not made by mocov3 linear" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(_cmd("finetune", pretrained, folder, out, "train.max_steps=2")) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (out / ".mocov3-finetune").exists()
 
 
 @pytest.mark.parametrize("task", ["pretrain", "finetune"])

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime import DataError, first_line
-from .cache import default_cache_dir, mark_cache, resolve_cache_dir  # noqa: F401 - re-exported
+from .cache import default_cache_dir, mark_cache, record_entry, resolve_cache_dir  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def download_cifar(name: str, cache_dir: Path) -> Path:
             os.unlink(tmp)
             raise DataError(f"checksum mismatch for {name} from {url}: md5 {got}, expected {md5}")
         os.replace(tmp, archive)
+        record_entry(cache_dir, archive.name)
     part = dest.with_name(dest.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
     try:
@@ -154,6 +155,7 @@ def download_cifar(name: str, cache_dir: Path) -> Path:
         raise
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(part, dest)
+    record_entry(cache_dir, dest.name)
     return folder
 
 

@@ -25,7 +25,7 @@ from .augment import eval_transform
 from .files import IMG_EXTENSIONS, _read_bytes, decode_center_crop, decode_crops, decode_rgb, load_rgb, scan_folder  # noqa: F401
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 from . import hf
-from .cache import mark_cache, resolve_cache_dir
+from .cache import mark_cache, record_entry, resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
 
@@ -212,6 +212,12 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
             log.info("loaded %d decoded images of %s from cache %s", len(blob["labels"]), root, cache_file)
             return ImageData(str(root), blob["labels"], classes, images=blob["images"],
                              skipped=[paths[i] for i in blob["bad"].tolist()], fingerprint=fp)
+        if use_cache:
+            try:
+                mark_cache(cache_dir)  # a cache folder that is not mocov3's is refused before the decoding
+            except OSError as e:  # an unwritable cache: the run goes on without it
+                log.warning("cannot use the decode cache %s (%s)", cache_dir, first_line(e))
+                use_cache = False
         log.info("decoding %d images of %s into memory", len(paths), root)
         arr, keep, bad = _decode_all(paths)
         if arr is not None:
@@ -223,10 +229,10 @@ def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = Tr
             if use_cache:
                 tmp = cache_file.with_suffix(".tmp")
                 try:
-                    mark_cache(cache_dir)
                     cache_file.parent.mkdir(parents=True, exist_ok=True)
                     torch.save({"images": images, "labels": lab, "bad": bad_idx}, tmp)
                     tmp.replace(cache_file)
+                    record_entry(cache_dir, f"decoded/{cache_file.name}")
                     log.info("decoded images cached in %s (%.0f MB; `mocov3 cache --clear decoded` removes them)",
                              cache_file, cache_file.stat().st_size / 1e6)
                 except (OSError, RuntimeError) as e:

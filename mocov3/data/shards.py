@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import DataError, Stream, first_line, seed_for
+from ..folders import write_atomic
+from ..runtime import DataError, Stream, first_line, read_text, seed_for
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
@@ -123,10 +124,22 @@ def parse_size(text: str) -> int:
 PARTIAL = ".mocov3-shard-partial"
 
 
+def _partial_files(out: Path) -> list[str]:
+    """The files an interrupted ``mocov3 shard`` recorded in :data:`PARTIAL` before creating each (names only,
+    checked to be its own kind of name)."""
+    try:
+        lines = read_text(out / PARTIAL, "shard marker", limit=64 << 20).splitlines()[1:]
+    except DataError:
+        return []
+    return [n for n in lines if re.fullmatch(r"shard-\d{6}\.tar(\.part)?", n)]
+
+
 def _clean_partial(out: Path) -> None:
-    """Remove what an interrupted ``mocov3 shard`` wrote into ``out`` (it left :data:`PARTIAL` there)."""
-    mine = sorted(out.glob("shard-*.tar")) + sorted(out.glob("shard-*.tar.part"))
-    log.warning("%s holds the partial output of an interrupted `mocov3 shard` (%d files): removing it and "
+    """Remove what an interrupted ``mocov3 shard`` wrote into ``out``: only the files its :data:`PARTIAL`
+    marker lists (a file the user put there since is never touched)."""
+    mine = [out / n for n in _partial_files(out)]
+    mine = [f for f in mine if f.is_file() and not f.is_symlink()]
+    log.warning("%s holds the partial output of an interrupted `mocov3 shard` (%d files): removing them and "
                 "starting again", out, len(mine))
     for f in mine:
         f.unlink()
@@ -137,15 +150,32 @@ def write_shards(samples, classes: list[str], source: str, out: Path, shard_size
     """Write ``samples`` (``(encoded bytes, extension, label)``, in the order they come) into tar shards of about
     ``shard_size`` bytes + ``index.json`` in ``out``; returns the index. ``mocov3 shard`` gets its samples from
     :func:`mocov3.data.sources.shard_samples` (any source, shuffled once).
-    A folder that holds the partial output of an interrupted conversion (its :data:`PARTIAL` marker) is
-    cleaned first; a folder that holds other shards is refused."""
+
+    ``out`` must be absent or empty (:mod:`mocov3.folders`): the :data:`PARTIAL` marker is written only there,
+    and lists each file before it is created, so a folder left by an interrupted conversion is cleaned of
+    exactly those files; anything else in it is refused, never removed."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"shard folder {out} is a file; choose an absent or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / PARTIAL).is_file() and not (out / INDEX_NAME).exists():
-        _clean_partial(out)
-    if (out / INDEX_NAME).exists() or list(out.glob("shard-*.tar")) or list(out.glob("shard-*.tar.part")):
+    if (out / INDEX_NAME).exists() and not (out / PARTIAL).exists():
         raise DataError(f"{out} already holds shards; choose an empty folder")
-    (out / PARTIAL).write_text(json.dumps({"source": source, "seed": seed}) + "\n")
+    if (out / PARTIAL).is_file() and not (out / PARTIAL).is_symlink():
+        _clean_partial(out)
+    rest = sorted(p.name for p in out.iterdir())
+    if rest:
+        raise DataError(f"shard folder {out} is not empty and was not made by mocov3 shard (it holds {rest[0]!r}"
+                        f"{f' and {len(rest) - 1} more' if len(rest) > 1 else ''}); nothing was written: choose "
+                        f"an absent or empty folder")
+    marker = open(out / PARTIAL, "x")  # O_EXCL: never through a link, never over a file
+    marker.write(json.dumps({"source": source, "seed": seed}) + "\n")
+    marker.flush()
+
+    def record(name: str) -> None:
+        marker.write(name + "\n")
+        marker.flush()
+        os.fsync(marker.fileno())
+
     shards, cur, cur_bytes, cur_labels, key = [], None, 0, [], 0
 
     def close():
@@ -153,6 +183,7 @@ def write_shards(samples, classes: list[str], source: str, out: Path, shard_size
         if cur is not None:
             cur.close()
             name = f"shard-{len(shards):06d}.tar"
+            record(name)
             os.replace(out / (name + ".part"), out / name)
             shards.append({"name": name, "count": len(cur_labels), "bytes": (out / name).stat().st_size,
                            "labels": list(cur_labels)})
@@ -161,7 +192,8 @@ def write_shards(samples, classes: list[str], source: str, out: Path, shard_size
     for data, ext, label in samples:
         if cur is None or cur_bytes + len(data) > shard_size and cur_labels:
             close()
-            cur = tarfile.open(out / f"shard-{len(shards):06d}.tar.part", "w", format=tarfile.USTAR_FORMAT)
+            record(f"shard-{len(shards):06d}.tar.part")
+            cur = tarfile.open(out / f"shard-{len(shards):06d}.tar.part", "x", format=tarfile.USTAR_FORMAT)
             cur_bytes, cur_labels = 0, []
         entries = ((ext, data), ("cls", str(label).encode())) if label != UNLABELLED else ((ext, data),)
         for suffix, payload in entries:
@@ -174,9 +206,8 @@ def write_shards(samples, classes: list[str], source: str, out: Path, shard_size
     close()
     index = {"format": FORMAT, "classes": classes, "total": key, "source": source, "seed": seed,
              "shards": shards}
-    tmp = out / (INDEX_NAME + ".tmp")
-    tmp.write_text(json.dumps(index) + "\n")
-    os.replace(tmp, out / INDEX_NAME)  # the index appears whole, and only once every shard is complete
+    write_atomic(out / INDEX_NAME, json.dumps(index) + "\n")  # whole, and only once every shard is complete
+    marker.close()
     (out / PARTIAL).unlink()
     return index
 
@@ -193,7 +224,9 @@ def expand_braces(spec: str) -> list[str]:
     brace notation. Refused before anything is built when it names more than :data:`MAX_PATTERN_NAMES`."""
     n = 1
     for a, b in _BRACE.findall(spec):
-        n *= max(0, int(b) - int(a) + 1)
+        if int(b) < int(a):
+            raise DataError(f"{spec}: the range {{{a}..{b}}} runs backwards; write {{{b}..{a}}}")
+        n *= int(b) - int(a) + 1
     if n > MAX_PATTERN_NAMES:
         raise DataError(f"{spec}: the pattern names {n} files, more than {MAX_PATTERN_NAMES}; check its ranges")
     return _expand(spec)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .. import distributed as du
 from ..config import Config, load_config, parse_override, save_config
 from ..data.cache import resolve_cache_dir
+from ..folders import run_legacy, write_atomic
 from ..data import sources
 from ..data.datasets import ImageData, require_labels
 from ..methods import build_method
@@ -128,7 +129,7 @@ def run_linear(setup: EvalSetup, fast: bool = False, use_cache: bool = True,
             return {}  # the fast probe is cheap: rank 0 does it alone
         if output_dir is None:
             return _fast_linear(setup, use_cache, before)
-        with du.locked_folder(Path(output_dir)):
+        with du.locked_folder(Path(output_dir), "linear", legacy=run_legacy("linear")):
             out = _fast_linear(setup, use_cache, before)
             save_config(setup.cfg, Path(output_dir) / "config.yaml")
             _write_result(Path(output_dir), out)
@@ -164,7 +165,7 @@ def _full_linear(setup: EvalSetup, output_dir: Path, progress: bool, allow_chang
 
 def _write_result(output_dir: Path, out: dict) -> None:
     if du.is_main() and out:
-        (output_dir / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+        write_atomic(output_dir / "result.json", json.dumps(out, indent=2) + "\n")
 
 
 def run_finetune(setup: EvalSetup, output_dir: Path, from_scratch: bool = False, progress: bool = False,

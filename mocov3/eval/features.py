@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.cache import mark_cache
+from ..data.cache import mark_cache, record_entry
 from ..data.datasets import ImageData, eval_batches
 from ..data.sources import evaluation_order
 from ..runtime import autocast
@@ -66,16 +66,22 @@ def cached_features(backbone: nn.Module, data: ImageData, data_cfg, device: torc
             pass
         log.warning("feature cache %s is corrupt; recomputing it", cache_file)
         Path(cache_file).unlink(missing_ok=True)
+    if cache_file is not None:  # a cache folder that is not mocov3's is refused before the work, not after
+        try:
+            mark_cache(Path(cache_file).parent.parent)  # <cache root>/features/<key>.pt
+        except OSError as e:  # an unwritable cache: the command goes on without it
+            log.warning("cannot use the feature cache %s (%s)", cache_file, e)
+            cache_file = None
     feats, labels = extract_features(backbone, data, data_cfg, device, batch_size, precision, limit,
                                      normalize=False)
     if cache_file is not None:
         path = Path(cache_file)
-        mark_cache(path.parent.parent)  # <cache root>/features/<key>.pt
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:
             torch.save({"features": feats.cpu(), "labels": labels.cpu()}, tmp)
             tmp.replace(path)
+            record_entry(path.parent.parent, f"features/{path.name}")
         except (OSError, RuntimeError) as e:  # a cache is optional: warn and go on
             tmp.unlink(missing_ok=True)
             log.warning("could not write feature cache %s (%s)", path, e)

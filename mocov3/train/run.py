@@ -30,6 +30,7 @@ import yaml
 from .. import cpus
 from .. import distributed as du
 from ..config import Config, to_dict
+from ..folders import run_legacy, write_atomic
 from ..models.factory import backbone_spec, check_fits
 from ..runtime import (CheckpointError, ConfigError, MetricsWriter, StorageError, TrainingError, cpu_has_fast_bf16,
                        first_line, resolve_device, resolve_precision, storage_error)
@@ -196,7 +197,8 @@ class Run:
 
     # -- the folder
     def __enter__(self) -> "Run":
-        self._lock = du.locked_folder(self.folder.path)
+        # a folder is the run's only if a run of this task made it (or an older mocov3's run: its checkpoint)
+        self._lock = du.locked_folder(self.folder.path, self.trainer.task, legacy=run_legacy(self.trainer.task))
         self._lock.__enter__()
         if du.is_main():
             remove_stale_tmp(self.folder.path)
@@ -284,7 +286,7 @@ class Run:
         path = self.folder.path / "config.yaml"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump({**to_dict(self.cfg), "run": self.record()}, sort_keys=False))
+            write_atomic(path, yaml.safe_dump({**to_dict(self.cfg), "run": self.record()}, sort_keys=False))
         except OSError as e:
             raise storage_error("write", path, e) from None
 
