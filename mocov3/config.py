@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from .folders import write_atomic
 from .runtime import ConfigError, read_text
 
 __all__ = ["Config", "ConfigError", "load_config", "save_config", "to_dict", "scaled_lr", "describe_keys",
@@ -579,8 +580,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    from .folders import write_atomic  # (a rename over the file: a symlink there is replaced, not followed)
-
     write_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 

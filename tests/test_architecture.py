@@ -1,6 +1,6 @@
 """The package's import graph is layered and acyclic, with internal imports at module top.
 
-Layers, bottom to top (docs/architecture.md): runtime < config, tracking < distributed < data, models <
+Layers, bottom to top (docs/architecture.md): runtime < folders < config, tracking < distributed < data, models <
 losses < methods < train < eval < pretrain, export < sweep < report < cli, the package's __init__ < __main__.
 A module imports only from lower layers
 or from its own package; two packages of one layer (data, models) do not import each other.
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).parents[1] / "mocov3"
 
 LAYERS = [
-    ["runtime", "version", "cpus"], ["config", "tracking", "commands"], ["distributed"],
+    ["runtime", "version", "cpus"], ["folders"], ["config", "tracking", "commands"], ["distributed"],
     ["data", "models", "reference"],
     ["losses", "schedules"], ["methods"], ["train"],
     ["eval"], ["pretrain", "export", "submit"], ["sweep"], ["report"], ["cli", "__init__"], ["entry"], ["__main__"],
