@@ -315,10 +315,14 @@ def _job_cause(job, e: BaseException) -> str:
 def cmd_shard(args) -> int:
     _setup_logging()
     out, size = Path(args.out), parse_size(args.shard_size)
-    samples, classes, source = shard_samples(args.src, load_config(None, args.overrides).data, args.seed, out)
+    skipped: list = []
+    samples, classes, source = shard_samples(args.src, load_config(None, args.overrides).data, args.seed, out,
+                                             skipped)
     index = write_shards(samples, classes, source, out, size, args.seed)
+    if skipped:
+        log.warning("%d unreadable images were left out of the shards (see the warnings above)", len(skipped))
     _print_json({"output": args.out, "shards": len(index["shards"]), "images": index["total"],
-                 "classes": len(index["classes"])})
+                 "classes": len(index["classes"]), **({"unreadable_images": len(skipped)} if skipped else {})})
     return 0
 
 

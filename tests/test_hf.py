@@ -156,3 +156,53 @@ def test_unreadable_rows_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
     assert main(["pretrain", "--data", f"hf:{tmp_path / 'bad'}", "--output-dir", str(tmp_path / "o"), "--no-progress",
                  *TINY, "train.max_steps=1"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unreadable_images"] == 1
+
+
+def test_a_cell_naming_a_file_outside_the_set_is_an_unreadable_image(tmp_path, monkeypatch, capsys):
+    """Issue 32, rule 2: a downloaded set decides what its cells name, so a named file is read only inside the
+    set's own folder (or the caches), and only a regular file: a secret of the user's, a path escaping with
+    ``..``, a FIFO (which would block) and a device are unreadable images, counted; a file inside the set is read."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _offline(monkeypatch)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hfcache", raising=False)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"TOP SECRET")
+    repo = tmp_path / "work" / "set"
+    (repo / "data").mkdir(parents=True)
+    (repo / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    _image(0, rng).save(repo / "imgs" / "ok.png")
+    os.mkfifo(repo / "imgs" / "pipe.png")
+    buf = io.BytesIO()
+    _image(1, rng).save(buf, format="PNG")
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["r", "g"])})
+    template = tmp_path / "template.parquet"
+    datasets.Dataset.from_dict({"image": [{"bytes": buf.getvalue(), "path": None}], "label": [0]},
+                               features=feats).to_parquet(str(template))
+    cells = [{"bytes": buf.getvalue(), "path": None}] * 4 + [
+        {"bytes": None, "path": "imgs/ok.png"},          # inside the set: read
+        {"bytes": None, "path": str(secret)},            # the user's file, named absolutely
+        {"bytes": None, "path": "../../secret.txt"},     # ... or relatively, escaping the set
+        {"bytes": None, "path": "imgs/pipe.png"},        # a FIFO inside the set: would block a reader
+        {"bytes": None, "path": "/dev/zero"}]            # a device: would fill the memory
+    table = pa.table({"image": cells, "label": [0, 1] * 4 + [0]}, schema=pq.read_schema(template))
+    pq.write_table(table, repo / "data" / "train-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path / "work")  # a relative name resolves against the set, never the working folder
+    out = tmp_path / "shards"
+    assert main(["shard", f"hf:{repo}", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["images"] == 5 and info["unreadable_images"] == 4
+    for sh in json.loads((out / "index.json").read_text())["shards"]:
+        assert b"TOP SECRET" not in (out / sh["name"]).read_bytes()
+    # training reads the same rows: the four are unreadable images, counted
+    assert main(["pretrain", "--data", f"hf:{repo}", "--output-dir", str(tmp_path / "o"), "--no-progress", *TINY,
+                 "train.max_steps=1", "batch_size=4"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unreadable_images"] == 4
+    # streamed row by row (the workers' path): the same four, each replaced by the next readable row
+    assert main(["pretrain", "--data", f"hf:{repo}", "--output-dir", str(tmp_path / "s"), "--no-progress", *TINY,
+                 "train.max_steps=2", "batch_size=4", "data.in_memory=no"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["unreadable_images"] >= 1

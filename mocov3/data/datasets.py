@@ -7,6 +7,7 @@ Labels are only used for evaluation.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -149,7 +150,7 @@ def _image_size(paths: list[str]) -> tuple[int, int]:
     """Width and height of the first readable image (unreadable ones are skipped later, and counted)."""
     for p in paths[:1000]:
         try:
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(_read_bytes(p))) as im:  # a regular file of bounded size only
                 return im.size
         except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt file
             log.warning("skipping unreadable image %s (%s)", p, type(e).__name__)

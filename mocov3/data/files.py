@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import random
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -68,7 +69,7 @@ def scan_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
 
 def load_rgb(src) -> Image.Image:
     """An image as RGB: ``src`` is a path or the encoded bytes."""
-    with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+    with Image.open(io.BytesIO(_read_bytes(src))) as im:
         return im.convert("RGB")
 
 
@@ -80,14 +81,40 @@ except ImportError:  # pragma: no cover - exercised by forcing the fallback in t
 JPEG_MAGIC = b"\xff\xd8"
 
 
+#: The largest encoded image read (a file beyond it is unreadable, not a reason to fill the memory).
+MAX_IMAGE_BYTES = 256 << 20
+
+
+def read_image_file(path) -> bytes:
+    """The bytes of an image file: only a regular file (a FIFO, a device such as /dev/zero, a folder is refused
+    without blocking) of at most :data:`MAX_IMAGE_BYTES`; anything else raises :class:`DataError`, which the
+    readers count as an unreadable image."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
+    except OSError as e:
+        raise DataError(f"cannot open {path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise DataError(f"{path} is not a regular file")
+        if st.st_size > MAX_IMAGE_BYTES:
+            raise DataError(f"{path} holds {st.st_size} bytes, more than an image may ({MAX_IMAGE_BYTES})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_IMAGE_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > MAX_IMAGE_BYTES:
+        raise DataError(f"{path} grew beyond {MAX_IMAGE_BYTES} bytes while it was read")
+    return data
+
+
 def _read_bytes(src) -> bytes:
     """The encoded file: ``src`` is a path, a binary file object or the bytes themselves."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
     if hasattr(src, "read"):
-        return src.read()
-    with open(src, "rb") as f:
-        return f.read()
+        return src.read(MAX_IMAGE_BYTES + 1)
+    return read_image_file(src)
 
 
 #: libjpeg-turbo colour spaces simplejpeg decodes to RGB itself (CMYK / YCCK: Pillow converts them properly).

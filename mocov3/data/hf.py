@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..runtime import DataError, first_line
+from .files import read_image_file
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ def open_split(spec: str, default_split: str):
         if split not in ds:
             raise DataError(f"{spec}: no split {split!r} (it has {', '.join(ds)}); name one as hf:{name}:SPLIT")
         ds = ds[split]
+    # where its cells' file names may lead (read by Rows: the set's own folder and the caches, nothing else)
+    ds._mocov3_base = str(local.resolve()) if local.is_dir() else None
+    ds._mocov3_roots = set_roots(ds, local.resolve() if local.is_dir() else None)
     return ds
 
 
@@ -105,15 +110,51 @@ def labels(ds, label_column: Optional[str]) -> np.ndarray:
     return np.asarray(ds.with_format("numpy")[label_column], np.int64)
 
 
-def _cell_bytes(cell, image_column: str) -> tuple[bytes, str]:
-    """(encoded bytes, file name or "") of an undecoded ``Image`` cell: embedded bytes, or the file it names."""
-    cell = cell or {}
+def set_roots(ds, local: Optional[Path]) -> tuple[str, ...]:
+    """The folders a set's image paths may name: the set's own folder (``hf:/path``), the folders of its Arrow
+    files, and the Hugging Face caches (where the Hub's files are downloaded). Resolved, links followed."""
+    roots = [local] if local is not None else []
+    roots += [Path(f["filename"]).parent for f in getattr(ds, "cache_files", []) or [] if "filename" in f]
+    try:
+        import datasets.config as dc
+
+        roots.append(Path(dc.HF_DATASETS_CACHE))
+        roots.append(Path(dc.HF_CACHE_HOME) if hasattr(dc, "HF_CACHE_HOME") else None)
+    except ImportError:  # pragma: no cover - datasets is what opened the set
+        pass
+    try:
+        from huggingface_hub import constants as hc
+
+        roots.append(Path(hc.HF_HUB_CACHE))
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(sorted({os.path.realpath(r) for r in roots if r is not None}))
+
+
+def _inside(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def _cell_bytes(cell, image_column: str, roots: tuple[str, ...] = (), base: Optional[str] = None) -> tuple[bytes, str]:
+    """(encoded bytes, file name or "") of an undecoded ``Image`` cell: embedded bytes, or the file it names.
+
+    A downloaded set decides which files its cells name, so a named file is read only if it resolves (links
+    followed) inside ``roots`` (:func:`set_roots`; a relative name against ``base``, the set's folder, never the
+    working directory) and is a regular file of bounded size (:func:`~.files.read_image_file`); anything else is
+    a :class:`DataError`, which the readers count as an unreadable image."""
+    cell = cell if isinstance(cell, dict) else {}
     data, path = cell.get("bytes"), cell.get("path") or ""
     if data is None and path:
-        data = Path(path).read_bytes()
-    if data is None:
+        if not isinstance(path, str):
+            raise DataError(f"a row of column {image_column!r} names no file")
+        full = path if os.path.isabs(path) else os.path.join(base, path) if base else ""
+        real = os.path.realpath(full) if full else ""
+        if not real or not _inside(real, roots):
+            raise DataError(f"a row of column {image_column!r} names {path!r}, outside the dataset's folder")
+        data = read_image_file(real)
+    if not isinstance(data, (bytes, bytearray)):
         raise DataError(f"a row of column {image_column!r} holds no image")
-    return data, path
+    return bytes(data), path
 
 
 class Rows:
@@ -128,13 +169,15 @@ class Rows:
     def __init__(self, ds, image_column: str):
         datasets = _datasets()
         self.column = image_column
+        self.roots = getattr(ds, "_mocov3_roots", None) or set_roots(ds, None)
+        self.base = getattr(ds, "_mocov3_base", None)
         self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, j) -> bytes:
-        return _cell_bytes(self.ds[int(j)][self.column], self.column)[0]
+        return _cell_bytes(self.ds[int(j)][self.column], self.column, self.roots, self.base)[0]
 
     def describe(self, j) -> str:
         return f"row {int(j)}"
@@ -154,8 +197,9 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
     images, kept, bad, size = None, [], [], None
     rows, all_labels = Rows(ds, image_column), labels(ds, label_column)
     for i in range(n):
-        data, label = rows[i], int(all_labels[i])
+        label = int(all_labels[i])
         try:
+            data = rows[i]  # a cell naming a file outside the set is an unreadable image like a corrupt one
             with Image.open(io.BytesIO(data)) as im:
                 arr = np.asarray(im.convert("RGB"))
         except Exception as e:  # noqa: BLE001 - any decode failure means a corrupt image

@@ -25,9 +25,9 @@ from typing import Iterator, Optional
 import torch
 from PIL import Image
 
-from ..runtime import DataError, Stream, seed_for
-
+from ..runtime import DataError, Stream, first_line, seed_for
 from .datasets import ImageData, TrainBatches, data_identity, labelled_batches, load_dataset, require_labels
+from .files import read_image_file
 from .gpu_decode import wants_gpu_decode
 from .shards import ShardTrainBatches, _join, _samples
 
@@ -104,12 +104,15 @@ def _extension(data: bytes) -> str:
         return "jpg"
 
 
-def shard_samples(spec: str, data_cfg, seed: int, out: Path) -> tuple[Iterator, list[str], str]:
+def shard_samples(spec: str, data_cfg, seed: int, out: Path, skipped: Optional[list] = None,
+                  ) -> tuple[Iterator, list[str], str]:
     """(samples ``(encoded bytes, extension, label)``, class names, the source's name) of any set, for
     :func:`~.shards.write_shards`: files and Hugging Face rows are copied as they are (never decoded) in an
     order shuffled once from ``seed``; shards (local or at a URL) are streamed in an order of shards shuffled
     from ``seed``, each shard's samples in their stored order (already shuffled when it was written); sets
-    held only in memory (CIFAR) are encoded as PNG (lossless)."""
+    held only in memory (CIFAR) are encoded as PNG (lossless). A file or row that cannot be read (a file that is
+    not a regular one, too large, or a row naming a file outside its set) is left out and appended to
+    ``skipped`` (its description), as the readers would count it."""
     local = Path(spec).expanduser()
     if local.is_dir() and (out.resolve() == local.resolve() or local.resolve() in out.resolve().parents):
         raise DataError(f"the shard folder {out} lies inside the source folder {local}: it would be read as a class; "
@@ -141,10 +144,21 @@ def shard_samples(spec: str, data_cfg, seed: int, out: Path) -> tuple[Iterator, 
     def read(i):
         blob = data.paths[i]
         if isinstance(blob, str):  # a file: its bytes and its own extension
-            return Path(blob).read_bytes(), Path(blob).suffix.lower().lstrip(".") or "jpg"
+            return read_image_file(blob), Path(blob).suffix.lower().lstrip(".") or "jpg"
         return blob, _extension(blob)
 
-    return ((*read(i), labels[i]) for i in order), list(data.classes), name
+    def stream():
+        for i in order:
+            try:
+                blob, ext = read(i)
+            except DataError as e:
+                log.warning("skipping unreadable image %s of %s (%s)", data.describe(i), data.name, first_line(e))
+                if skipped is not None:
+                    skipped.append(data.describe(i))
+                continue
+            yield blob, ext, labels[i]
+
+    return stream(), list(data.classes), name
 
 
 __all__ = ["open_set", "subset_order", "train_batches", "supervised_batches", "evaluation_order", "identity",
