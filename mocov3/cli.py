@@ -23,7 +23,7 @@ from .methods import METHODS
 from .pretrain import pretrain, resolve_config
 from .report import make_report
 from .folders import claim, run_legacy
-from .runtime import ConfigError, MocoError, cpu_auto_precision, first_line, launch_rank
+from .runtime import ConfigError, MocoError, cpu_auto_precision, error_message, first_line, launch_rank
 from .submit import submit
 from .sweep import sweep, sweep_legacy
 
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             du.shutdown()
         return rc
     except (MocoError, NotImplementedError) as e:
-        print(f"mocov3 {args.command}: error: {e}", file=sys.stderr)
+        print(f"mocov3 {args.command}: error: {error_message(e)}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
     except OSError as e:  # the environment (permissions, a file where a folder should be, disk full)
         where = f": {e.filename}" if e.filename else ""

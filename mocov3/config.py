@@ -148,6 +148,9 @@ class DataConfig:
         "auto", "where streamed training JPEGs are decoded (pretraining, fine-tuning, full probe): cpu = by the "
                 "workers; gpu = by nvJPEG in the training process (needs CUDA and torchvision; workers only read "
                 "bytes); auto = gpu when both are there")
+    remote_timeout: float = _f(180.0, "shards at a URL: seconds a read may go without progress (stalls and "
+                                      "refused connections are tried again within it), then a one-line error",
+                               ge=1, le=86400)
     cache_dir: Optional[str] = _f(None, "download / decode cache (default $MOCOV3_CACHE or ~/.cache/mocov3)")
     image_column: str = _f("", "Hugging Face datasets (hf:NAME): the image column; empty = the one Image column")
     label_column: str = _f("", "Hugging Face datasets (hf:NAME): the label column; empty = the one ClassLabel column")

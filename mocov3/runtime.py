@@ -62,6 +62,22 @@ def root_cause(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_line(e)}"
 
 
+def error_message(e: BaseException) -> str:
+    """The message a user sees: an error raised in a DataLoader worker comes back to the main process as
+    "Caught DataError in DataLoader worker process 0." plus the worker's traceback; its own message is the last
+    line of that traceback (the rest stays out of the one-line error)."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    name = type(e).__name__
+    for line in reversed(lines):
+        head, sep, rest = line.partition(": ")
+        if sep and head.split(".")[-1] == name:
+            return rest.strip() + " (in a data worker)"
+    return lines[0]
+
+
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name when the message is empty)."""
     text = str(e).strip()

@@ -167,15 +167,17 @@ def test_a_truncated_shard_without_an_index_is_an_error_not_fewer_samples(folder
         assert "truncated" in _err(capsys)
 
 
-def test_a_count_larger_than_the_shard_is_an_error_naming_it(folder, tmp_path, capsys):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_count_larger_than_the_shard_is_an_error_naming_it(folder, tmp_path, capsys, workers):
+    """... in the training process or in a data worker (whose traceback stays out: one line, issue 32 rule 6)."""
     out = _shards(folder, tmp_path / "shards", "1MB")
     index = json.loads((out / "index.json").read_text())
     index["shards"][0]["count"] += 5
     index["shards"][0]["labels"] += [0] * 5
     index["total"] += 5
     (out / "index.json").write_text(json.dumps(index))
-    assert pretrain_tiny(out, tmp_path / "run", "data.num_workers=0", "epochs=1", "batch_size=11") == 2  # reads all 77
-    line = _err(capsys)
+    assert pretrain_tiny(out, tmp_path / "run", f"data.num_workers={workers}", "epochs=1", "batch_size=11") == 2
+    line = _err(capsys)  # (all 77 are read)
     assert "shard-000000.tar holds 72 samples, its index says 77" in line
 
 

@@ -26,6 +26,7 @@ from .augment import eval_transform
 from .files import IMG_EXTENSIONS, _read_bytes, decode_center_crop, decode_crops, decode_rgb, load_rgb, scan_folder  # noqa: F401
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
 from . import hf
+from . import remote
 from .cache import mark_cache, record_entry, resolve_cache_dir
 from .cifar import CIFAR, load_cifar
 from .shards import ShardLabelledBatches, is_shard_spec, read_index, shard_eval_batches
@@ -183,6 +184,7 @@ def require_labels(data: ImageData, why: str) -> None:
 def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:
     """Resolve a data spec into an :class:`ImageData` (see module docstring). ``use_cache=False`` neither
     reads nor writes the decode cache."""
+    remote.set_timeout(data_cfg.remote_timeout)  # every remote read of this process and its workers
     cache_dir = resolve_cache_dir(data_cfg)
     if is_shard_spec(spec):
         root, index = read_index(spec)

@@ -22,7 +22,6 @@ import os
 import random
 import re
 import tarfile
-import time
 import types
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import torch
 
 from ..folders import write_atomic
 from ..runtime import DataError, Stream, first_line, read_text, seed_for
+from . import remote
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops
 from .gpu_decode import collate_planned, labels_of, make_cropper, plan_crops
@@ -43,11 +43,6 @@ FORMAT = "mocov3-shards/1"
 #: larger than any photograph is a damaged or hostile tar header, not a sample to hold in memory).
 MAX_INDEX_BYTES = 256 << 20
 MAX_ENTRY_BYTES = 256 << 20
-
-#: Attempts of a remote read (a shard, the index) before its error is final; the waits between them, seconds.
-REMOTE_ATTEMPTS = 4
-REMOTE_BACKOFF = 0.5
-
 
 def is_remote(spec) -> bool:
     """A URL that fsspec opens (``https://``, ``s3://``, ``gs://``, ...), not a local path."""
@@ -67,35 +62,14 @@ def _fsspec():
     return fsspec
 
 
-def _remote_retry(what: str, fn):
-    """``fn()``, tried :data:`REMOTE_ATTEMPTS` times on a transient read error (network, server), then a
-    one-line :class:`DataError` naming ``what``."""
-    last = None
-    for attempt in range(REMOTE_ATTEMPTS):
-        try:
-            return fn()
-        except DataError:
-            raise
-        except ImportError as e:
-            raise DataError(f"cannot read {what}: {first_line(e)} (pip install 'mocov3[remote]')") from None
-        except FileNotFoundError:  # fsspec's HTTP also says so of a server it cannot reach
-            raise DataError(f"cannot read {what}: not found, or the server is unreachable") from None
-        except Exception as e:  # noqa: BLE001 - aiohttp, botocore ... errors have no common base
-            last = e
-            if attempt + 1 < REMOTE_ATTEMPTS:
-                log.warning("reading %s failed (%s); trying again", what, first_line(e))
-                time.sleep(REMOTE_BACKOFF * 2 ** attempt)
-    raise DataError(f"cannot read {what} after {REMOTE_ATTEMPTS} attempts: {first_line(last)}")
-
-
 def _read_remote(url: str) -> bytes:
-    fsspec = _fsspec()
+    _fsspec()
 
     def read():
-        with fsspec.open(url, "rb") as f:
+        with remote.open_url(url, "rb") as f:
             return f.read(MAX_INDEX_BYTES + 1)
 
-    data = _remote_retry(url, read)
+    data = remote.retry(url, read)
     if len(data) > MAX_INDEX_BYTES:
         raise DataError(f"{url} is larger than an index can be ({MAX_INDEX_BYTES} bytes)")
     return data
@@ -345,10 +319,11 @@ def _read_remote_index(spec: str) -> tuple[str, dict]:
         if unknown:
             raise DataError(f"{url} does not list {unknown[0]}")
         index = {**index, "shards": [by_name[n] for n in names], "total": sum(by_name[n]["count"] for n in names)}
-    fs, _ = _fsspec().core.url_to_fs(root)
+    _fsspec()
+    fs, _ = remote.url_to_fs(root)
     for sh in index["shards"]:
         where = _join(root, sh["name"])
-        size = _remote_retry(where, lambda where=where: fs.size(where))
+        size = remote.retry(where, lambda where=where: fs.size(where))
         if size != sh["bytes"]:
             raise DataError(f"shard truncated or changed: {where} ({size} bytes, index says {sh['bytes']})")
     return root, index
@@ -483,7 +458,7 @@ def _samples(path, skip: int = 0):
     """(key, image bytes, label) of one shard's samples in stored order (label :data:`UNLABELLED` without
     ``KEY.cls``), the first ``skip`` samples passed over (their data is seeked over, not read). A URL is
     streamed (fsspec; nothing is downloaded whole) and read again from where it failed on a transient
-    error, :data:`REMOTE_ATTEMPTS` times."""
+    error, within ``data.remote_timeout`` (:mod:`.remote`)."""
     if is_remote(path):
         yield from _remote_samples(path, skip)
         return
@@ -499,14 +474,18 @@ def _samples(path, skip: int = 0):
 
 
 def _remote_samples(url: str, skip: int):
-    fsspec = _fsspec()
-    done, attempt = 0, 0
+    """A remote shard streamed; on a transient failure (a stall past the read timeout, a dropped or refused
+    connection) read again from the start and passed over up to where it stopped, so no sample is repeated or
+    dropped; :mod:`.remote`'s deadline counts from the last sample that arrived."""
+    _fsspec()
+    done = 0
+    deadline = remote.Deadline(f"shard {url}")
     while True:
         try:
             # over HTTP one plain GET streams the shard (block_size=0: no range requests, which some servers
             # lack); the object stores' own readers stream in blocks
             opts = {"block_size": 0} if url.startswith(("http://", "https://")) else {}
-            with fsspec.open(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            with remote.open_url(url, "rb", **opts) as f, tarfile.open(fileobj=f, mode="r|") as tar:
                 for n, (key, entries) in enumerate(_groups(tar, read=True)):
                     if n < skip + done:
                         continue
@@ -514,19 +493,23 @@ def _remote_samples(url: str, skip: int):
                     label = int(raw[:32]) if raw is not None else UNLABELLED
                     image = next(entries[e] for e in IMAGE_EXTS if e in entries)
                     done += 1
+                    deadline.progress()
                     yield key, image, label
             return
+        except DataError:
+            raise
+        except tarfile.ReadError as e:  # a stream cut mid-way reads as a truncated tar: the network, not the file
+            if "unexpected end" not in str(e).lower():
+                raise DataError(f"cannot read shard {url}: {first_line(e)}") from None
+            deadline.failed(e, f" after {done} samples")
         except (tarfile.TarError, ValueError) as e:
             raise DataError(f"cannot read shard {url}: {first_line(e)}") from None
-        except FileNotFoundError:
-            raise DataError(f"shard missing: {url}") from None
         except Exception as e:  # noqa: BLE001 - network errors: read again from the next sample
-            attempt += 1
-            if attempt >= REMOTE_ATTEMPTS:
-                raise DataError(f"cannot read shard {url} after {REMOTE_ATTEMPTS} attempts: {first_line(e)}") \
-                    from None
-            log.warning("reading shard %s failed after %d samples (%s); trying again", url, done, first_line(e))
-            time.sleep(REMOTE_BACKOFF * 2 ** (attempt - 1))
+            if not remote.is_transient(e):
+                if isinstance(e, FileNotFoundError):
+                    raise DataError(f"shard missing: {url}") from None
+                raise DataError(f"cannot read shard {url}: {first_line(e)}") from None
+            deadline.failed(e, f" after {done} samples")
 
 
 def epoch_sequence(index: dict, seed: int, epoch: int) -> list[tuple[int, int]]:
