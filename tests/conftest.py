@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models and tiny image folders made by the tests themselves."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -46,8 +47,16 @@ def folder(tmp_path):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MOCOV3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MOCOV3_REMOTE_TIMEOUT", raising=False)  # set by each data load; one test's stays its own
     torch.manual_seed(0)
     yield
+    # main() logs to the stderr of its test: a later test's log line must not go to that closed stream
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) in (logging.StreamHandler, logging.FileHandler):
+            root.removeHandler(h)
+            if isinstance(h, logging.FileHandler):
+                h.close()
 
 
 def pytest_configure(config):

@@ -119,13 +119,13 @@ def _load_hf(spec: str, data_cfg, split: str) -> ImageData:
     img, lab, classes = hf.columns(ds, data_cfg.image_column, data_cfg.label_column)
     if len(ds) == 0:
         raise DataError(f"{spec} has no rows")
-    y = hf.labels(ds, lab)
+    y, classes = hf.labels(ds, lab, classes, spec)
     # the set's identity: datasets' own fingerprint of its content, the columns read and the labels
     fp = hashlib.sha1(f"{getattr(ds, '_fingerprint', '')}:{len(ds)}:{img}:{lab}".encode() + y.tobytes())
     fp = fp.hexdigest()[:20]
     if data_cfg.in_memory != "no":
         try:
-            x, y_kept, bad = hf.decode_in_memory(ds, img, lab, data_cfg.memory_limit_gb, spec)
+            x, y_kept, bad = hf.decode_in_memory(ds, img, y, data_cfg.memory_limit_gb, spec)
         except hf.NotInMemory as e:
             if data_cfg.in_memory == "yes":
                 raise DataError(f"{e}; cannot hold it in memory (use data.in_memory=auto to stream it)") from None
@@ -175,10 +175,20 @@ def _read_decode_cache(cache_file: Path, n_paths: int) -> Optional[dict]:
 
 
 def require_labels(data: ImageData, why: str) -> None:
-    """A one-line error when ``data`` has no labels (shards without ``KEY.cls``: pretraining only)."""
+    """A one-line error when ``data`` has no labels (shards without ``KEY.cls``: pretraining only), or when one
+    of its samples has none (the Hub's -1) or a class number outside its classes: where labels are used, each
+    must name a class."""
     if not data.classes:
         what = "its shards hold no KEY.cls entries" if data.sharded else "no label column: set data.label_column"
         raise DataError(f"{data.name} has no labels ({what}); {why}")
+    labels = data.labels
+    bad = torch.nonzero((labels < 0) | (labels >= len(data.classes))).flatten()
+    if bad.numel():
+        i = int(bad[0])
+        what = "has no label (-1)" if int(labels[i]) == -1 else f"has label {int(labels[i])}, outside its " \
+                                                                 f"{len(data.classes)} classes"
+        raise DataError(f"{data.name}: {data.describe(i) if data.paths is not None else f'sample {i}'} {what} "
+                        f"({int(bad.numel())} such); {why}")
 
 
 def load_dataset(spec: str, data_cfg, split: str = "train", use_cache: bool = True) -> ImageData:

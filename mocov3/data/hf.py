@@ -82,32 +82,63 @@ def open_split(spec: str, default_split: str):
     return ds
 
 
+#: The most classes a label column may number (a class number beyond it is a damaged or foreign column).
+MAX_CLASSES = 1_000_000
+
+
 def columns(ds, image_column: str = "", label_column: str = "") -> tuple[str, Optional[str], list[str]]:
-    """(image column, label column or None, class names): given, or found by their feature types."""
+    """(image column, label column or None, class names): given, or found by their feature types. A label
+    column is a ``ClassLabel`` (its names) or integers (classes "0" .. the largest, checked by :func:`labels`);
+    any other column (strings, floats, the images) is refused with one line."""
     datasets = _datasets()
     feats = ds.features
     images = [k for k, f in feats.items() if isinstance(f, datasets.Image)]
-    labels = [k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)]
+    labels_ = [k for k, f in feats.items() if isinstance(f, datasets.ClassLabel)]
     img = image_column or (images[0] if len(images) == 1 else "")
     if not img or img not in feats:
         raise DataError(f"which column holds the images? set data.image_column (image columns: {images or 'none'}; "
                         f"columns: {', '.join(feats)})")
-    lab = label_column or (labels[0] if len(labels) == 1 else None)
+    lab = label_column or (labels_[0] if len(labels_) == 1 else None)
     if lab is not None and lab not in feats:
         raise DataError(f"data.label_column {lab!r} is not a column (columns: {', '.join(feats)})")
     if lab is None:
         return img, None, []
     f = feats[lab]
-    classes = list(f.names) if isinstance(f, datasets.ClassLabel) else \
-        [str(i) for i in range(int(max(ds[lab])) + 1)] if len(ds) else []
-    return img, lab, classes
+    if isinstance(f, datasets.ClassLabel):
+        return img, lab, list(f.names)
+    dtype = getattr(f, "dtype", None)
+    if not (isinstance(f, datasets.Value) and isinstance(dtype, str) and dtype.startswith(("int", "uint"))):
+        what = dtype if isinstance(f, datasets.Value) else type(f).__name__
+        raise DataError(f"data.label_column {lab!r} holds {what} values, not class numbers: name a ClassLabel "
+                        f"column or one of integers from 0")
+    return img, lab, None  # numbered classes: their count comes from the values (labels)
 
 
-def labels(ds, label_column: Optional[str]) -> np.ndarray:
-    """Every row's label (one Arrow column read; -1 for a set without labels)."""
+def labels(ds, label_column: Optional[str], classes: Optional[list] = None,
+           spec: str = "") -> tuple[np.ndarray, list[str]]:
+    """(every row's label, the class names), checked when the set is opened: each label in ``[0, classes)``, or
+    -1 (the Hub's "no label"; a set of only -1 is unlabelled, allowed where labels are unused); a column of
+    plain integers numbers its classes 0 .. its largest value (at most :data:`MAX_CLASSES`). One line names the
+    first offending row."""
     if label_column is None:
-        return np.full(len(ds), -1, np.int64)
-    return np.asarray(ds.with_format("numpy")[label_column], np.int64)
+        return np.full(len(ds), -1, np.int64), []
+    y = np.asarray(ds.with_format("numpy")[label_column])
+    if y.dtype.kind not in "iu":
+        raise DataError(f"{spec}: data.label_column {label_column!r} holds {y.dtype} values, not class numbers")
+    y = y.astype(np.int64)
+    if classes is None:  # plain integers: classes 0 .. max, every value a class number
+        bad = np.flatnonzero((y < 0) | (y >= MAX_CLASSES))
+        if bad.size:
+            raise DataError(f"{spec}: row {bad[0]} of column {label_column!r} holds {y[bad[0]]}, not a class number "
+                            f"(0 to {MAX_CLASSES - 1})")
+        classes = [str(i) for i in range(int(y.max()) + 1)] if y.size else []
+    bad = np.flatnonzero((y < -1) | (y >= len(classes)))
+    if bad.size:
+        raise DataError(f"{spec}: row {bad[0]} of column {label_column!r} holds {y[bad[0]]}, outside its "
+                        f"{len(classes)} classes (0 to {len(classes) - 1}, or -1 for no label)")
+    if y.size and (y == -1).all():
+        return y, []  # no row has a label: an unlabelled set
+    return y, list(classes)
 
 
 def set_roots(ds, local: Optional[Path]) -> tuple[str, ...]:
@@ -187,7 +218,7 @@ class NotInMemory(DataError):
     """The set cannot be held decoded in memory (too large, or images of different sizes)."""
 
 
-def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_limit_gb: float,
+def decode_in_memory(ds, image_column: str, all_labels: np.ndarray, memory_limit_gb: float,
                      spec: str) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(images uint8 [N, 3, H, W], labels [N], the rows skipped as unreadable), when the images fit in memory
     and share one size; else :class:`NotInMemory` (the caller streams the set)."""
@@ -195,7 +226,7 @@ def decode_in_memory(ds, image_column: str, label_column: Optional[str], memory_
     if n == 0:
         raise DataError(f"{spec} has no rows")
     images, kept, bad, size = None, [], [], None
-    rows, all_labels = Rows(ds, image_column), labels(ds, label_column)
+    rows = Rows(ds, image_column)
     for i in range(n):
         label = int(all_labels[i])
         try:

@@ -531,9 +531,14 @@ def _range_reader(root: Path, index: dict, seq, start: int, length: int):
         skip = max(0, start - pos)
         take = min(count - skip, length)
         got = 0
+        expected = index["shards"][shard]["labels"]
         for sample in _samples(_join(root, index["shards"][shard]["name"]), skip):
             if got >= take:
                 break
+            if sample[2] != expected[skip + got]:  # the index's labels were checked; a shard must agree
+                where = _join(root, index["shards"][shard]["name"])
+                raise DataError(f"shard {where}: sample {sample[0]} has label {sample[2]}, its index says "
+                                f"{expected[skip + got]}; write the shards again (mocov3 shard)")
             got += 1
             yield sample
         if got < take:  # fewer samples than its index says: never train on part of a set silently
