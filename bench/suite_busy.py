@@ -18,10 +18,12 @@ it and removed at the end unless ``--keep``. The shared folder is ``MOCOV3_SHARE
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from _env import machine_info  # noqa: E402
 
 BUSY = "while True: pass"
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def loadavg() -> list:
@@ -78,7 +87,10 @@ def main() -> int:
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MOCOV3_", "VIRTUAL_ENV", "OMP_"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if ".venv" not in p)
-    competitors = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(args.busy)]
+    # the competitors die with this process however it ends (SIGTERM, SIGKILL: the kernel's parent-death signal)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    competitors = [subprocess.Popen([sys.executable, "-c", BUSY], preexec_fn=_die_with_parent)
+                   for _ in range(args.busy)]
     load_before = loadavg()
     t0 = time.monotonic()
     log_path = work / "ci.log"
