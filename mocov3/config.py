@@ -61,11 +61,11 @@ def ranges() -> dict[str, tuple]:
 @dataclass
 class ModelConfig:
     name: ModelName = _f("vit_small", "backbone")
-    patch_size: int = _f(16, "ViT patch size (pixels)", ge=1)
-    embed_dim: Optional[int] = _f(None, "override the preset's width", ge=1)
-    depth: Optional[int] = _f(None, "override the preset's number of blocks", ge=1)
-    num_heads: Optional[int] = _f(None, "override the preset's number of attention heads", ge=1)
-    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim", gt=0)
+    patch_size: int = _f(16, "ViT patch size (pixels)", ge=1, le=4096)
+    embed_dim: Optional[int] = _f(None, "override the preset's width", ge=1, le=1 << 16)
+    depth: Optional[int] = _f(None, "override the preset's number of blocks", ge=1, le=4096)
+    num_heads: Optional[int] = _f(None, "override the preset's number of attention heads", ge=1, le=4096)
+    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim", gt=0, le=1024)
     pos_embed: Literal["sincos", "learned", "none"] = _f("sincos", "position embedding (§2, §7)")
     sincos_layout: Literal["row_first", "col_first"] = _f(
         "row_first", "sin-cos embedding: row index in the first half (the reference code, §2) or the column "
@@ -93,26 +93,28 @@ class MethodConfig:
     temperature: float = _f(0.2, "softmax temperature tau (MoCo v3: 0.2 ViT / 1.0 ResNet, §1; SimCLR, SwAV: 0.1)", gt=0)
     momentum: float = _f(0.99, "momentum m0 of the key / target encoder EMA (MoCo v3, BYOL; §1)", ge=0, le=1)
     momentum_schedule: Literal["cosine", "constant"] = _f("cosine", "m rises to 1 by half-cosine, or stays")
-    proj_layers: int = _f(3, "projector depth (3 for ViT, 2 for ResNet)", ge=1)
-    proj_hidden_dim: int = _f(4096, "projector hidden width", ge=1)
-    out_dim: int = _f(256, "projector / predictor output width", ge=1)
-    pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)", ge=0)
-    pred_hidden_dim: int = _f(4096, "predictor hidden width", ge=1)
+    proj_layers: int = _f(3, "projector depth (3 for ViT, 2 for ResNet)", ge=1, le=64)
+    proj_hidden_dim: int = _f(4096, "projector hidden width", ge=1, le=1 << 20)
+    out_dim: int = _f(256, "projector / predictor output width", ge=1, le=1 << 20)
+    pred_layers: int = _f(2, "predictor depth (MoCo v3, BYOL); 0 removes the predictor (§7 ablation)", ge=0,
+                         le=64)
+    pred_hidden_dim: int = _f(4096, "predictor hidden width", ge=1, le=1 << 20)
     pred_last_bn: bool = _f(True, "BN at the end of the predictor (ViT: yes; the ResNet recipe has none, §1)")
     head_bn: Optional[bool] = _f(None, "BatchNorm in the MLP heads (§7 ablation); unset = the method's own "
                                        "(yes; DINO: no)")
-    queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off", ge=0)
+    queue_size: int = _f(0, "MoCo v3: key queue (MoCo v2 style) for small batches; SwAV: feature queue; 0 = off", ge=0,
+                        le=1 << 24)
     queue_start_steps: int = _f(0, "SwAV: use the feature queue from this step on", ge=0)
-    num_prototypes: int = _f(3000, "SwAV: number of prototypes", ge=1)
+    num_prototypes: int = _f(3000, "SwAV: number of prototypes", ge=1, le=1 << 20)
     sinkhorn_epsilon: float = _f(0.05, "SwAV: entropy regularization of Sinkhorn-Knopp", gt=0)
-    sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations", ge=1)
+    sinkhorn_iters: int = _f(3, "SwAV: Sinkhorn-Knopp iterations", ge=1, le=10000)
     freeze_prototypes_steps: int = _f(313, "SwAV: prototypes receive no update for the first N steps", ge=0)
     teacher_temperature: float = _f(0.07, "DINO: the teacher's softmax temperature after its warm-up", gt=0)
     warmup_teacher_temperature: float = _f(0.04, "DINO: the teacher's temperature at step 0 (linear warm-up)", gt=0)
     warmup_teacher_temperature_epochs: float = _f(30.0, "DINO: length of the teacher temperature's warm-up", ge=0)
     center_momentum: float = _f(0.9, "DINO: momentum of the center of the teacher's outputs", ge=0, lt=1)
     bottleneck_dim: int = _f(256, "DINO: width of the head's bottleneck before its weight-normalized last layer",
-                             ge=1)
+                             ge=1, le=1 << 20)
     norm_last_layer: bool = _f(True, "DINO: the last layer's weight norm fixed at 1 (more stable, DINO §C)")
     freeze_last_layer_epochs: float = _f(1.0, "DINO: the head's last layer receives no update for these epochs",
                                          ge=0)
@@ -123,7 +125,7 @@ class DataConfig:
     path: Optional[str] = _f(None, "training data (set by --data): image folder or cifar10 / cifar100; recorded "
                                    "so a run folder says what it was trained on")
     eval_path: Optional[str] = _f(None, "labelled test set of the kNN monitor (set by --eval-data), e.g. cifar10:test")
-    image_size: int = _f(224, "training crop size (pixels)", ge=1)
+    image_size: int = _f(224, "training crop size (pixels)", ge=1, le=1 << 15)
     crop_scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop scale range (§3)")
     crop_ratio: tuple[float, float] = _f((0.75, 1.3333333), "RandomResizedCrop aspect-ratio range")
     jitter_prob: tuple[float, float] = _f((0.8, 0.8), "ColorJitter probability for view 1, view 2")
@@ -134,8 +136,9 @@ class DataConfig:
     blur_sigma: tuple[float, float] = _f((0.1, 2.0), "blur sigma range, in pixels of a 224-pixel image")
     solarize_prob: tuple[float, float] = _f((0.0, 0.2), "solarize probability per view")
     flip_prob: float = _f(0.5, "horizontal flip probability", ge=0, le=1)
-    small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)", ge=0)
-    small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)", ge=1)
+    small_crops: int = _f(0, "multi-crop (SwAV): number of extra small views (0 = off)", ge=0, le=64)
+    small_crop_size: int = _f(96, "multi-crop: small view size (pixels; a multiple of the ViT patch)", ge=1,
+                              le=1 << 15)
     small_crop_scale: tuple[float, float] = _f((0.05, 0.14),
                                                "multi-crop: RandomResizedCrop scale range of the small views")
     mean: tuple[float, float, float] = _f((0.485, 0.456, 0.406), "normalization mean")
@@ -143,7 +146,7 @@ class DataConfig:
     eval_crop_ratio: float = _f(0.875, "evaluation: resize to image_size/ratio, center-crop image_size", gt=0, le=1)
     in_memory: Literal["auto", "yes", "no"] = _f("auto", "hold decoded uint8 images on the device")
     memory_limit_gb: float = _f(4.0, "largest decoded dataset held in memory in auto mode", ge=0)
-    num_workers: int = _f(4, "DataLoader workers when streaming", ge=0)
+    num_workers: int = _f(4, "DataLoader workers when streaming", ge=0, le=1024)
     decode: Literal["auto", "cpu", "gpu"] = _f(
         "auto", "where streamed training JPEGs are decoded (pretraining, fine-tuning, full probe): cpu = by the "
                 "workers; gpu = by nvJPEG in the training process (needs CUDA and torchvision; workers only read "
@@ -475,6 +478,10 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = (), ba
     return cfg
 
 
+#: The largest size any numeric key may hold (a key with its own range is bounded tighter).
+MAX_NUMBER = 2 ** 63 - 1
+
+
 def _check_range(key: str, value: float, low, high, low_incl, high_incl) -> None:
     ok_low = low is None or (value >= low if low_incl else value > low)
     ok_high = high is None or (value <= high if high_incl else value < high)
@@ -492,6 +499,16 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, sec), name)
         if isinstance(value, (int, float)):  # not None, not a word such as train.threads=auto
             _check_range(key, value, *rng)
+    # every number has bounds: a key without a declared range still holds a finite value of at most 2**63 - 1
+    for sec in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, sec.name)):
+            value = getattr(getattr(cfg, sec.name), f.name)
+            for v in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    continue
+                if not math.isfinite(v) or abs(v) > MAX_NUMBER:
+                    raise ConfigError(f"{sec.name}.{f.name} = {value!r}: numbers must be finite and at most "
+                                      f"{MAX_NUMBER} in size")
     d, m, o = cfg.data, cfg.method, cfg.optim
     dev = cfg.train.device
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):

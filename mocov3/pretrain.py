@@ -21,6 +21,7 @@ from .data.augment import TwoViewAugment
 from .data.datasets import ImageData, require_labels
 from .eval.monitor import KnnMonitor
 from .methods import build_method, method_class
+from .methods.base import check_memory
 from .runtime import ConfigError, DataError
 from .train.checkpoint import load_checkpoint, load_initial_weights
 from .train.flops import backbone_forward_flops, step_flops_per_image
@@ -77,6 +78,7 @@ def pretrain(cfg: Config, output_dir: Path, resume: Optional[Path] = None, progr
     command line), else refuses it (one line)."""
     if cfg.data.path is None:
         raise DataError("no training data: give --data (or data.path in the recipe)")
+    check_memory(cfg, step=True)  # heads, queue, views and tokens against this machine, before any allocation
     with Run(PRETRAIN, cfg, output_dir, resume, allow_changed, progress) as run:
         data = build_data(cfg, run.rt)
         identity = sources.identity(data.train, cfg.data.path, run.rt.world, cfg.data.num_workers)

@@ -106,7 +106,16 @@ class TrainingTask:
 
 
 def _ignore_usr2() -> None:
+    """The run's child setup: SLURM's USR2 ignored (above), and SIGTERM when the wrapper dies however it dies
+    (the kernel's parent-death signal): the run checkpoints, ends and releases its folder's lock instead of
+    living on as an orphan that holds it."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: the wrapper's own SIGTERM handling still stops the run
+        pass
 
 
 def _wait_pid(pid: int, timeout: float) -> bool:
@@ -139,14 +148,28 @@ def submit(argv: Sequence[str], nodes: int = 1, gpus_per_node: int = 1, partitio
         raise ConfigError("mocov3 submit needs submitit (pip install submitit)") from None
     if not argv or argv[0] not in ("pretrain", "finetune", "linear"):
         raise ConfigError("mocov3 submit -- COMMAND: COMMAND is pretrain, finetune or linear")
-    if nodes < 1 or gpus_per_node < 0:
-        raise ConfigError("--nodes must be >= 1 and --gpus-per-node >= 0")
+    bounds = {"--nodes": (nodes, 1, 100_000), "--gpus-per-node": (gpus_per_node, 0, 64),
+              "--tasks-per-node": (tasks_per_node, 1, 1024), "--cpus-per-task": (cpus_per_task, 1, 4096),
+              "--mem-gb": (mem_gb, 1, 1 << 20), "--signal-delay": (signal_delay_s, 0, 3600),
+              "--max-requeues": (max_requeues, 0, 100_000)}
+    for flag, (value, low, high) in bounds.items():
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"{flag} {value} is out of range ({low} to {high})")
     tasks = tasks_per_node or max(1, gpus_per_node)
     minutes = parse_time(time)
+    if signal_delay_s >= minutes * 60:
+        raise ConfigError(f"--signal-delay {signal_delay_s} s is not shorter than the --time limit ({time}): the "
+                          f"job would be signalled before it starts")
     try:
         if executor == "local":
             if nodes != 1:
                 raise ConfigError("--executor local runs on this machine: --nodes 1")
+            import torch
+
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if gpus_per_node > have:
+                raise ConfigError(f"--gpus-per-node {gpus_per_node}: this machine has {have} GPU(s) (--executor "
+                                  f"local runs here; --gpus-per-node 0 for the CPU)")
             ex = submitit.LocalExecutor(folder=folder)
             ex.update_parameters(timeout_min=minutes, tasks_per_node=tasks, gpus_per_node=gpus_per_node,
                                  signal_delay_s=signal_delay_s)

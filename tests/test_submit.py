@@ -136,3 +136,76 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_run
     assert steps == list(range(1, total + 1))  # resumed: no step twice, none missing
     assert _losses(out) == _losses(ref)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == total
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--tasks-per-node", "-1"], "--tasks-per-node -1 is out of range"),
+    (["--tasks-per-node", "0"], "--tasks-per-node 0 is out of range"),
+    (["--max-requeues", "-1"], "--max-requeues -1 is out of range"),
+    (["--cpus-per-task", "-1"], "--cpus-per-task -1 is out of range"),
+    (["--signal-delay", "99999999"], "--signal-delay 99999999 is out of range"),
+    (["--signal-delay", "600", "--time", "0:05:00"], "not shorter than the --time limit"),
+    (["--gpus-per-node", "2"], "--gpus-per-node 2: this machine has 0 GPU(s)"),
+])
+def test_submit_arguments_are_bounded(tmp_path, capsys, args, says):
+    """Issue 32, rule 5: every ``submit`` argument has bounds, checked before anything is submitted."""
+    from mocov3.cli import main
+
+    if "--gpus-per-node" in args and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cmd = ["submit", "--executor", "local", "--gpus-per-node", "0", "--folder", str(tmp_path / "logs"), *args,
+           "--", "pretrain", "--output-dir", str(tmp_path / "run")]
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert says in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "logs").exists()
+
+
+_WRAPPER = """
+import sys
+from mocov3.submit import TrainingTask
+
+class Task(TrainingTask):
+    def _dist_env(self):  # (outside a job: one process)
+        return {}
+
+Task(sys.argv[1:])()
+"""
+
+
+@pytest.mark.slow
+def test_the_run_dies_with_a_killed_wrapper_and_releases_its_folder(folder, tmp_path):
+    """Issue 32, rule 6: kill -9 of submitit's wrapper used to leave its ``mocov3 pretrain`` child running as an
+    orphan holding the folder's lock; the child now gets SIGTERM from the kernel, checkpoints and ends."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    wrapper = subprocess.Popen([sys.executable, "-c", _WRAPPER, "pretrain", "--data", str(folder), "--output-dir",
+                                str(out), "--no-progress", *TINY, "epochs=5000"], env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while not metrics(out, "loss") if (out / "metrics.jsonl").exists() else True:
+            assert time.monotonic() < deadline and wrapper.poll() is None, "the run did not start"
+            time.sleep(0.5)
+        child = int((out / ".lock").read_text().split()[1])
+        wrapper.kill()
+        wrapper.wait()
+        deadline = time.monotonic() + 120
+        while os.path.exists(f"/proc/{child}") and "zombie" not in _state(child):
+            assert time.monotonic() < deadline, "the run outlived its wrapper"
+            time.sleep(0.2)
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+    # the folder is free: the same run resumes from the checkpoint its SIGTERM wrote
+    from helpers import pretrain_tiny
+
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert pretrain_tiny(folder, out, "epochs=5000", f"train.max_steps={step + 1}") == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == step + 1
+
+
+def _state(pid: int) -> str:
+    try:
+        return {"Z": "zombie"}.get(open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0], "running")
+    except OSError:
+        return "gone"

@@ -7,7 +7,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..runtime import ConfigError
+from ..models.factory import backbone_spec
+from ..models.vit import ViTSpec
+from ..runtime import ConfigError, available_memory
 from ..schedules import Cosine
 
 
@@ -50,6 +52,7 @@ class Method(nn.Module):
         if cfg.train.strategy == "fsdp" and not cls.supports_fsdp:
             raise ConfigError(f"train.strategy=fsdp does not support method={name} (it rewrites its parameters in "
                               f"place); use train.strategy=ddp")
+        check_memory(cfg, step=False)  # what building the method allocates (pretrain() adds its step's views)
 
     def heads(self) -> dict[str, nn.Module]:
         """The online heads by name, input to output."""
@@ -140,3 +143,68 @@ def cross_view_pairs(n_views: int, n_targets: int = 2) -> list[tuple[int, int]]:
     """(query view, target view) pairs of multi-crop: every view against each of the ``n_targets`` global
     views but itself. Two views give [(0, 1), (1, 0)], the symmetrized loss of docs/paper.md §1."""
     return [(v, t) for t in range(n_targets) for v in range(n_views) if v != t]
+
+
+# ------------------------------------------------------------------------------------ memory, before any allocation
+def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> int:
+    """Weights of an MLP of ``layers`` linear layers (0: none)."""
+    if layers <= 0:
+        return 0
+    if layers == 1:
+        return d_in * d_out
+    return d_in * hidden + (layers - 2) * hidden * hidden + hidden * d_out
+
+
+def memory_needs(cfg) -> dict[str, tuple[float, str]]:
+    """Lower bounds, in bytes, of what a pretraining step of ``cfg`` holds, by part: ``{part: (bytes, the keys that
+    size it)}``. Parameters count 16 bytes each (fp32 weight, gradient, two optimizer states; a momentum copy
+    only adds); the views and their tokens count once per process (``WORLD_SIZE`` processes share the batch),
+    one saved activation per block: a real step holds many times more, so what is refused surely cannot run."""
+    import os
+
+    m, d = cfg.method, cfg.data
+    spec = backbone_spec(cfg.model, d.image_size)
+    vit = isinstance(spec, ViTSpec)
+    width = spec.embed_dim if vit else (512 if spec.name == "resnet18" else 2048)
+    out = {}
+    heads = _mlp(width, m.proj_hidden_dim, m.out_dim, m.proj_layers) + _mlp(m.out_dim, m.pred_hidden_dim, m.out_dim,
+                                                                          m.pred_layers)
+    keys = "method.proj_hidden_dim, method.out_dim, method.pred_hidden_dim, method.proj_layers"
+    if m.name == "swav":
+        heads += m.num_prototypes * m.out_dim
+        keys += ", method.num_prototypes"
+    if m.name == "dino":
+        heads += _mlp(width, m.proj_hidden_dim, m.bottleneck_dim, m.proj_layers) + m.bottleneck_dim * m.out_dim
+        keys += ", method.bottleneck_dim"
+    out["heads"] = (16.0 * heads, keys)
+    if m.queue_size:
+        out["queue"] = (4.0 * m.queue_size * m.out_dim * 2, "method.queue_size, method.out_dim")
+    world = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    batch = max(1, cfg.train.batch_size // world)
+    pixels = 2 * 3 * d.image_size ** 2 + d.small_crops * 3 * d.small_crop_size ** 2
+    out["views"] = (4.0 * batch * pixels, "train.batch_size, data.image_size, data.small_crops, data.small_crop_size")
+    if vit:
+        p = spec.patch_size
+        tokens = 2 * (d.image_size // p) ** 2 + d.small_crops * (d.small_crop_size // p) ** 2
+        out["tokens"] = (4.0 * batch * tokens * width * spec.depth,
+                         "train.batch_size, data.image_size, data.small_crops, data.small_crop_size, model.depth")
+    return out
+
+
+def check_memory(cfg, step: bool = True, available: Optional[int] = None) -> None:
+    """Refuse (one line naming the keys) a config that cannot fit this machine's memory: the heads, prototypes
+    and queue are built in host memory whatever the device; with ``step`` (training), the views and their tokens
+    too when the run is on the CPU (on a GPU they live in its memory)."""
+    available = available_memory() if available is None else available
+    if available <= 0:
+        return
+    needs = memory_needs(cfg)
+    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    counted = {k: v for k, v in needs.items() if (step and on_cpu) or k in ("heads", "queue")}
+    total = sum(b for b, _ in counted.values())
+    if total <= available:
+        return
+    part, (big, keys) = max(counted.items(), key=lambda kv: kv[1][0])
+    gb = lambda n: f"{n / 2**30:.3g} GB"  # noqa: E731
+    raise ConfigError(f"this config needs at least {gb(total)} for one step, more than the {gb(available)} of "
+                      f"memory available; most of it ({gb(big)}) is the {part}, sized by {keys}")
