@@ -306,12 +306,46 @@ def test_a_binary_results_file_is_one_line(folder, tmp_path, capsys):
                                           ("image_size=1e9", "data.image_size"),
                                           ("image_size=65536", "data.image_size"),
                                           ("model.depth=1000000", "model.depth"),
-                                          ("model.mlp_ratio=1e9", "model.mlp_ratio")])
+                                          ("model.mlp_ratio=1e9", "model.mlp_ratio"),
+                                          # issue 32, rule 5: the heads, prototypes, queue, crops and counts
+                                          ("method.out_dim=1000000000", "method.out_dim"),
+                                          ("method.bottleneck_dim=1000000000", "method.bottleneck_dim"),
+                                          ("method.proj_hidden_dim=1000000000", "method.proj_hidden_dim"),
+                                          ("method.pred_hidden_dim=1000000000", "method.pred_hidden_dim"),
+                                          ("method.num_prototypes=1000000000", "method.num_prototypes"),
+                                          ("method.queue_size=1000000000000", "method.queue_size"),
+                                          ("method.proj_layers=1000000", "method.proj_layers"),
+                                          ("data.small_crops=1000000", "data.small_crops"),
+                                          ("data.small_crop_size=1000000000", "data.small_crop_size"),
+                                          ("train.threads=1000000", "train.threads"),
+                                          ("optim.base_lr=inf", "optim.base_lr"),
+                                          ("optim.warmup_epochs=1e300", "optim.warmup_epochs"),
+                                          # within each key's bounds, too large together (the estimate)
+                                          ("method.proj_hidden_dim=1048576", "method.proj_hidden_dim"),
+                                          ("method.queue_size=16777216", "method.queue_size"),
+                                          ("batch_size=16777216", "train.batch_size, data.image_size")])
 def test_sizes_beyond_the_machine_are_one_line_naming_the_key(folder, tmp_path, capsys, override, key):
     t0 = time.time()
-    assert pretrain_tiny(folder, tmp_path / "o", override) == 2
+    extra = ["method.out_dim=1048576"] if override.startswith("method.queue_size=16") else []
+    assert pretrain_tiny(folder, tmp_path / "o", override, *extra) == 2
     assert key in _err(capsys) and time.time() - t0 < 20
     assert not (tmp_path / "o" / "config.yaml").exists()
+
+
+def test_the_memory_estimate_is_a_lower_bound_of_a_real_step():
+    """The estimate refuses only what surely cannot run: for the tiny run the tests train, it is below what
+    the step's parameters and inputs really hold."""
+    from mocov3.config import load_config
+    from mocov3.methods import build_method
+    from mocov3.methods.base import memory_needs
+
+    cfg = load_config(None, list(TINY))
+    needs = memory_needs(cfg)
+    method = build_method(cfg)
+    params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    heads = sum(p.numel() for n, p in method.named_parameters() if not n.startswith("backbone") and p.requires_grad)
+    assert 0 < needs["heads"][0] <= 16 * heads <= 16 * params
+    assert needs["views"][0] == 4.0 * 16 * 2 * 3 * 16 * 16  # two 16-pixel views of a batch of 16, fp32
 
 
 def _lying_cifar(root: Path) -> Path:
