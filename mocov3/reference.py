@@ -80,20 +80,51 @@ def _mlp_shape(sd: dict) -> Optional[dict]:
             "last_bn": f"{last + 1}.running_mean" in sd}
 
 
+def _tensor(sd: dict, key: str, ndim: int, path) -> torch.Tensor:
+    """``sd[key]``, a tensor of ``ndim`` dimensions with no empty one, or a one-line :class:`CheckpointError`."""
+    v = sd.get(key)
+    if v is None:
+        raise CheckpointError(f"{path}: no {key} (not a complete ViT of the reference's layout)")
+    if not isinstance(v, torch.Tensor) or v.ndim != ndim or 0 in v.shape:
+        shape = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise CheckpointError(f"{path}: {key} has shape {shape}, expected {ndim} non-empty dimensions")
+    return v
+
+
 def _vit_overrides(sd: dict, path) -> list[str]:
+    """The architecture read from the shapes, every key and shape it reads checked first (a damaged or foreign
+    file is one line naming the key, never a KeyError or IndexError)."""
     if "patch_embed.proj.0.weight" in sd:
         raise CheckpointError(f"{path}: the reference's conv-stem ViTs (vit_conv_*) are not supported: their stem "
                               f"differs from mocov3's model.stem=conv")
-    dim = int(sd["cls_token"].shape[-1])
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    patch = int(sd["patch_embed.proj.weight"].shape[-1])
-    tokens = int(sd["pos_embed"].shape[1]) - 1
-    grid = math.isqrt(tokens)
-    if grid * grid != tokens:
+    cls = _tensor(sd, "cls_token", 3, path)
+    pos = _tensor(sd, "pos_embed", 3, path)
+    proj = _tensor(sd, "patch_embed.proj.weight", 4, path)
+    dim = int(cls.shape[-1])
+    blocks = [k for k in sd if k.startswith("blocks.")]
+    numbers = set()
+    for k in blocks:
+        m = re.fullmatch(r"blocks\.(\d{1,5})\..+", k)
+        if m is None:
+            raise CheckpointError(f"{path}: key {k!r} is not blocks.<number>.<name>")
+        numbers.add(int(m.group(1)))
+    if not numbers:
+        raise CheckpointError(f"{path}: no blocks.* keys (a ViT without blocks)")
+    depth = 1 + max(numbers)
+    if numbers != set(range(depth)):
+        raise CheckpointError(f"{path}: blocks {sorted(set(range(depth)) - numbers)[:3]} are missing")
+    fc1 = _tensor(sd, "blocks.0.mlp.fc1.weight", 2, path)
+    if pos.shape[-1] != dim or proj.shape[0] != dim or fc1.shape[1] != dim:
+        raise CheckpointError(f"{path}: cls_token, pos_embed, patch_embed.proj and blocks.0.mlp.fc1 disagree on the "
+                              f"width ({dim}, {pos.shape[-1]}, {proj.shape[0]}, {fc1.shape[1]})")
+    patch = int(proj.shape[-1])
+    tokens = int(pos.shape[1]) - 1
+    grid = math.isqrt(max(tokens, 0))
+    if tokens < 1 or grid * grid != tokens:
         raise CheckpointError(f"{path}: pos_embed has {tokens} patch positions, not a square grid")
     name = _VIT_BY_WIDTH.get(dim, "vit_base")
     heads = _VIT_WIDTHS[name][1] if dim in _VIT_BY_WIDTH else max(1, dim // 64)
-    ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / dim
+    ratio = fc1.shape[0] / dim
     return [f"model={name}", f"model.embed_dim={dim}", f"model.depth={depth}", f"model.num_heads={heads}",
             f"patch_size={patch}", f"image_size={grid * patch}", f"model.mlp_ratio={ratio:g}",
             "model.pos_embed=sincos", "model.pooling=cls", "method.temperature=0.2"]
@@ -102,7 +133,7 @@ def _vit_overrides(sd: dict, path) -> list[str]:
 def _resnet_overrides(sd: dict, path) -> list[str]:
     if "layer1.0.conv3.weight" not in sd:
         raise CheckpointError(f"{path}: only ResNet-50 is read from the reference's layout (bottleneck blocks)")
-    cifar = sd["conv1.weight"].shape[-1] == 3
+    cifar = _tensor(sd, "conv1.weight", 4, path).shape[-1] == 3
     return ["model=resnet50", f"model.cifar_stem={str(cifar).lower()}", f"image_size={32 if cifar else 224}",
             "method.temperature=1.0"]
 

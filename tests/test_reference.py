@@ -154,3 +154,31 @@ def test_a_file_of_another_architecture_is_one_line(tmp_path, capsys):
                  "model.depth=3", "--init-from", str(pre)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "does not fit this model" in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("damage,says", [
+    (lambda sd: sd.pop("pos_embed"), "no pos_embed"),
+    (lambda sd: sd.__setitem__("cls_token", torch.tensor(1.0)), "cls_token has shape [], expected 3"),
+    (lambda sd: [sd.pop(k) for k in [k for k in sd if k.startswith("blocks.")]], "no blocks.* keys"),
+    (lambda sd: sd.pop("blocks.0.mlp.fc1.weight"), "no blocks.0.mlp.fc1.weight"),
+    (lambda sd: sd.__setitem__("blocks.x.norm1.weight", torch.ones(32)), "'blocks.x.norm1.weight' is not blocks"),
+    (lambda sd: sd.__setitem__("pos_embed", torch.zeros(1, 17, 8)), "disagree on the width"),
+])
+def test_a_damaged_reference_file_is_one_line_before_anything_is_built(tmp_path, capsys, damage, says):
+    """Issue 32, rule 7: the reader checks every key and shape it reads (a missing pos_embed was a KeyError, a
+    0-d cls_token an IndexError, no blocks "max() arg is an empty sequence", blocks.x a ValueError), through
+    knn, export and ``pretrain --init-from``."""
+    ours, _ = _mocov3_checkpoint(tmp_path, TINY)
+    _, deit, _ = _reference_files(tmp_path, ours)
+    blob = torch.load(deit, weights_only=True)
+    damage(blob["model"])
+    torch.save(blob, deit)
+    folder = make_folder(tmp_path / "imgs", n_per_class=8)
+    for cmd in (["knn", "--checkpoint", str(deit), "--train-data", str(folder), "--test-data", str(folder)],
+                ["export", "--checkpoint", str(deit), "--output", str(tmp_path / "exp")],
+                ["pretrain", "--data", str(folder), "--output-dir", str(tmp_path / "o"), "--no-progress", *TINY,
+                 "--init-from", str(deit)]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert says in err[-1] and "Traceback" not in "\n".join(err), err[-1]
+    assert not (tmp_path / "exp").exists()
