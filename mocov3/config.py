@@ -499,16 +499,17 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, sec), name)
         if isinstance(value, (int, float)):  # not None, not a word such as train.threads=auto
             _check_range(key, value, *rng)
-    # every number has bounds: a key without a declared range still holds a finite value of at most 2**63 - 1
+    # every number has bounds: a key without a declared range still holds a finite value (an integer of at most
+    # 2**63 - 1)
     for sec in dataclasses.fields(cfg):
         for f in dataclasses.fields(getattr(cfg, sec.name)):
             value = getattr(getattr(cfg, sec.name), f.name)
             for v in (value if isinstance(value, (tuple, list)) else (value,)):
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     continue
-                if not math.isfinite(v) or abs(v) > MAX_NUMBER:
-                    raise ConfigError(f"{sec.name}.{f.name} = {value!r}: numbers must be finite and at most "
-                                      f"{MAX_NUMBER} in size")
+                if not math.isfinite(v) or (isinstance(v, int) and abs(v) > MAX_NUMBER):
+                    raise ConfigError(f"{sec.name}.{f.name} = {value!r}: numbers must be finite (whole numbers at "
+                                      f"most {MAX_NUMBER} in size)")
     d, m, o = cfg.data, cfg.method, cfg.optim
     dev = cfg.train.device
     if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):

@@ -319,7 +319,7 @@ def test_a_binary_results_file_is_one_line(folder, tmp_path, capsys):
                                           ("data.small_crop_size=1000000000", "data.small_crop_size"),
                                           ("train.threads=1000000", "train.threads"),
                                           ("optim.base_lr=inf", "optim.base_lr"),
-                                          ("optim.warmup_epochs=1e300", "optim.warmup_epochs"),
+                                          ("optim.warmup_epochs=nan", "optim.warmup_epochs"),
                                           # within each key's bounds, too large together (the estimate)
                                           ("method.proj_hidden_dim=1048576", "method.proj_hidden_dim"),
                                           ("method.queue_size=16777216", "method.queue_size"),
