@@ -52,8 +52,9 @@ def loadavg() -> list:
 
 
 def summaries(log: str) -> list:
-    """pytest's closing lines ('== 574 passed, 4 skipped in 910.2s ==') and the interop ones."""
-    return [m.strip("= \n") for m in re.findall(r"^=+ .*(?:passed|failed|error).* in [0-9.]+s.*=+$", log, re.M)]
+    """pytest's closing lines ('574 passed, 4 skipped in 910.2s', with or without ``==`` around them: the
+    suite runs with -q) and the interop ones."""
+    return [m.strip("= \n") for m in re.findall(r"^=*\s*\d+ (?:passed|failed).* in [0-9.]+s.*$", log, re.M)]
 
 
 def main() -> int:
