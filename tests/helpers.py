@@ -56,11 +56,13 @@ class StaticHandler(http.server.SimpleHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def serve(directory: Path):
-    """Serve ``directory`` over HTTP on 127.0.0.1 (no other address) for the block: yields its base URL."""
+def serve(directory: Path, handler=None, port: int = 0):
+    """Serve ``directory`` over HTTP on 127.0.0.1 (no other address) for the block: yields its base URL.
+    ``handler``: a :class:`StaticHandler` subclass (default: StaticHandler itself); ``port``: 0 for any."""
     StaticHandler.fail = {}
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(StaticHandler, directory=str(directory)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                             functools.partial(handler or StaticHandler, directory=str(directory)))
+    server.daemon_threads = True  # a handler still waiting on its connection does not hold the test
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

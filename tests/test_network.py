@@ -5,8 +5,6 @@ same samples as the local shards (nothing repeated or dropped) or with one line 
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import socket
 import threading
 import time
@@ -48,19 +46,13 @@ class StallingHandler(StaticHandler):
 
 @contextlib.contextmanager
 def stalling_server(directory: Path, port: int = 0):
-    StallingHandler.stall, StaticHandler.fail = {}, {}
+    StallingHandler.stall = {}
     STOP.clear()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port),
-                                             functools.partial(StallingHandler, directory=str(directory)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
+        with serve(directory, StallingHandler, port) as base:
+            yield base
     finally:
         STOP.set()
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
