@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .runtime import StorageError
+from .runtime import MocoError, StorageError, read_text
 
 PREFIX = ".mocov3-"
 #: What each kind's way out says.
@@ -134,9 +134,9 @@ def run_legacy(task: str) -> Callable[[Path], bool]:
         try:
             import yaml
 
-            cfg = yaml.safe_load((path / "config.yaml").read_text()[: 1 << 20])
+            cfg = yaml.safe_load(read_text(path / "config.yaml", "run config", limit=1 << 20))
             recorded = cfg.get("run", {}).get("task") if isinstance(cfg, dict) else None
-        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        except (MocoError, AttributeError, yaml.YAMLError):  # unreadable or too large: the checkpoint decides
             recorded = None
         return recorded in (None, task)
     return check

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from ..folders import write_atomic
-from ..runtime import DataError
+from ..runtime import DataError, MocoError, read_text
 
 #: The parts of the cache ``--clear`` knows by name.
 PARTS = ("decoded", "features", "downloads")
@@ -86,8 +86,8 @@ def record_entry(root: Path, entry: str) -> None:
 def _entries(root: Path) -> list[str]:
     """The recorded entries (only well-formed ones: a line edited by hand cannot name a path outside)."""
     try:
-        text = (Path(root) / MARKER).read_text(errors="replace")[: 16 << 20]
-    except OSError:
+        text = read_text(Path(root) / MARKER, "cache index", limit=16 << 20)
+    except MocoError:  # unreadable or too large: nothing is provably the cache's
         return []
     out = []
     for line in text.splitlines():
@@ -165,7 +165,7 @@ def clear_cache(root: Path, parts=PARTS) -> int:
             except OSError:
                 pass
     if gone:
-        keep = [line for line in (root / MARKER).read_text(errors="replace").splitlines(keepends=True)
+        keep = [line for line in read_text(root / MARKER, "cache index", limit=16 << 20).splitlines(keepends=True)
                 if line[6:].strip() not in gone]
         write_atomic(root / MARKER, "".join(keep))
     return freed

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..folders import write_atomic
-from ..runtime import DataError, Stream, first_line, read_text, seed_for
+from ..runtime import DataError, MocoError, Stream, first_line, read_text, seed_for
 from . import remote
 from .augment import eval_transform
 from .files import decode_center_crop, decode_crops
@@ -103,7 +103,7 @@ def _partial_files(out: Path) -> list[str]:
     checked to be its own kind of name)."""
     try:
         lines = read_text(out / PARTIAL, "shard marker", limit=64 << 20).splitlines()[1:]
-    except DataError:
+    except MocoError:  # unreadable: it lists nothing this run may remove
         return []
     return [n for n in lines if re.fullmatch(r"shard-\d{6}\.tar(\.part)?", n)]
 
